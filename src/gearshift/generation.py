@@ -1,0 +1,137 @@
+"""Sampling and the simple generation loop: prefill once, then one token per step through the cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .placement import PlacementSpec
+
+if TYPE_CHECKING:
+    from .model import Supernet
+
+
+def pad_left(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Supernet,
+    input_ids: Tensor | Sequence[Sequence[int]],
+    placement: PlacementSpec = None,
+    *,
+    max_new_tokens: int = 32,
+    attention_mask: Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    prefill_chunk: int | None = None,
+    cuda_graph: bool | None = None,
+) -> Tensor:
+    """Generate up to ``max_new_tokens`` per row; returns [B, prompt + generated] (prompt left-padded).
+
+    Rows that reach an EOS token keep emitting ``pad_token_id`` until all rows are done. ``seed`` makes
+    sampling reproducible. ``prefill_chunk`` bounds prefill memory by feeding the prompt in pieces.
+    ``cuda_graph`` (default: on for CUDA) replays decode steps from a captured CUDA graph.
+    """
+    cfg = model.config
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    if not isinstance(input_ids, Tensor):
+        input_ids, attention_mask = pad_left(input_ids, pad, model.device)
+    input_ids = input_ids.to(model.device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    b, t = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(model.device)
+    longest = int(mask.sum(1).max())
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
+            f"({cfg.max_position_embeddings}); shorten the prompt or lower max_new_tokens"
+        )
+    eos = (
+        cfg.eos_ids()
+        if eos_token_id is None
+        else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+
+    cache = model.new_cache(b, placement)
+    cache.set_padding(mask)
+    step = prefill_chunk or t
+    for s in range(0, t, step):
+        logits = model(input_ids[:, s : s + step], cache=cache, last_only=True)
+    decode = lambda tok: model(tok[:, None], cache=cache)[:, -1]  # noqa: E731 - same shape as the graph's
+    if (model.device.type == "cuda" if cuda_graph is None else cuda_graph) and max_new_tokens > 1:
+        from .cuda_graphs import GraphDecoder
+
+        decode = GraphDecoder(model, cache, capacity=cache.length + max_new_tokens).step
+    out = [input_ids]
+    logits = logits[:, -1]
+    done = torch.zeros(b, dtype=torch.bool, device=model.device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=model.device)
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out.append(token[:, None])
+        if len(eos):
+            done |= torch.isin(token, eos_t)
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = decode(token)
+    return torch.cat(out, dim=1)

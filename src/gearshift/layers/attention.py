@@ -1,0 +1,48 @@
+"""Full attention (FA) and sliding-window attention (SWA): one module, SWA when a window is configured."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..cache import FullKVCache, WindowKVCache
+from ..config import AttentionConfig
+from ..ops.attention import apply_rope, attend
+from .base import Mixer, StepContext
+
+
+class Attention(Mixer):
+    def __init__(self, hidden_size: int, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.kind
+        h, g, d = cfg.heads, cfg.head_groups, cfg.head_size
+        self.q_proj = nn.Linear(hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, g * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, g * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: FullKVCache | WindowKVCache | None = None) -> Tensor:
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(b, t, c.heads, c.head_size).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.head_groups, c.head_size).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.head_groups, c.head_size).transpose(1, 2)
+        cos, sin = ctx.rope(c.head_size, c.rope, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            keys, values, k_index, exact = k, v, ctx.q_index, True
+        else:
+            keys, values, k_index = cache.update(k, v, ctx.q_index)
+            exact = cache.exact
+        valid = ctx.key_valid(k_index)
+        o = attend(q, keys, values, ctx.q_index, k_index, valid, c.window_size, c.head_size**-0.5, exact)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, c.heads * c.head_size))
+
+    def new_cache(self, rollback: int = 0, capacity: int = 0) -> FullKVCache | WindowKVCache:
+        if self.cfg.window_size is None:
+            return FullKVCache(capacity)
+        return WindowKVCache(self.cfg.window_size, rollback)
+
+    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+        held = context if self.cfg.window_size is None else min(context, self.cfg.window_size)
+        return 2 * self.cfg.head_groups * self.cfg.head_size * held * dtype_bytes

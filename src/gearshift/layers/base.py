@@ -1,0 +1,134 @@
+"""What every mixer sees besides its input: token positions, padding, and shared per-call resources."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import RecurrentCache
+from ..config import RopeConfig
+from ..ops.attention import rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class StepContext:
+    """Positions and padding of the tokens of one forward call.
+
+    ``q_index`` [T]: token indices in the batch timeline (shared by all rows). ``positions`` [B, T]: RoPE
+    positions. ``token_mask`` [B, T] bool: real tokens (None when there is no padding in this call).
+    ``start`` [B]: first real index of each row when a cache is in use (left padding), else None.
+    """
+
+    q_index: Tensor
+    positions: Tensor
+    token_mask: Tensor | None = None
+    start: Tensor | None = None
+    padded: bool = False  # any padding among the keys (decided once per call, not per layer)
+    _rope: dict = field(default_factory=dict)
+
+    def rope(self, head_size: int, rope: RopeConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin for these positions, computed once per call and shared by all layers with the same rope."""
+        key = (head_size, rope, dtype)
+        if key not in self._rope:
+            inv = rope_inv_freq(head_size, rope, self.positions.device)
+            self._rope[key] = rope_cos_sin(self.positions, inv, dtype)
+        return self._rope[key]
+
+    def key_valid(self, k_index: Tensor) -> Tensor | None:
+        """Which keys are real tokens, [B, Tk] (None when every key is)."""
+        if not self.padded:
+            return None
+        if self.start is not None:
+            return k_index[None, :] >= self.start[:, None]
+        return self.token_mask
+
+
+class Mixer(nn.Module):
+    """A token mixer: [B, T, hidden] -> [B, T, hidden], optionally reading and advancing a layer cache."""
+
+    kind: str
+
+    def new_cache(self, rollback: int = 0, capacity: int = 0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:  # pragma: no cover - interface
+        """Bytes of decoding state one sequence needs at ``context`` tokens."""
+        raise NotImplementedError
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, then scaled (the Llama/Mistral convention)."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (the q/k normalisation of GDN and KDA)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gated_rms_norm(x: Tensor, weight: Tensor, gate: Tensor, eps: float, activation: str) -> Tensor:
+    """weight * rmsnorm(x) * act(gate), per head over the last dim (the output norm of GDN and KDA)."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    act = torch.sigmoid(gate.float()) if activation == "sigmoid" else nn.functional.silu(gate.float())
+    return (y.float() * act).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv weights, [C, 1, K] like nn.Conv1d, so checkpoint names end in ``.weight``."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(kernel), 1 / math.sqrt(kernel))
+
+
+class NormWeight(nn.Module):
+    """Holds a norm weight under the checkpoint name ``norm.weight``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+
+def advance_recurrent_cache(
+    cache: RecurrentCache,
+    state: Tensor,
+    new_tails: list[Tensor],
+    conv_inputs: list[tuple[Tensor | None, Tensor]],
+    states: Tensor | None,
+    kernel: int,
+) -> None:
+    """Store the new state and conv tails; with roll-back enabled, keep a snapshot after each recent token.
+
+    ``states`` [B, r+1, ...] holds the states after the last r+1 prefixes of this call (from the delta rule's
+    recorded tail); the matching conv tails are slices of [old tail | this call's conv input].
+    """
+    t = conv_inputs[0][1].shape[1]
+    start_len = cache.length
+    full = []
+    if states is not None:  # before update(): it overwrites the old tail buffers in place
+        for tail, inp in conv_inputs:
+            if tail is None:
+                tail = inp.new_zeros(inp.shape[0], kernel - 1, inp.shape[2])
+            full.append(torch.cat([tail.to(inp.dtype), inp], dim=1))  # [B, K-1+T, C]
+    cache.update(state, new_tails, t)
+    if states is None:
+        return
+    r = states.shape[1] - 1
+    for j in range(r + 1):
+        end = t - r + j  # tokens of this call consumed at this snapshot
+        cache.record(start_len + end, states[:, j], [f[:, end : end + kernel - 1] for f in full])

@@ -1,0 +1,68 @@
+"""Gated DeltaNet (GDN), Qwen3-Next style, with the Apriel2 parameter layout (mixers.md)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import RecurrentCache
+from ..config import GDNConfig
+from ..ops.conv import causal_conv1d
+from ..ops.dispatch import delta_rule
+from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache, gated_rms_norm, l2norm
+
+
+class GatedDeltaNet(Mixer):
+    kind = "gdn"
+
+    def __init__(self, hidden_size: int, cfg: GDNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kd = cfg.key_heads * cfg.key_head_dim
+        vd = cfg.value_heads * cfg.value_head_dim
+        self.key_dim, self.value_dim = kd, vd
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * kd + 2 * vd, bias=False)  # flat [q | k | v | z]
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * cfg.value_heads, bias=False)  # [b | a]
+        self.convolution = ShortConv(2 * kd + vd, cfg.conv_kernel)  # over [q | k | v]
+        self.A_log = nn.Parameter(torch.empty(cfg.value_heads).uniform_(0, 16).clamp_(min=1e-4).log())
+        self.dt_bias = nn.Parameter(torch.ones(cfg.value_heads))
+        self.norm = NormWeight(cfg.value_head_dim)
+        self.out_proj = nn.Linear(vd, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: RecurrentCache | None = None) -> Tensor:
+        b, t, _ = x.shape
+        c = self.cfg
+        kd, vd = self.key_dim, self.value_dim
+        q, k, v, z = self.in_proj_qkvz(x).split([kd, kd, vd, vd], dim=-1)
+        beta_logit, a = self.in_proj_ba(x).split([c.value_heads, c.value_heads], dim=-1)
+        mixed = torch.cat([q, k, v], dim=-1)
+        if ctx.token_mask is not None:  # padding is an exact identity: no conv input, no decay, no write
+            mixed = mixed * ctx.token_mask[..., None].to(mixed.dtype)
+        tail = None if cache is None else cache.conv[0]
+        conv_out, new_tail = causal_conv1d(mixed, self.convolution.weight, tail)
+        q, k, v = F.silu(conv_out).split([kd, kd, vd], dim=-1)
+        q = l2norm(q.view(b, t, c.key_heads, c.key_head_dim))
+        k = l2norm(k.view(b, t, c.key_heads, c.key_head_dim))
+        v = v.reshape(b, t, c.value_heads, c.value_head_dim)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        beta = torch.sigmoid(beta_logit.float())
+        if ctx.token_mask is not None:
+            g = g * ctx.token_mask[..., None]
+            beta = beta * ctx.token_mask[..., None]
+        record = 0 if cache is None else cache.rollback
+        state0 = None if cache is None else cache.state
+        o, state, states = delta_rule(q, k, v, g, beta, c.key_head_dim**-0.5, state0, record_last=record)
+        if cache is not None:
+            advance_recurrent_cache(cache, state, [new_tail], [(tail, mixed)], states, c.conv_kernel)
+        o = gated_rms_norm(o, self.norm.weight, z.view(b, t, c.value_heads, c.value_head_dim), c.norm_eps, "silu")
+        return self.out_proj(o.reshape(b, t, vd))
+
+    def new_cache(self, rollback: int = 0, capacity: int = 0) -> RecurrentCache:
+        return RecurrentCache(n_convs=1, rollback=rollback)
+
+    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+        c = self.cfg
+        state = c.value_heads * c.key_head_dim * c.value_head_dim * 4
+        conv = (c.conv_kernel - 1) * (2 * self.key_dim + self.value_dim) * dtype_bytes
+        return state + conv

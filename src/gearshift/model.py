@@ -1,0 +1,295 @@
+"""The supernet: shared embeddings, norms and MLPs; several token mixers per layer; a placement per call.
+
+Module names follow the Apriel2 checkpoint layout (``model.decoder.blocks.{i}.mixer.mixers.{name}.*``), so a
+state dict of this module *is* an Apriel2 stochastic-supernet state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import SupernetCache
+from .config import AttentionConfig, GDNConfig, KDAConfig, LayerConfig, MixerConfig, MLPConfig, SupernetConfig
+from .layers.attention import Attention
+from .layers.base import Mixer, RMSNorm, StepContext
+from .layers.gdn import GatedDeltaNet
+from .layers.kda import KimiDeltaAttention
+from .placement import Placement, PlacementError, PlacementSpec, resolve_placement
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def build_mixer(hidden_size: int, cfg: MixerConfig) -> Mixer:
+    if isinstance(cfg, AttentionConfig):
+        return Attention(hidden_size, cfg)
+    if isinstance(cfg, GDNConfig):
+        return GatedDeltaNet(hidden_size, cfg)
+    if isinstance(cfg, KDAConfig):
+        return KimiDeltaAttention(hidden_size, cfg)
+    raise TypeError(f"unknown mixer config {cfg!r}")
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.gated = cfg.gated
+        self.act = _ACTIVATIONS[cfg.activation]
+        if cfg.gated:
+            self.gate_proj = nn.Linear(hidden_size, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(hidden_size, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, hidden_size, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class MixerSet(nn.Module):
+    """The mixers a layer holds (the Apriel2 'stochastic' mixer)."""
+
+    def __init__(self, hidden_size: int, mixers: Mapping[str, MixerConfig]) -> None:
+        super().__init__()
+        self.mixers = nn.ModuleDict({name: build_mixer(hidden_size, cfg) for name, cfg in mixers.items()})
+
+
+class Block(nn.Module):
+    def __init__(self, hidden_size: int, cfg: LayerConfig, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.mixer = MixerSet(hidden_size, cfg.mixers)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+        self.mlp = MLP(hidden_size, cfg.mlp)
+
+    def forward(self, h: Tensor, mixer: str, ctx: StepContext, cache: Any = None) -> tuple[Tensor, Tensor]:
+        """Returns (new residual stream, this layer's mixer output)."""
+        m = self.mixer.mixers[mixer](self.input_layernorm(h), ctx, cache)
+        h = h + m
+        return h + self.mlp(self.post_attention_layernorm(h)), m
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config.hidden_size, layer, config.norm_eps) for layer in config.layers)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: SupernetConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.decoder = Decoder(config)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class Supernet(nn.Module):
+    """A supernet language model; ``placement`` picks one mixer per layer on every call."""
+
+    def __init__(self, config: SupernetConfig, presets: Mapping[str, Sequence[str]] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        self.presets: dict[str, tuple[str, ...]] = {}  # name -> placement
+        self.preset_meta: dict[str, dict[str, Any]] = {}  # name -> metadata (predicted quality, cost, ...)
+        for name, placement in (presets or {}).items():
+            self.add_preset(name, placement)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def random(
+        cls,
+        config: SupernetConfig,
+        *,
+        seed: int = 0,
+        std: float = 0.02,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Supernet:
+        """A randomly initialised supernet, built directly on ``device`` in ``dtype`` (no fp32 CPU detour)."""
+        with torch.device("meta"):
+            model = cls(config).to(dtype)  # cast while still on meta: the device only ever holds `dtype`
+        model = model.to_empty(device=device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(std=std, generator=gen)
+        return model
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) projections and embeddings; the mixers' own dynamics parameters as in their papers."""
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            elif leaf == "A_log":
+                p.copy_(torch.empty_like(p, dtype=torch.float32).uniform_(1, 16, generator=generator).log())
+            elif leaf == "dt_bias":
+                p.fill_(1.0)
+            elif name.endswith("conv.weight") or name.endswith("convolution.weight"):
+                bound = p.shape[-1] ** -0.5
+                p.copy_(torch.empty_like(p, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
+            else:
+                p.copy_(torch.empty_like(p, dtype=torch.float32).normal_(0, std, generator=generator))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Supernet:
+        """Load an Apriel2 checkpoint directory (see ``gearshift.checkpoint.load``)."""
+        from .checkpoint import load
+
+        return load(path, **kwargs)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        """Write an Apriel2 checkpoint directory (see ``gearshift.checkpoint.save``)."""
+        from .checkpoint import save
+
+        save(self, path, **kwargs)
+
+    # ------------------------------------------------------------------ placements
+    def resolve(self, placement: PlacementSpec = None) -> Placement:
+        return resolve_placement(placement, self.config, self.presets)
+
+    def add_preset(self, name: str, placement: PlacementSpec, **meta: Any) -> None:
+        """Store a named placement (saved with the checkpoint in presets.json); ``meta`` is free-form."""
+        if not name or any(ch.isspace() for ch in name):
+            raise PlacementError(f"preset names must be non-empty and without spaces, got {name!r}")
+        self.presets[name] = resolve_placement(placement, self.config, self.presets)
+        self.preset_meta[name] = dict(meta)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.decoder.blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, placement: PlacementSpec = None, *, rollback: int = 0) -> SupernetCache:
+        """An empty decoding cache for ``batch_size`` rows under one placement.
+
+        ``rollback`` > 0 keeps what is needed to return up to that many tokens back (speculative decoding).
+        """
+        placement = self.resolve(placement)
+        layers = [
+            block.mixer.mixers[name].new_cache(rollback) for block, name in zip(self.blocks, placement, strict=True)
+        ]
+        return SupernetCache(placement, layers, batch_size, self.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        placement: PlacementSpec = None,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: SupernetCache | None = None,
+        mixer_outputs: list[Tensor] | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits [B, T, vocab] (or the final hidden states with ``return_hidden``).
+
+        ``attention_mask`` [B, T] marks real tokens (1) and padding (0). Without a cache any padding works (right
+        padding for training, left padding for scoring); with a cache, pad on the left. Passing a cache continues
+        its sequences and advances it; its placement is the one it was created with. ``mixer_outputs``, when a
+        list, receives each layer's mixer output (for activation-matching distillation). ``last_only`` computes
+        logits for the last position only (prefill: the full [T, vocab] tensor can dwarf everything else).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            if placement is not None and self.resolve(placement) != cache.placement:
+                raise PlacementError("this cache was created for another placement; start a new cache to switch")
+            placement = cache.placement
+        else:
+            placement = self.resolve(placement)
+        ctx = self._context(input_ids, attention_mask, cache)
+        h = self.model.embed_tokens(input_ids)
+        for i, (block, name) in enumerate(zip(self.blocks, placement, strict=True)):
+            h, m = block(h, name, ctx, None if cache is None else cache.layers[i])
+            if mixer_outputs is not None:
+                mixer_outputs.append(m)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+            if cache.static_index is not None:
+                cache.static_index += input_ids.shape[1]  # device-side, so a captured graph advances it
+        if last_only:
+            h = h[:, -1:]
+        h = self.model.norm(h)
+        if return_hidden:
+            return h
+        return self.logits(h)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def _context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: SupernetCache | None) -> StepContext:
+        b, t = input_ids.shape
+        device = input_ids.device
+        limit = self.config.max_position_embeddings
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        if cache is None:
+            q_index = torch.arange(t, device=device)
+            if attention_mask is None or bool(attention_mask.all()):
+                if t > limit:
+                    raise ValueError(f"sequence of {t} tokens is longer than the model's context ({limit})")
+                return StepContext(q_index, q_index[None].expand(b, t))
+            mask = attention_mask.bool()
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+            if int(mask.sum(1).max()) > limit:
+                raise ValueError(f"a sequence is longer than the model's context ({limit} tokens)")
+            return StepContext(q_index, positions, token_mask=mask, padded=True)
+        if cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {b}")
+        if cache.length == 0 and attention_mask is not None:
+            cache.set_padding(attention_mask)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("with a cache, padding goes on the left of the first call (the prompt) only")
+        if cache.static_index is not None:
+            q_index = cache.static_index + torch.arange(t, device=device)
+        else:
+            q_index = torch.arange(cache.length, cache.length + t, device=device)
+        if cache.length + t - cache.min_start > limit:
+            raise ValueError(
+                f"context of {cache.length + t - cache.min_start} tokens exceeds the model's context ({limit})"
+            )
+        positions = (q_index[None] - cache.start[:, None]).clamp(min=0)
+        token_mask = q_index[None] >= cache.start[:, None] if cache.length < cache.max_start else None
+        return StepContext(q_index, positions, token_mask=token_mask, start=cache.start, padded=cache.max_start > 0)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: Tensor | Sequence[Sequence[int]], placement: PlacementSpec = None, **kwargs: Any):
+        """Autoregressive decoding with incremental state; see ``gearshift.generation.generate``."""
+        from .generation import generate
+
+        return generate(self, input_ids, placement, **kwargs)
+
+    def num_parameters(self, placement: PlacementSpec | None = None, *, all_mixers: bool = False) -> int:
+        """Parameters used by one placement (or stored in all, with ``all_mixers``)."""
+        if all_mixers:
+            return sum(p.numel() for p in self.parameters())
+        chosen = self.resolve(placement)
+        total = 0
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if "mixers" in parts:
+                layer, mixer = int(parts[3]), parts[parts.index("mixers") + 1]
+                if chosen[layer] != mixer:
+                    continue
+            total += p.numel()
+        return total

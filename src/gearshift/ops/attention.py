@@ -1,0 +1,123 @@
+"""Rotary embeddings and masked causal (optionally windowed) GQA attention through torch SDPA.
+
+Positions live in two spaces: the *index* of a token in the batch timeline (shared by all rows, since batches
+are left-padded) and its RoPE *position* (index minus the row's padding). Masks are built from indices:
+a query at index i sees a key at index j when j <= i, i - j < window, and j is a real (non-padding) token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import RopeConfig
+
+# Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
+MAX_MASK_ELEMENTS = 1 << 24
+
+
+def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_size, 2, dtype=torch.float64, device=device) / head_size))
+    if rope.type == "llama3":
+        # Llama 3 frequency scaling: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        ramp = (1 - smooth) * inv / rope.factor + smooth * inv
+        inv = torch.where(wavelen > low_wavelen, inv / rope.factor, torch.where(wavelen < high_wavelen, inv, ramp))
+    return inv.float()
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, D] (rotate-half layout: the two halves share frequencies)."""
+    angles = positions.float()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; non-interleaved rotate-half convention (mistral_1d / Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor | None, window: int | None) -> Tensor:
+    """Boolean mask [B or 1, 1, Tq, Tk]: key j visible from query i.
+
+    q_index [Tq] and k_index [Tk] are token indices (-1 marks an empty cache slot); k_valid [B, Tk] marks real
+    (non-padding) keys. Every query also sees itself, so a padding query never has an empty row (SDPA would
+    return NaN there and poison later layers).
+    """
+    qi, kj = q_index[:, None], k_index[None, :]
+    visible = (kj <= qi) & (kj >= 0)
+    if window is not None:
+        visible &= qi - kj < window
+    if k_valid is None:
+        return visible[None, None]
+    return ((visible[None] & k_valid[:, None, :]) | (kj == qi)[None])[:, None]
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_index: Tensor,
+    k_index: Tensor,
+    k_valid: Tensor | None,
+    window: int | None,
+    scale: float,
+    keys_exact: bool = False,
+) -> Tensor:
+    """Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D]; returns [B, H, Tq, D].
+
+    Uses SDPA's causal kernel when the keys are exactly the queries with no padding and no window (the common
+    prefill case), no mask for an unpadded single-token decode over an exact cache (``keys_exact``: every key is
+    a real past token), and an explicit mask otherwise, tiled over queries so it stays small at long context.
+    """
+    b, h, tq, _ = q.shape
+    if k_valid is None and window is None:
+        if k.shape[2] == tq and tq > 1 and _same(q_index, k_index):
+            if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
+                k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if tq == 1 and keys_exact:
+            return _masked_sdpa(q, k, v, None, scale)
+    tile = max(1, MAX_MASK_ELEMENTS // max(1, b * k.shape[2]))
+    if tq <= tile:
+        return _masked_sdpa(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale)
+    outs = []
+    for s in range(0, tq, tile):
+        qi = q_index[s : s + tile]
+        # only keys that some query of this tile can see: index in [first - window + 1, last]
+        lo = 0 if window is None else int(qi[0]) - window + 1
+        sel = ((k_index <= qi[-1]) & (k_index >= lo)).nonzero().squeeze(1)
+        valid = None if k_valid is None else k_valid[:, sel]
+        mask = attention_mask(qi, k_index[sel], valid, window)
+        outs.append(_masked_sdpa(q[:, :, s : s + tile], k[:, :, sel], v[:, :, sel], mask, scale))
+    return torch.cat(outs, dim=2)
+
+
+def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA with grouped KV heads folded into the query axis: query heads that share a KV head become extra
+    query rows of that head, so no backend has to repeat K/V in memory (decode is bandwidth-bound)."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    if h == hkv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    g = h // hkv
+    qf = q.reshape(b, hkv, g * t, d)  # head h = kv * g + j (the repeat_interleave convention)
+    if mask is not None:
+        mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, t, d)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

@@ -1,0 +1,149 @@
+"""Gated delta rule in pure PyTorch: the chunked (parallel) form and the recurrent form.
+
+One recurrence covers both linear mixers (mixers.md):
+
+    S_t = D_t S_{t-1} + beta_t k_t (v_t - (D_t S_{t-1})^T k_t)^T,   o_t = S_t^T (scale * q_t)
+
+with D_t = exp(g_t) a scalar per head (GDN, ``g`` of shape [B, T, HV]) or a diagonal over the key channels
+(KDA, ``g`` of shape [B, T, HV, K]). Layout follows fla: q, k [B, T, H, K]; v [B, T, HV, V] with HV a multiple of
+H (value head h reads key head h // (HV // H)); beta [B, T, HV]; state [B, HV, K, V] kept in fp32.
+
+Chunked form (used for prefill and training): inside a chunk with start state S0 and cumulative log decay
+G_i = sum_{j<=i} g_j, the "pseudo values" u solve a unit lower-triangular system
+
+    (I + A) u = beta * v - beta * (exp(G) * k) S0,   A_ij = beta_i <k_i, exp(G_i - G_j) k_j>  (j < i)
+
+and then o_i = (exp(G_i) q_i)^T S0 + sum_{j<=i} <q_i, exp(G_i - G_j) k_j> u_j and
+S_C = exp(G_C) S0 + sum_j (exp(G_C - G_j) k_j) u_j^T. Decay ratios are only formed for j <= i, so nothing
+overflows however strong the decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _expand_heads(q: Tensor, k: Tensor, hv: int) -> tuple[Tensor, Tensor]:
+    h = q.shape[2]
+    if hv == h:
+        return q, k
+    if hv % h:
+        raise ValueError(f"value heads ({hv}) must be a multiple of key heads ({h})")
+    return q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> bool:
+    """Validate shapes; return True when the decay is per channel (KDA)."""
+    b, t, h, dk = q.shape
+    if k.shape != q.shape or v.shape[:2] != (b, t) or beta.shape != v.shape[:3]:
+        raise ValueError(
+            f"inconsistent shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} beta{tuple(beta.shape)}"
+        )
+    if g.shape == v.shape[:3]:
+        return False
+    if g.shape == (*v.shape[:3], dk):
+        return True
+    raise ValueError(f"g must be [B,T,HV] or [B,T,HV,K], got {tuple(g.shape)}")
+
+
+def recurrent_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    return_states: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Token-by-token recurrence (decoding). Returns (o [B,T,HV,V], final state[, states after each token])."""
+    per_channel = _check(q, k, v, g, beta)
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    q, k = _expand_heads(q, k, hv)
+    state = (
+        torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=q.device)
+        if initial_state is None
+        else initial_state.float()
+    )
+    qf, kf, vf, gf, bf = (x.float() for x in (q, k, v, g, beta))
+    outs, states = [], []
+    for i in range(t):
+        decay = gf[:, i].exp()
+        state = state * (decay[..., None] if per_channel else decay[..., None, None])
+        ki = kf[:, i]
+        u = bf[:, i, :, None] * (vf[:, i] - torch.einsum("bhk,bhkv->bhv", ki, state))
+        state = state + ki[..., None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, i] * scale, state))
+        if return_states:
+            states.append(state)
+    o = torch.stack(outs, 1).to(v.dtype) if outs else v.new_zeros(b, 0, hv, dv)
+    if return_states:
+        return o, state, torch.stack(states, 1) if states else state.new_zeros(b, 0, hv, dk, dv)
+    return o, state
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Chunked parallel form (prefill and training). Returns (o [B,T,HV,V], final state [B,HV,K,V] fp32)."""
+    per_channel = _check(q, k, v, g, beta)
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    q, k = _expand_heads(q, k, hv)
+    c = chunk_size
+    n = -(-t // c)
+    pad = n * c - t
+
+    def prep(x: Tensor) -> Tensor:
+        # [B, T, HV, ...] -> fp32 [B, HV, N, C, ...]; padded tokens have k = 0, beta = 0, g = 0: an exact identity.
+        x = x.float().transpose(1, 2)
+        if pad:
+            x = torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
+        return x.reshape(b, hv, n, c, *x.shape[3:])
+
+    qc, kc, vc, gc, bc = prep(q * scale), prep(k), prep(v), prep(g), prep(beta)
+    state = (
+        torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=q.device)
+        if initial_state is None
+        else initial_state.float()
+    )
+    incl = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    eye = torch.eye(c, device=q.device)
+    outs = []
+    for i in range(n):
+        qi, ki, vi, bi = qc[:, :, i], kc[:, :, i], vc[:, :, i], bc[:, :, i]
+        cum = gc[:, :, i].cumsum(dim=2)  # [B,HV,C] or [B,HV,C,K]
+        if per_channel:
+            diff = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).masked_fill(~incl[..., None], float("-inf"))
+            ratio = diff.exp()  # [B,HV,C,C,K], exp(G_i - G_j) for j <= i, else 0
+            kk = torch.einsum("bhik,bhjk,bhijk->bhij", ki, ki, ratio)
+            qk = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, ratio)
+            k_start = cum.exp() * ki
+            q_start = cum.exp() * qi
+            k_end = (cum[:, :, -1:] - cum).exp() * ki
+            chunk_decay = cum[:, :, -1].exp()[..., None]  # [B,HV,K,1]
+        else:
+            ratio = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, float("-inf")).exp()
+            kk = (ki @ ki.transpose(-1, -2)) * ratio
+            qk = (qi @ ki.transpose(-1, -2)) * ratio
+            k_start = cum.exp()[..., None] * ki
+            q_start = cum.exp()[..., None] * qi
+            k_end = (cum[..., -1:] - cum).exp()[..., None] * ki
+            chunk_decay = cum[..., -1].exp()[..., None, None]
+        a = (bi[..., None] * kk).tril(-1)
+        rhs = torch.cat([bi[..., None] * vi, bi[..., None] * k_start], dim=-1)
+        sol = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+        u = sol[..., :dv] - sol[..., dv:] @ state
+        outs.append(q_start @ state + qk @ u)
+        state = chunk_decay * state + k_end.transpose(-1, -2) @ u
+    o = torch.stack(outs, dim=2).reshape(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
+    return o.to(v.dtype), state

@@ -1,0 +1,72 @@
+"""The two delta-rule forms (chunked, recurrent) against the literal recurrence of mixers.md."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gearshift.ops.delta_rule import chunk_delta_rule, recurrent_delta_rule
+
+from naive import delta_rule_literal
+
+
+def inputs(per_channel, t=19, b=2, h=2, hv=4, dk=8, dv=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, dk, generator=gen)
+    k = F.normalize(torch.randn(b, t, h, dk, generator=gen), dim=-1)
+    v = torch.randn(b, t, hv, dv, generator=gen)
+    shape = (b, t, hv, dk) if per_channel else (b, t, hv)
+    g = -torch.rand(shape, generator=gen) * 3  # strong decays too: exp(-3) per token
+    beta = torch.rand(b, t, hv, generator=gen)
+    s0 = torch.randn(b, hv, dk, dv, generator=gen)
+    return q, k, v, g, beta, s0
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forms_match_literal_recurrence(per_channel, with_state):
+    q, k, v, g, beta, s0 = inputs(per_channel)
+    s0 = s0 if with_state else None
+    ratio = v.shape[2] // q.shape[2]
+    ref_o, ref_s = delta_rule_literal(
+        q.repeat_interleave(ratio, 2), k.repeat_interleave(ratio, 2), v, g, beta, 0.35, s0
+    )
+    o, s = recurrent_delta_rule(q, k, v, g, beta, 0.35, s0)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(s, ref_s, atol=2e-5, rtol=1e-4)
+    for chunk in (1, 4, 8, 64):  # partial last chunk, exact multiple, single chunk
+        o, s = chunk_delta_rule(q, k, v, g, beta, 0.35, s0, chunk_size=chunk)
+        torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(s, ref_s, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_chunked_gradients_match_recurrent(per_channel):
+    base = inputs(per_channel, t=11, seed=1)
+    grads = []
+    for fn in (recurrent_delta_rule, lambda *a: chunk_delta_rule(*a, chunk_size=4)):
+        xs = [x.clone().requires_grad_(True) for x in base]
+        o, s = fn(*xs[:5], 0.5, xs[5])
+        (o.square().sum() + s.sum()).backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_recurrent_states_and_splitting():
+    q, k, v, g, beta, s0 = inputs(True, t=9)
+    o, s, states = recurrent_delta_rule(q, k, v, g, beta, 0.3, s0, return_states=True)
+    assert states.shape == (2, 9, 4, 8, 6)
+    torch.testing.assert_close(states[:, -1], s)
+    # running the first 5 tokens, then the rest from the state after 5, is the same as running all 9
+    _, s5 = chunk_delta_rule(q[:, :5], k[:, :5], v[:, :5], g[:, :5], beta[:, :5], 0.3, s0, chunk_size=2)
+    torch.testing.assert_close(s5, states[:, 4], atol=1e-5, rtol=1e-5)
+    o2, _ = chunk_delta_rule(q[:, 5:], k[:, 5:], v[:, 5:], g[:, 5:], beta[:, 5:], 0.3, s5, chunk_size=2)
+    torch.testing.assert_close(o2, o[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes_are_rejected():
+    q, k, v, g, beta, _ = inputs(False)
+    with pytest.raises(ValueError, match="g must be"):
+        chunk_delta_rule(q, k, v, g[..., None, None], beta, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        recurrent_delta_rule(q[:, :, :1].expand(-1, -1, 3, -1), k[:, :, :1].expand(-1, -1, 3, -1), v, g, beta, 1.0)

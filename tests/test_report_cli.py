@@ -1,0 +1,98 @@
+"""The cost report (checked by hand) and the command line."""
+
+import json
+
+import pytest
+import torch
+
+from gearshift.cli import main
+from gearshift.config import SupernetConfig
+from gearshift.placement import PlacementError, spread_placement
+from gearshift.report import PAPER_PRESETS, paper_placement, placement_report
+
+
+def test_report_by_hand(tiny_config):
+    c = tiny_config
+    d, hkv, layers, ctx = 16, 2, 4, 10
+    r = placement_report(c, "FSGK", context=ctx, batch=3, dtype_bytes=2)
+    kv = lambda n: 2 * hkv * d * n * 2  # noqa: E731 - K and V, bf16
+    gdn = 4 * 16 * 16 * 4 + 3 * (2 * 2 * 16 + 4 * 16) * 2  # fp32 state + conv tail over [q|k|v]
+    kda = 4 * 16 * 16 * 4 + 3 * 3 * 4 * 16 * 2
+    window = c.layers[0].mixers["sliding_window"].window_size
+    assert r.state_bytes_per_seq == kv(ctx) + kv(min(ctx, window)) + gdn + kda
+    write = 2 * hkv * d * 2
+    per_seq = kv(ctx) + write + kv(min(ctx, window)) + write + 2 * gdn + 2 * kda
+    embed = c.vocab_size * c.hidden_size
+    weights = (r.active_params - embed + 3 * c.hidden_size) * 2  # untied: 3 embedding rows + the full head
+    assert r.bytes_per_step == weights + 3 * per_seq
+    assert r.roofline_ms == pytest.approx(r.bytes_per_step / 4.3e12 * 1e3)
+    assert r.composition == {"attention": 1, "sliding_window": 1, "gdn": 1, "kda": 1}
+    assert r.stored_params > r.active_params
+    assert layers == c.num_layers
+
+
+def test_15b_shape_parameter_counts():
+    r = placement_report(SupernetConfig.apriel_15b(), "all-attention", context=32768)
+    assert 24e9 < r.stored_params < 26e9  # ~25B stored (paper.md)
+    assert 14e9 < r.active_params < 16e9  # ~15B active
+
+
+def test_spread_placement_and_paper_presets():
+    assert spread_placement({"attention": 2, "gdn": 2}, 4) == "FGFG"
+    for name, (counts, _, _) in PAPER_PRESETS.items():
+        p = paper_placement(name)
+        assert (p.count("F"), p.count("S"), p.count("K"), p.count("G")) == counts
+    assert len(paper_placement("Reg|Lklhd-10", 8)) == 8
+    with pytest.raises(PlacementError):
+        spread_placement({"attention": 3}, 4)
+
+
+def test_cli_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "matches the full forward for every placement: yes" in out
+    assert (tmp_path / "supernet" / "model.safetensors.index.json").exists()
+
+
+def test_cli_commands(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", str(ckpt), "--shape", "tiny"]) == 0
+    assert main(["preset", "add", str(ckpt), "fast", "GGGK"]) == 0
+    assert main(["info", str(ckpt)]) == 0
+    assert "preset fast: GGGK" in capsys.readouterr().out
+    assert main(["report", str(ckpt), "--placement", "fast", "--context", "64", "128", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["context"] for r in rows] == [64, 128] and rows[0]["placement"] == "GGGK"
+    assert (
+        main(
+            ["generate", str(ckpt), "--placement", "fast", "--ids", "1,2,3", "--max-new-tokens", "4", "--device", "cpu"]
+        )
+        == 0
+    )
+    assert len(json.loads(capsys.readouterr().out.strip())) == 4
+    assert main(["thin", str(ckpt), str(tmp_path / "thin"), "--placement", "fast"]) == 0
+    assert main(["generate", str(ckpt), "--placement", "XYZW", "--ids", "1", "--device", "cpu"]) == 2
+    assert "unknown preset or placement" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert main(["preset", "remove", str(ckpt), "nope"]) == 2
+    torch.manual_seed(0)
+
+
+def test_throughput_benchmark_runs_on_cpu(tmp_path):
+    """The GPU benchmark script's CPU smoke path: synthetic caches, decode and prefill timing, JSON out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    out = tmp_path / "tp.json"
+    args = ["--shape", "tiny", "--device", "cpu", "--contexts", "24", "--steps", "1", "--max-batch-cap", "4"]
+    subprocess.run(
+        [sys.executable, str(script), *args, "--only", "all-FA", "all-SWA", "Reg|Lklhd-10", "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"batch1", "max", "prefill"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert next(r for r in rows if r["placement"] == "all-FA" and r["kind"] == "max")["speedup_vs_FA"] == 1.0
