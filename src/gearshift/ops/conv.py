@@ -23,4 +23,3 @@ def causal_conv1d(x: Tensor, weight: Tensor, tail: Tensor | None = None) -> tupl
     else:
         y = F.conv1d(xx.transpose(1, 2), weight.to(x.dtype), groups=c).transpose(1, 2)
     return y, xx[:, xx.shape[1] - (kernel - 1) :]
-
