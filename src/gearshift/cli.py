@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -15,6 +16,8 @@ from .config import ConfigError, SupernetConfig
 from .placement import PlacementError, placement_letters
 
 SHAPES = {"tiny": SupernetConfig.tiny, "apriel-15b": SupernetConfig.apriel_15b}
+# Stage modules that add their own sub-commands through ``register(subparsers)``.
+EXTENSIONS = ("gearshift.train.cli", "gearshift.place.cli", "gearshift.serve.cli", "gearshift.evals.cli")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -236,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("placement", nargs="?")
     s.set_defaults(fn=cmd_preset)
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name in (name, name.rsplit(".", 1)[0]):
+                continue  # that stage is not part of this installation
+            raise
+        module.register(sub)
     return p
 
 
