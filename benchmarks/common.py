@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gearshift.cache import FullKVCache, RecurrentCache, SupernetCache, WindowKVCache  # noqa: E402
+from gearshift.cache import synthetic_cache  # noqa: E402, F401 - re-exported for the scripts
 
 
 def device_name(device: torch.device) -> str:
@@ -47,42 +47,6 @@ def time_it(fn: Callable[[], object], device: torch.device, iters: int = 10, war
             times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
-
-
-@torch.no_grad()
-def synthetic_cache(model, placement, batch: int, context: int, extra: int, dtype: torch.dtype) -> SupernetCache:
-    """A cache as if ``context`` tokens had been processed, filled with random state (decode speed does not
-    depend on the values; prefilling big batches at 32k would take minutes of device time)."""
-    device = model.device
-    cache = model.new_cache(batch, placement)
-    for i, (block, name) in enumerate(zip(model.blocks, cache.placement, strict=True)):
-        mixer = block.mixer.mixers[name]
-        layer = cache.layers[i]
-        if isinstance(layer, FullKVCache):
-            c = mixer.cfg
-            layer.k = torch.randn(batch, c.head_groups, context + extra, c.head_size, device=device, dtype=dtype)
-            layer.v = torch.randn_like(layer.k)
-        elif isinstance(layer, WindowKVCache):
-            c = mixer.cfg
-            layer.k = torch.randn(batch, c.head_groups, layer.capacity, c.head_size, device=device, dtype=dtype)
-            layer.v = torch.randn_like(layer.k)
-            held = torch.arange(max(0, context - layer.capacity), context, device=device)
-            layer.index = torch.full((layer.capacity,), -1, dtype=torch.long, device=device)
-            layer.index[held % layer.capacity] = held
-        elif isinstance(layer, RecurrentCache):
-            kind = mixer.kind
-            c = mixer.cfg
-            if kind == "gdn":
-                heads, dk, dv = c.value_heads, c.key_head_dim, c.value_head_dim
-                convs = [2 * mixer.key_dim + mixer.value_dim]
-            else:
-                heads, dk, dv = c.heads, c.head_dim, c.head_dim
-                convs = [c.heads * c.head_dim] * 3
-            layer.state = 0.01 * torch.randn(batch, heads, dk, dv, device=device)
-            layer.conv = [torch.randn(batch, c.conv_kernel - 1, n, device=device, dtype=dtype) for n in convs]
-        layer.length = context
-    cache.length = context
-    return cache
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -1,0 +1,1 @@
+"""Data on disk: token shards (teacher traces, tokenised text) and their readers."""
