@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import SupernetCache
 from .config import AttentionConfig, GDNConfig, KDAConfig, LayerConfig, MixerConfig, MLPConfig, SupernetConfig
@@ -100,6 +101,7 @@ class Supernet(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self.presets: dict[str, tuple[str, ...]] = {}  # name -> placement
         self.preset_meta: dict[str, dict[str, Any]] = {}  # name -> metadata (predicted quality, cost, ...)
         for name, placement in (presets or {}).items():
@@ -216,8 +218,12 @@ class Supernet(nn.Module):
             placement = self.resolve(placement)
         ctx = self._context(input_ids, attention_mask, cache)
         h = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, (block, name) in enumerate(zip(self.blocks, placement, strict=True)):
-            h, m = block(h, name, ctx, None if cache is None else cache.layers[i])
+            if recompute:
+                h, m = checkpoint(block, h, name, ctx, None, use_reentrant=False)
+            else:
+                h, m = block(h, name, ctx, None if cache is None else cache.layers[i])
             if mixer_outputs is not None:
                 mixer_outputs.append(m)
         if cache is not None:

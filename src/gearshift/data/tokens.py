@@ -89,7 +89,8 @@ class TokenShardWriter:
         if self._count >= self.shard_tokens:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, **extra: Any) -> None:
+        """Close the current shard; ``extra`` (JSON-able) is stored with it in the index (e.g. prompt hashes)."""
         if not self._tokens:
             return
         n = len(self.index["shards"])
@@ -102,7 +103,8 @@ class TokenShardWriter:
             prompt_lens=np.asarray(self._prompt_lens, dtype=np.int32),
         )
         atomic_write_bytes(self.path / name, buf)
-        self.index["shards"].append({"file": name, "sequences": len(self._tokens), "tokens": int(offsets[-1])})
+        entry = {"file": name, "sequences": len(self._tokens), "tokens": int(offsets[-1]), **extra}
+        self.index["shards"].append(entry)
         atomic_write_json(self.path / INDEX, self.index)
         self._tokens, self._prompt_lens, self._count = [], [], 0
 

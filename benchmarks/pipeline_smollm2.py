@@ -1,0 +1,283 @@
+"""The build pipeline end to end on the offline teacher: SmolLM2-135M-Instruct -> supernet -> teacher traces ->
+stochastic distillation -> held-out KL to the teacher and next-token agreement per placement, before and after.
+
+Also times trace generation through gearshift's decoding against Hugging Face ``generate`` on the same device.
+Prompts are built from templates x topics (no dataset download). One command, small JSON results:
+
+    python benchmarks/pipeline_smollm2.py --teacher smollm2 --out results/pipeline --minutes 15
+    python benchmarks/pipeline_smollm2.py --teacher smollm2 --device cpu --tiny     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gearshift.data.tokens import TokenShards
+from gearshift.model import Supernet
+from gearshift.report import paper_placement
+from gearshift.train.config import config_from_dict
+from gearshift.train.convert import convert_teacher
+from gearshift.train.data import PackedRows
+from gearshift.train.teacher import load_teacher
+from gearshift.train.traces import Prompt, generate_traces
+from gearshift.train.trainer import Trainer
+
+from common import device_name, write_json
+
+TOPICS = [
+    "photosynthesis",
+    "the French revolution",
+    "black holes",
+    "the water cycle",
+    "machine learning",
+    "volcanoes",
+    "the Roman empire",
+    "vaccines",
+    "climate change",
+    "the internet",
+    "honey bees",
+    "the stock market",
+    "plate tectonics",
+    "jazz music",
+    "the human heart",
+    "electric cars",
+    "the moon landing",
+    "coral reefs",
+    "democracy",
+    "prime numbers",
+    "the printing press",
+    "rain forests",
+    "antibiotics",
+    "the solar system",
+    "chess",
+    "coffee",
+    "the Great Wall of China",
+    "recycling",
+    "earthquakes",
+    "the immune system",
+    "bicycles",
+    "renewable energy",
+    "the Renaissance",
+    "DNA",
+    "glaciers",
+    "the Olympic games",
+    "bread baking",
+    "gravity",
+    "rivers",
+    "the Silk Road",
+    "penguins",
+    "smartphones",
+    "the Industrial Revolution",
+    "friendship",
+    "deserts",
+    "mathematics",
+    "sleep",
+    "oceans",
+    "music theory",
+    "ancient Egypt",
+    "quantum computing",
+    "gardening",
+    "the brain",
+    "airplanes",
+    "volunteering",
+    "mushrooms",
+    "time zones",
+    "libraries",
+    "the speed of light",
+    "dinosaurs",
+    "inflation",
+    "wind turbines",
+    "the Amazon river",
+    "origami",
+    "nutrition",
+    "castles",
+    "tea",
+    "robots",
+    "the periodic table",
+    "whales",
+    "bridges",
+    "language learning",
+    "comets",
+    "cheese",
+    "the Arctic",
+    "poetry",
+    "mountains",
+    "batteries",
+    "the Pacific ocean",
+    "knights",
+    "tornadoes",
+    "elections",
+    "insects",
+    "cryptography",
+    "photography",
+    "marathons",
+    "rice",
+    "satellites",
+]
+TEMPLATES = [
+    "Write a short paragraph about {t}.",
+    "Explain {t} to a ten-year-old.",
+    "List three interesting facts about {t}.",
+    "What are the main advantages and disadvantages of {t}?",
+    "Give a brief history of {t}.",
+    "Write a short story that involves {t}.",
+    "Summarize the most important ideas about {t} in a few sentences.",
+    "What would a beginner need to know about {t}?",
+    "Describe {t} in simple words.",
+    "Why is {t} important? Answer in one paragraph.",
+    "Write a haiku and then explain it, on the topic of {t}.",
+    "Compare {t} with something from everyday life.",
+    "Ask and answer three questions about {t}.",
+    "Write a short dialogue between two friends discussing {t}.",
+    "What is a common misconception about {t}?",
+    "Give step-by-step instructions for learning about {t}.",
+    "Write a persuasive paragraph about {t}.",
+    "Describe a day in the life of someone who works with {t}.",
+    "How might {t} change in the next fifty years?",
+    "Write a short encyclopedia entry about {t}.",
+]
+
+
+def prompts() -> list[Prompt]:
+    return [Prompt(messages=[{"role": "user", "content": tpl.format(t=t)}]) for t in TOPICS for tpl in TEMPLATES]
+
+
+def hf_generate_speed(teacher, tokenizer, texts, batch, new_tokens, device) -> float:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(texts[:batch], return_tensors="pt", padding=True).to(device)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = teacher.generate(
+            **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.95
+        )
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="smollm2")
+    ap.add_argument("--out", default="runs/pipeline")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--minutes", type=float, default=15.0, help="distillation time budget")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=384)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tiny", action="store_true", help="a few prompts and steps (CPU smoke run)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    report: dict = {"device": device_name(device), "args": vars(args)}
+
+    t0 = time.perf_counter()
+    teacher, tokenizer = load_teacher(args.teacher, device=device)
+    report["teacher_load_s"] = time.perf_counter() - t0
+    model = convert_teacher(teacher.float().cpu(), window=args.window)
+    model.save_pretrained(out / "supernet")
+    tokenizer.save_pretrained(out / "supernet")
+    teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    all_prompts = prompts()
+    if args.tiny:
+        all_prompts, args.new_tokens, args.seq_len, args.batch_size = all_prompts[:24], 24, 64, 2
+    held_out = all_prompts[::20]  # every 20th prompt: evaluation traces only
+    train_prompts = [p for i, p in enumerate(all_prompts) if i % 20]
+    gen = Supernet.from_pretrained(
+        out / "supernet", device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    batch = 512 if device.type == "cuda" else 8
+    report["traces"] = generate_traces(
+        gen,
+        tokenizer,
+        train_prompts,
+        out / "traces",
+        max_new_tokens=args.new_tokens,
+        batch_size=batch,
+        temperature=0.7,
+        top_p=0.95,
+        seed=0,
+    )
+    report["eval_traces"] = generate_traces(
+        gen, tokenizer, held_out, out / "eval_traces", max_new_tokens=args.new_tokens, batch_size=batch, seed=1
+    )
+    texts = [
+        tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+        for p in train_prompts[:batch]
+    ]
+    hf_tokens = min(args.new_tokens, 128)
+    report["hf_generate_tokens_per_s"] = hf_generate_speed(teacher, tokenizer, texts, batch, hf_tokens, device)
+    ours = generate_traces(
+        gen, tokenizer, train_prompts[:batch], out / "speed", max_new_tokens=hf_tokens, batch_size=batch, seed=5
+    )
+    report["ours_same_batch_tokens_per_s"] = ours["tokens_per_s"]
+    del gen, teacher
+    print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2, default=str), flush=True)
+
+    n_layers = model.config.num_layers
+    placements = [
+        "all-attention",
+        "all-sliding_window",
+        "all-gdn",
+        "all-kda",
+        paper_placement("Reg|Lklhd-26", n_layers),
+        paper_placement("Reg|Lklhd-18", n_layers),
+        paper_placement("Reg|Lklhd-10", n_layers),
+    ]
+    cfg = config_from_dict(
+        {
+            "model": str(out / "supernet"),
+            "output": str(out / "run"),
+            "data": {
+                "train": [str(out / "traces")],
+                "eval": [str(out / "eval_traces")],
+                "seq_len": args.seq_len,
+                "eval_sequences": 64,
+            },
+            "optim": {
+                "steps": 100000 if not args.tiny else 3,
+                "max_minutes": args.minutes,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "warmup_steps": 20 if not args.tiny else 1,
+                "min_lr_ratio": 0.1,
+            },
+            "sampler": {"kind": "uniform"},
+            "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},
+            "eval": {"every": 0, "placements": placements},
+            "checkpoint": {"every": 500, "keep": 1},
+            "log_every": 10,
+        }
+    )
+    trainer = Trainer(cfg, device=str(device))
+    eval_rows = PackedRows(trainer.eval_rows.tokens, trainer.eval_rows.mask)
+    report["before"] = trainer.evaluate(placements, eval_rows)
+    print(json.dumps(report["before"], indent=1), flush=True)
+    t0 = time.perf_counter()
+    last = trainer.run()
+    report["train_seconds"] = time.perf_counter() - t0
+    report["steps"] = trainer.step
+    report["last_step"] = last
+    report["after"] = trainer.evaluate(placements, eval_rows)
+    report["gap_closed"] = {
+        p: 1 - report["after"][p]["kl"] / report["before"][p]["kl"] if report["before"][p]["kl"] > 1e-9 else None
+        for p in placements
+    }
+    report["placements"] = placements
+    report["train_tokens"] = TokenShards(out / "traces").num_tokens
+    write_json(out / "report.json", report)
+    print(json.dumps({k: report[k] for k in ("after", "gap_closed", "steps", "train_seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

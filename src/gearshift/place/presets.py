@@ -1,0 +1,85 @@
+"""Presets chosen by placement search: written into a checkpoint's presets.json, judged against measurements.
+
+``write_presets`` edits only ``presets.json`` (atomically: temp file + rename), never the weights, so a 50 GB
+checkpoint gains presets in milliseconds and a crash leaves either the old file or the new one. Presets are
+validated with the model's own rules (``Supernet.add_preset`` on a weightless copy of the model) and stored in
+the same form ``checkpoint.save`` writes, so ``Supernet.from_pretrained`` loads them with their metadata.
+
+``pareto_regret_of`` answers "is a preset beaten by something we already measured?": for each measured preset,
+the best measured quality at the same or lower cost minus the preset's measured quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import PRESETS_NAME, read_config, read_presets
+from ..data.tokens import atomic_write_json
+from ..placement import placement_letters
+from .costs import CostTerms
+from .metrics import pareto_regret
+from .space import PlaceError, PlacementSpace
+
+__all__ = ["pareto_regret_of", "write_presets"]
+
+
+def write_presets(
+    checkpoint: str | Path, presets: Mapping[str, Mapping[str, Any]], *, replace: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Add ``presets`` (name -> {"placement": ..., **metadata}) to a checkpoint's presets.json.
+
+    Existing presets with other names are kept; one with the same name is replaced (``replace=False`` raises
+    instead). Returns the file's new ``presets`` mapping.
+    """
+    import torch
+
+    from ..model import Supernet
+
+    path = Path(checkpoint)
+    config, _ = read_config(path)
+    existing = read_presets(path)
+    clash = sorted(set(existing) & set(presets))
+    if clash and not replace:
+        raise PlaceError(f"{path}: presets {clash} exist already")
+    with torch.device("meta"):
+        shadow = Supernet(config)  # no weights: only the placement and name rules are needed
+    merged = dict(existing)
+    for name, entry in presets.items():
+        if "placement" not in entry:
+            raise PlaceError(f"preset {name!r} has no 'placement'")
+        meta = {k: v for k, v in entry.items() if k not in ("placement", "letters")}
+        shadow.add_preset(name, entry["placement"], **meta)
+        placement = shadow.presets[name]
+        merged[name] = {**meta, "placement": list(placement), "letters": placement_letters(placement, config)}
+    atomic_write_json(path / PRESETS_NAME, {"presets": merged})
+    return merged
+
+
+def pareto_regret_of(
+    placements: Sequence[str],
+    measured: Mapping[str, float],
+    costs: CostTerms,
+    space: PlacementSpace,
+    *,
+    sign: int = 1,
+) -> list[float | None]:
+    """Per placement: best measured quality at no higher cost minus its own measured quality (metric units,
+    oriented by ``sign`` so that > 0 always means "something measured is better"); None if not measured."""
+    if not measured:
+        raise PlaceError("no measured placements to compare against")
+    names = list(measured)
+    P = space.encode(names)
+    all_costs = costs.total(P)
+    quality = sign * np.array([measured[n] for n in names], dtype=float)
+    out: list[float | None] = []
+    for p in placements:
+        if p not in measured:
+            out.append(None)
+            continue
+        own_cost = float(costs.total(space.encode([p]))[0])
+        out.append(float(pareto_regret(own_cost, sign * measured[p], all_costs, quality, cost_tol=1e-9)))
+    return out

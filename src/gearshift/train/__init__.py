@@ -1,0 +1,1 @@
+"""Building a supernet: teacher conversion, teacher traces, stochastic distillation, targeted SFT."""

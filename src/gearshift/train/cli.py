@@ -1,0 +1,119 @@
+"""Sub-commands of the build stage: convert, traces, distill, sft."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import MIXER_NAMES, convert_teacher
+    from .teacher import load_teacher
+
+    mixers = tuple(args.mixers.split(",")) if args.mixers else MIXER_NAMES
+    teacher, tokenizer = load_teacher(args.teacher)
+    model = convert_teacher(teacher, mixers=mixers, window=args.window, seed=args.seed)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)  # tokenizer + chat template travel with the checkpoint
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids, "all-attention") - teacher(ids).logits).abs().max().item()
+    print(
+        f"wrote {out}: {model.config.num_layers} layers x {len(mixers)} mixers ({', '.join(mixers)}), "
+        f"{model.num_parameters(all_mixers=True) / 1e6:.1f}M parameters; all-attention vs teacher max |diff| "
+        f"{diff:.2e}"
+    )
+    return 0
+
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from ..model import Supernet
+    from .traces import generate_traces, read_prompts
+    from .trainer import _tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
+    tokenizer = _tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; convert the teacher with `gearshift convert` first")
+    prompts = read_prompts(args.prompts)
+    stats = generate_traces(
+        model,
+        tokenizer,
+        prompts,
+        args.out,
+        placement=args.placement,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=args.chat,
+    )
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace, mode: str) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    overrides.setdefault("mode", mode)
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, device=args.device)
+    last = trainer.run()
+    final = trainer.evaluate()  # every rank takes part: the evaluation is sharded
+    if trainer.rank == 0:
+        print(json.dumps({"last_step": last, "eval": final}, indent=2, default=str))
+    trainer.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "convert", help="turn a Llama/Mistral/Qwen2 teacher (HF dir, .gguf or 'smollm2') into a supernet"
+    )
+    s.add_argument("teacher")
+    s.add_argument("out")
+    s.add_argument("--mixers", help="comma-separated subset of attention,sliding_window,gdn,kda (default: all)")
+    s.add_argument("--window", type=int, default=4096, help="sliding-window size")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("traces", help="sample the teacher on prompt files into token shards (resumable)")
+    s.add_argument("model", help="converted supernet (its all-attention path is the teacher)")
+    s.add_argument("--prompts", nargs="+", required=True, help=".txt (one per line) or .jsonl (prompt/messages)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--placement", default="all-attention")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
+    s.add_argument("--device")
+    s.set_defaults(fn=cmd_traces)
+
+    for mode in ("distill", "sft"):
+        s = sub.add_parser(
+            mode,
+            help=f"{'stochastic distillation' if mode == 'distill' else 'targeted SFT'} "
+            "from a YAML/TOML config (torchrun for several processes)",
+        )
+        s.add_argument("config")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
+        s.add_argument("--device")
+        s.set_defaults(fn=lambda a, m=mode: _train(a, m))

@@ -1,0 +1,369 @@
+"""Stochastic distillation and targeted SFT of a supernet, on one process or many (torch.distributed DDP).
+
+Each step draws one placement (the same on every rank, from (seed, step)), runs the frozen teacher — the
+supernet's own all-attention path, thinned to attention — and the student under that placement, and trains
+the mixers on: per-layer activation matching, forward/reverse KL of the logits, and (SFT) cross-entropy.
+
+Data parallelism is DDP: the trainable mixers of the models we distil fit on one GPU, DDP keeps the exact
+semantics of one large batch, and `find_unused_parameters` copes with the mixers a step leaves out. Losses are
+normalised by the global token count of the step, so N processes reproduce one process at the same global
+batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..model import Supernet
+from ..placement import placement_letters
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import DataError, PackedRows, load_rows, step_rows
+from .losses import activation_terms, agreement, cross_entropy, kl_terms
+from .samplers import build_sampler, cheapest_placement
+
+BF16_PEAK_FLOPS = 790e12  # measured dense bf16 on the H200 (shared/reference/h200.md)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, device: str | None = None, log=print) -> None:
+        self.cfg = cfg
+        self.rank, self.world, local = _dist_env()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.out = Path(cfg.output)
+        o = cfg.optim
+        torch.manual_seed(o.seed)
+
+        self.student = Supernet.from_pretrained(cfg.model, device=self.device, dtype=torch.float32)
+        self.student.train()
+        self.student.gradient_checkpointing = o.activation_checkpointing
+        self.teacher = Supernet.from_pretrained(
+            cfg.teacher or cfg.model, device=self.device, dtype=torch.float32, mixers=["attention"]
+        ).eval()
+        self.teacher.requires_grad_(False)
+        if self.teacher.config.num_layers != self.student.config.num_layers:
+            raise ValueError("teacher and student have different numbers of layers")
+
+        tokenizer = _tokenizer(cfg.model)
+        eos = self.student.config.eos_ids()[0] if self.student.config.eos_ids() else None
+        d = cfg.data
+        kw = dict(tokenizer=tokenizer, eos=eos, chat=d.chat, skip_prompt=cfg.mode == "sft")
+        self.rows = load_rows(d.train, d.seq_len, **kw)
+        if d.eval:
+            self.eval_rows = load_rows(d.eval, d.seq_len, **kw)
+        else:  # hold the last rows of the training data out
+            n = min(d.eval_sequences, len(self.rows) // 10)
+            self.eval_rows = PackedRows(self.rows.tokens[len(self.rows) - n :], self.rows.mask[len(self.rows) - n :])
+            self.rows = PackedRows(self.rows.tokens[: len(self.rows) - n], self.rows.mask[: len(self.rows) - n])
+        if len(self.rows) == 0:
+            raise DataError("no training rows left after holding out evaluation rows")
+        self.eval_rows = PackedRows(self.eval_rows.tokens[: d.eval_sequences], self.eval_rows.mask[: d.eval_sequences])
+        vocab = self.student.config.vocab_size
+        if int(self.rows.tokens.max()) >= vocab:
+            raise DataError(f"training data holds token ids >= the model's vocabulary ({vocab})")
+
+        frozen = set(o.frozen_mixers)
+        self.trainable: dict[str, torch.nn.Parameter] = {}
+        for name, p in self.student.named_parameters():
+            parts = name.split(".")
+            is_mixer = "mixers" in parts
+            mixer = parts[parts.index("mixers") + 1] if is_mixer else None
+            train = (is_mixer or o.train == "all") and mixer not in frozen
+            p.requires_grad_(train)
+            if train:
+                self.trainable[name] = p
+        if not self.trainable:
+            raise ValueError("no trainable parameters: check optim.train and optim.frozen_mixers")
+        self._keys = {".".join(n.split(".")[:7]) + "." for n in self.trainable}  # model.decoder.blocks.i.mixer.mixers.x
+        decay = [p for n, p in self.trainable.items() if p.dim() >= 2]
+        no_decay = [p for n, p in self.trainable.items() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=o.betas,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.sampler = build_sampler(cfg.sampler, self.student.config, o.seed, self.student.presets)
+        self.cheapest = cheapest_placement(self.student.config)
+        self.model = self.student
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=ids, find_unused_parameters=True
+            )
+        if o.dtype == "bfloat16" or (o.dtype == "auto" and self.device.type == "cuda"):
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        else:
+            self.autocast = nullcontext
+        self.step = 0
+        self._resume()
+
+    # ------------------------------------------------------------------ schedule and state
+    def _lr_factor(self, step: int) -> float:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        missing = set(self.trainable) - set(state["trainable"])
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks trainable tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.log(f"resumed from {path} at step {self.step}")
+        self._metrics({"event": "resume", "step": self.step, "checkpoint": str(path)})
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(
+                self.out / "checkpoints",
+                self.step,
+                {
+                    "trainable": {n: p.detach().cpu() for n, p in self.trainable.items()},
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "config": self.cfg.to_dict(),
+                },
+                keep=self.cfg.checkpoint.keep,
+            )
+        if self.world > 1:
+            dist.barrier()
+
+    def _metrics(self, row: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ one step
+    def placements_for(self, step: int) -> list[tuple[str, ...]]:
+        """The step's placements (sampled, + sandwich paths), keeping only those with something to train."""
+        placements = [self.sampler.sample(step)]
+        if self.cfg.sampler.sandwich:
+            top = self.student.resolve("all-attention") if self._all_have("attention") else None
+            placements += [p for p in (top, self.cheapest) if p is not None and p not in placements]
+        return [p for p in placements if self._trains(p)]
+
+    def _trains(self, placement: tuple[str, ...]) -> bool:
+        """Whether a placement's path holds a trainable parameter (a frozen all-attention path does not)."""
+        if self.cfg.optim.train == "all":
+            return True
+        return any(f"blocks.{i}.mixer.mixers.{name}." in key for i, name in enumerate(placement) for key in self._keys)
+
+    def _all_have(self, name: str) -> bool:
+        return all(name in layer.mixers for layer in self.student.config.layers)
+
+    def train_step(self) -> dict[str, Any]:
+        o, lw = self.cfg.optim, self.cfg.loss
+        placements = self.placements_for(self.step)
+        micro_rows = [
+            step_rows(len(self.rows), self.step, m, self.rank, self.world, o.batch_size, o.grad_accum, o.seed)
+            for m in range(o.grad_accum)
+        ]
+        batches = [self.rows.batch(r, self.device) for r in micro_rows]
+        local_tokens = sum(int(mask.sum()) for _, mask in batches)
+        total = torch.tensor(float(local_tokens), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        # each micro-batch contributes sum(loss) / global tokens; DDP averages over ranks, so scale by world
+        scale_base = self.world / max(float(total), 1.0)
+        n_layers = self.student.config.num_layers
+        stats: dict[str, float] = {"loss": 0.0, "act": 0.0, "fkl": 0.0, "rkl": 0.0, "ce": 0.0}
+        layer_act = torch.zeros(n_layers, device=self.device)
+        passes = [(b, p) for b in batches for p in placements]
+        for i, ((tokens, mask), placement) in enumerate(passes):
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            weight = float(mask.sum()) * scale_base / len(placements)
+            with torch.no_grad(), self.autocast():
+                t_acts: list[torch.Tensor] = []
+                t_logits = (
+                    self.teacher(inputs, "all-attention", mixer_outputs=t_acts) if self._needs_teacher() else None
+                )
+            sync = i == len(passes) - 1 or self.world == 1
+            ctx = nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with ctx:
+                with self.autocast():
+                    s_acts: list[torch.Tensor] = []
+                    s_logits = self.model(inputs, placement, mixer_outputs=s_acts)
+                    loss = torch.zeros((), device=self.device)
+                    if lw.activation and t_logits is not None:
+                        acts = activation_terms(s_acts, t_acts, mask)
+                        loss = loss + lw.activation * acts.mean()
+                        layer_act += acts.detach() / len(passes)
+                        stats["act"] += float(acts.detach().mean()) / len(passes)
+                    if (lw.forward_kl or lw.reverse_kl) and t_logits is not None:
+                        fkl, rkl = kl_terms(s_logits, t_logits, mask, lw.temperature)
+                        loss = loss + lw.forward_kl * fkl + lw.reverse_kl * rkl
+                        stats["fkl"] += float(fkl.detach()) / len(passes)
+                        stats["rkl"] += float(rkl.detach()) / len(passes)
+                    if lw.cross_entropy:
+                        ce = cross_entropy(s_logits, targets, mask)
+                        loss = loss + lw.cross_entropy * ce
+                        stats["ce"] += float(ce.detach()) / len(passes)
+                (loss * weight).backward()
+            stats["loss"] += float(loss.detach()) / len(passes)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), o.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        main = placements[0] if placements else self.sampler.sample(self.step - 1)
+        row = {
+            "step": self.step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "placement": placement_letters(main, self.student.config),
+            **stats,
+            "grad_norm": float(grad_norm),
+            "tokens": int(total),
+            "layer_act": [round(float(x), 6) for x in layer_act],
+        }
+        # per sampled mixer: the activation loss of the layers that used it
+        by_mixer: dict[str, list[float]] = {}
+        for i, name in enumerate(main):
+            by_mixer.setdefault(name, []).append(float(layer_act[i]))
+        row["act_by_mixer"] = {k: sum(v) / len(v) for k, v in by_mixer.items()}
+        return row
+
+    def _needs_teacher(self) -> bool:
+        lw = self.cfg.loss
+        return bool(lw.activation or lw.forward_kl or lw.reverse_kl)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, placements: list[str] | None = None, rows: PackedRows | None = None) -> dict[str, dict]:
+        """KL(teacher || placement) per token and next-token agreement with the teacher; sharded over ranks."""
+        rows = rows or self.eval_rows
+        placements = placements or self.cfg.eval.placements
+        was_training = self.student.training
+        self.student.eval()
+        out: dict[str, dict] = {}
+        mine = list(range(self.rank, len(rows), self.world))
+        bs = self.cfg.optim.batch_size
+        for spec in placements:
+            sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # kl*n, agree*n, n, nll*n
+            for s in range(0, len(mine), bs):
+                tokens, mask = rows.batch(mine[s : s + bs], self.device)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                with self.autocast():
+                    t = self.teacher(inputs, "all-attention")
+                    st = self.student(inputs, spec)
+                fkl, _ = kl_terms(st, t, mask)
+                n = float(mask.sum())
+                sums += torch.tensor(
+                    [float(fkl) * n, float(agreement(st, t, mask)) * n, n, float(cross_entropy(st, targets, mask)) * n],
+                    device=self.device,
+                    dtype=torch.float64,
+                )
+            if self.world > 1:
+                dist.all_reduce(sums)
+            n = max(float(sums[2]), 1.0)
+            out[spec] = {"kl": float(sums[0]) / n, "agreement": float(sums[1]) / n, "nll": float(sums[3]) / n}
+        self.student.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token: student forward+backward (6N) + teacher forward (2N), N active."""
+        n_student = self.student.num_parameters(self.sampler.sample(0))
+        n_teacher = self.teacher.num_parameters("all-attention")
+        return 6 * n_student + 2 * n_teacher
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        o = cfg.optim
+        if self.step >= o.steps:
+            self.log(f"nothing to do: already at step {self.step} of {o.steps}")
+        bar = None
+        if self.rank == 0:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        tokens_seen, t0 = 0, time.perf_counter()
+        last = {}
+        while self.step < o.steps:
+            row = self.train_step()
+            tokens_seen += row["tokens"]
+            elapsed = time.perf_counter() - t0
+            row["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+            if self.device.type == "cuda":
+                row["mfu"] = row["tokens_per_s"] * self.flops_per_token() / (BF16_PEAK_FLOPS * self.world)
+            if self.step % cfg.log_every == 0 or self.step == o.steps:
+                self._metrics(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == o.steps):
+                ev = self.evaluate()
+                self._metrics({"step": self.step, "eval": ev})
+            out_of_time = bool(o.max_minutes) and elapsed > 60 * o.max_minutes
+            if self.world > 1:  # every rank must stop at the same step
+                flag = torch.tensor(float(out_of_time), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag)
+            if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == o.steps or out_of_time):
+                self.save_checkpoint()
+            last = row
+            if out_of_time:
+                self.log(f"time budget of {o.max_minutes} min reached at step {self.step}")
+                break
+        if bar is not None:
+            bar.close()
+        if self.rank == 0:
+            self.student.save_pretrained(self.out / "final", copy_from=cfg.model)
+        if self.world > 1:
+            dist.barrier()
+        return last
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tokenizer(path: str):
+    directory = Path(path)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json, sees an unknown model type and warns; harmless here
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    finally:
+        hf_logging.set_verbosity(level)

@@ -1,0 +1,256 @@
+"""Distillation and SFT: losses fall, only mixers train, exact resume, 2 processes == 1, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_fixtures as fx
+from gearshift.train.config import TrainConfigError, config_from_dict, load_config
+from gearshift.train.data import DataError, PackedRows, chat_tokens
+from gearshift.train.samplers import FullLayoutSampler, PredefinedSampler, UniformSampler
+from gearshift.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    fx.supernet_dir(root / "supernet")
+    fx.trace_shards(root / "shards", root / "supernet")
+    return root
+
+
+def config(workdir, out, **over):
+    cfg = {
+        "model": str(workdir / "supernet"),
+        "output": str(out),
+        "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
+        "optim": {"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "dtype": "float32"},
+        "sampler": {"kind": "uniform"},
+        "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},
+        "eval": {"every": 0, "placements": ["all-attention", "all-gdn"]},
+        "checkpoint": {"every": 3, "keep": 2},
+        "log_every": 1,
+    }
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            cfg.setdefault(section, {})[leaf] = value
+        else:
+            cfg[section] = value
+    return config_from_dict(cfg)
+
+
+@pytest.mark.parametrize("mixer", ["sliding_window", "gdn", "kda"])
+def test_distillation_lowers_each_mixers_kl_and_trains_only_mixers(workdir, tmp_path, mixer):
+    placement = "all-" + mixer
+    cfg = config(
+        workdir,
+        tmp_path,
+        sampler={"kind": "predefined", "placements": {placement: 1.0}},
+        optim__steps=20,
+        data__seq_len=24,
+    )
+    trainer = Trainer(cfg, device="cpu")
+    seen = PackedRows(trainer.rows.tokens[:32], trainer.rows.mask[:32])  # the loss being trained, on its rows
+    before = trainer.evaluate([placement, "all-attention"], rows=seen)
+    shared = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if ".mixers." not in n}
+    frozen_fa = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if ".mixers.attention." in n}
+    trainer.run()
+    after = trainer.evaluate([placement, "all-attention"], rows=seen)
+    assert after[placement]["kl"] < 0.95 * before[placement]["kl"], (before, after)
+    assert after["all-attention"]["kl"] < 1e-6  # the all-attention path stays the teacher
+    for name, p in trainer.student.named_parameters():
+        if name in shared or name in frozen_fa:
+            assert torch.equal(p, (shared | frozen_fa)[name]), name
+    changed = [n for n, p in trainer.trainable.items() if f".mixers.{mixer}." in n]
+    assert changed
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert set(final) >= set(trainer.trainable)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and "act_by_mixer" in rows[-1] and len(rows[-1]["layer_act"]) == 2
+
+
+def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
+    straight = Trainer(config(workdir, tmp_path / "a"), device="cpu")
+    straight.run()
+    # the same run killed in the middle of step 5 (its step-3 checkpoint survives, steps 4-5 are lost) ...
+    doomed = Trainer(config(workdir, tmp_path / "b"), device="cpu")
+    real_step = Trainer.train_step
+
+    def dying_step(self):
+        if self.step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        doomed.run()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    # ... with a half-written temporary file beside it, as a kill during a checkpoint write would leave
+    (tmp_path / "b" / "checkpoints" / ".step-0000006.pt.tmp").write_bytes(b"partial")
+    resumed = Trainer(config(workdir, tmp_path / "b"), device="cpu")
+    assert resumed.step == 3
+    resumed.run()
+    for name, p in straight.trainable.items():
+        assert torch.equal(p, resumed.trainable[name]), name
+    a = straight.optimizer.state_dict()["state"]
+    b = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
+
+
+def test_full_options_run(workdir, tmp_path):
+    """Sandwich + full_layout + gradient accumulation + activation checkpointing + eval + SFT-style CE."""
+    cfg = config(
+        workdir,
+        tmp_path,
+        sampler={"kind": "full_layout", "sandwich": True, "placements": {"GK": 1.0}, "predefined_prob": 0.5},
+        optim__grad_accum=2,
+        optim__activation_checkpointing=True,
+        optim__steps=3,
+        optim__frozen_mixers=[],
+        loss={"activation": 0.3, "reverse_kl": 1.0, "cross_entropy": 0.1, "temperature": 2.0},
+        eval={"every": 2, "placements": ["all-attention", "GK"]},
+    )
+    trainer = Trainer(cfg, device="cpu")
+    assert len(trainer.placements_for(0)) == 3  # sampled + all-attention (trainable here) + cheapest (all-gdn)
+    frozen = Trainer(config(workdir, tmp_path / "f", sampler={"kind": "uniform", "sandwich": True}), device="cpu")
+    assert all(p != ("attention", "attention") for s in range(20) for p in frozen.placements_for(s))
+    trainer.run()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in r for r in rows) and all(r.get("ce", 1) > 0 for r in rows if "ce" in r)
+
+
+def test_two_processes_match_one(workdir, tmp_path):
+    base = {
+        "model": str(workdir / "supernet"),
+        "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
+        "optim": {"steps": 3, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log_every": 1,
+    }
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**base, "output": str(tmp_path / "one")}))
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({**base, "output": str(tmp_path / "two"), "optim": {**base["optim"], "batch_size": 2}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    run = [sys.executable, "-m", "gearshift.cli", "distill"]
+    subprocess.run([*run, str(one), "--device", "cpu"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "gearshift.cli",
+            "distill",
+            str(two),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    assert any(not torch.equal(a[k], load_file(workdir / "supernet" / "model.safetensors")[k]) for k in a)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 3
+
+
+def test_sft_masks_non_assistant_tokens(workdir, tmp_path):
+    tok = fx.tokenizer()
+    messages = [
+        {"role": "user", "content": "w1 w2"},
+        {"role": "assistant", "content": "w3 w4 w5"},
+        {"role": "user", "content": "w6"},
+        {"role": "assistant", "content": "w7"},
+    ]
+    ids, mask = chat_tokens(tok, messages)
+    words = tok.convert_ids_to_tokens(ids)
+    assert [w for w, m in zip(words, mask, strict=True) if m] == [
+        "<assistant>",
+        "w3",
+        "w4",
+        "w5",
+        "<end>",
+        "<assistant>",
+        "w7",
+        "<end>",
+    ]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": messages}) for _ in range(30)))
+    cfg = config(
+        workdir,
+        tmp_path / "sft",
+        mode="sft",
+        data={"train": [str(chat)], "chat": True, "seq_len": 16},
+        sampler={"kind": "predefined", "placements": {"GK": 1.0, "SG": 1.0}},
+        loss={"activation": 0.0, "reverse_kl": 0.0, "cross_entropy": 1.0},
+        optim__steps=4,
+    )
+    trainer = Trainer(cfg, device="cpu")
+    assert trainer.rows.mask.mean() < 0.9  # user turns are not trained on
+    first = trainer.train_step()["ce"]
+    for _ in range(3):
+        last = trainer.train_step()["ce"]
+    assert last < first
+
+
+def test_bad_configs_and_data(workdir, tmp_path):
+    with pytest.raises(TrainConfigError, match="unknown config key.*optim.learning_rate"):
+        config_from_dict({"model": "m", "data": {"train": ["x"]}, "optim": {"learning_rate": 1}})
+    with pytest.raises(TrainConfigError, match="data.train"):
+        config_from_dict({"model": "m"})
+    with pytest.raises(TrainConfigError, match="expected int"):
+        config_from_dict({"model": "m", "data": {"train": ["x"]}, "optim": {"steps": "ten"}})
+    bad = tmp_path / "c.toml"
+    bad.write_text("model = 'm'\n[data]\ntrain = ['x']\n[losses]\nkl = 1\n")
+    with pytest.raises(TrainConfigError, match="unknown config key.*losses"):
+        load_config(bad)
+    with pytest.raises(TrainConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty text file"):
+        Trainer(config(workdir, tmp_path / "o", data={"train": [str(empty)], "seq_len": 8}), device="cpu")
+    with pytest.raises(DataError, match="not found"):
+        Trainer(config(workdir, tmp_path / "o", data={"train": [str(tmp_path / "missing")]}), device="cpu")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError):
+        Trainer(config(workdir, tmp_path / "o", data={"train": [str(binary)], "seq_len": 8}), device="cpu")
+
+
+def test_samplers_are_deterministic_and_cover_compositions(tiny_config):
+    u = UniformSampler(tiny_config, seed=3)
+    assert [u.sample(s) for s in range(5)] == [UniformSampler(tiny_config, seed=3).sample(s) for s in range(5)]
+    f = FullLayoutSampler(tiny_config, seed=0)
+    counts = {}
+    for s in range(2000):
+        p = f.sample(s)
+        key = tuple(sorted(p.count(k) for k in ("attention", "sliding_window", "gdn", "kda")))
+        counts[key] = counts.get(key, 0) + 1
+    assert counts[(0, 0, 0, 4)] > 2000 / 35 * 4 * 0.6  # all-one-mixer placements are common (4 of 35 compositions)
+    uniform_all_same = sum(len(set(u.sample(s))) == 1 for s in range(2000))
+    assert uniform_all_same < counts[(0, 0, 0, 4)]
+    p = PredefinedSampler(tiny_config, {"FFFF": 1.0, "GGGG": 3.0}, seed=0)
+    draws = [p.sample(s) for s in range(4000)]
+    share = sum(d == ("gdn",) * 4 for d in draws) / len(draws)
+    assert abs(share - 0.75) < 0.03
+    restricted = UniformSampler(tiny_config, seed=0, mixers=["gdn", "kda"])
+    assert all(set(restricted.sample(s)) <= {"gdn", "kda"} for s in range(50))
