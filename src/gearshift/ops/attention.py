@@ -51,17 +51,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attention_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor | None, window: int | None) -> Tensor:
     """Boolean mask [B or 1, 1, Tq, Tk]: key j visible from query i.
 
-    q_index [Tq] and k_index [Tk] are token indices (-1 marks an empty cache slot); k_valid [B, Tk] marks real
-    (non-padding) keys. Every query also sees itself, so a padding query never has an empty row (SDPA would
-    return NaN there and poison later layers).
+    q_index [Tq] or [B, Tq] and k_index [Tk] or [B, Tk] are token indices (-1 marks an empty cache slot); per-row
+    indices serve engines whose requests sit at different positions. k_valid [B, Tk] marks real (non-padding)
+    keys. Every query also sees itself, so a padding query never has an empty row (SDPA would return NaN there
+    and poison later layers).
     """
-    qi, kj = q_index[:, None], k_index[None, :]
+    qi, kj = q_index[..., :, None], k_index[..., None, :]
     visible = (kj <= qi) & (kj >= 0)
     if window is not None:
         visible &= qi - kj < window
-    if k_valid is None:
-        return visible[None, None]
-    return ((visible[None] & k_valid[:, None, :]) | (kj == qi)[None])[:, None]
+    if visible.dim() == 2:
+        visible, self_key = visible[None], (kj == qi)[None]
+    else:
+        self_key = kj == qi
+    if k_valid is not None:
+        visible = (visible & k_valid[:, None, :]) | self_key
+    return visible[:, None]
 
 
 def attend(
@@ -90,7 +95,7 @@ def attend(
         if tq == 1 and keys_exact:
             return _masked_sdpa(q, k, v, None, scale)
     tile = max(1, MAX_MASK_ELEMENTS // max(1, b * k.shape[2]))
-    if tq <= tile:
+    if tq <= tile or q_index.dim() == 2:  # per-row indices come from engines, with short query chunks
         return _masked_sdpa(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale)
     outs = []
     for s in range(0, tq, tile):

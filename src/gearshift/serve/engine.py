@@ -1,0 +1,388 @@
+"""The serving engine: continuous batching where every request brings its own placement.
+
+Each step admits waiting requests (if every pool their placement needs has a free slot), runs one prefill chunk
+per request still reading its prompt, then one decode forward for all requests ready to emit a token. Inside
+that forward, every layer splits the batch by the mixer each request uses there and runs each group on its own
+pool slots (``mixed_forward``): no weights are reloaded and no cache is cleared when presets differ. Requests
+with a draft placement decode speculatively (``speculative.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..layers.base import StepContext
+from ..model import Supernet
+from ..placement import Placement, PlacementSpec, placement_letters
+from .pools import AttentionPool, RecurrentPool, RecurrentView
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve: unknown preset, prompt longer than the context, bad parameters."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1:
+            raise RequestError(
+                f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}, "
+                f"max_tokens={self.max_tokens}"
+            )
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    placement: Placement
+    params: SamplingParams
+    draft: Placement | None = None
+    spec_k: int = 4
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    processed: int = 0  # tokens whose state is in the target pools
+    draft_processed: int = 0
+    slots: dict[tuple[int, str], int] = field(default_factory=dict)
+    draft_slots: dict[tuple[int, str], int] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    cancelled: bool = False
+    proposed: int = 0
+    accepted: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Supernet,
+        *,
+        max_batch: int = 16,
+        max_context: int | None = None,
+        prefill_chunk: int = 256,
+        max_queue: int = 256,
+        spec_k_max: int = 8,
+        pool_slots: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.max_batch = max_batch
+        self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        self.spec_k_max = spec_k_max
+        slots = pool_slots or max_batch
+        self.pools: list[dict[str, AttentionPool | RecurrentPool]] = []
+        for block in model.blocks:
+            layer = {}
+            for name, mixer in block.mixer.mixers.items():
+                layer[name] = self._make_pool(mixer, slots)
+            self.pools.append(layer)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self.lock = threading.RLock()  # the server submits from its event loop while a worker thread steps
+        self.finished_count = 0
+        self.tokens_by_placement: dict[str, int] = {}
+
+    def _make_pool(self, mixer, slots: int):
+        c = mixer.cfg
+        if mixer.kind in ("attention", "sliding_window"):
+            return AttentionPool(
+                slots,
+                c.head_groups,
+                c.head_size,
+                self.max_context,
+                c.window_size,
+                self.spec_k_max + 1,
+                self.device,
+                self.dtype,
+            )
+        if mixer.kind == "gdn":
+            return RecurrentPool(
+                slots,
+                c.value_heads,
+                c.key_head_dim,
+                c.value_head_dim,
+                [2 * mixer.key_dim + mixer.value_dim],
+                c.conv_kernel,
+                self.device,
+                self.dtype,
+            )
+        return RecurrentPool(
+            slots, c.heads, c.head_dim, c.head_dim, [c.heads * c.head_dim] * 3, c.conv_kernel, self.device, self.dtype
+        )
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self,
+        prompt: Sequence[int],
+        placement: PlacementSpec = None,
+        params: SamplingParams | None = None,
+        *,
+        draft: PlacementSpec = None,
+        spec_k: int = 4,
+    ) -> Request:
+        """Queue a request; raises RequestError for bad input and QueueFullError when the queue is at its bound."""
+        params = params or SamplingParams()
+        params.validate()
+        try:
+            target = self.model.resolve(placement)
+            draft_p = self.model.resolve(draft) if draft is not None else None
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        if any(t < 0 or t >= self.config.vocab_size for t in prompt):
+            raise RequestError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if len(prompt) + 1 > self.max_context:
+            raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}")
+        if not 1 <= spec_k <= self.spec_k_max:
+            raise RequestError(f"spec_k must lie in [1, {self.spec_k_max}]")
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
+            req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
+            if params.seed is not None:
+                req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (e.g. its client disconnected); its slots are freed at the next step."""
+        with self.lock:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+                self._finish(request, "cancelled")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def _needs(self, req: Request) -> list[tuple[int, str]]:
+        need = [(i, name) for i, name in enumerate(req.placement)]
+        if req.draft is not None:
+            need += [(i, name) for i, name in enumerate(req.draft)]
+        return need
+
+    def _can_admit(self, req: Request) -> bool:
+        counts: dict[tuple[int, str], int] = {}
+        for key in self._needs(req):
+            counts[key] = counts.get(key, 0) + 1
+        return all(self.pools[i][n].alloc.available >= c for (i, n), c in counts.items())
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch and self._can_admit(self.waiting[0]):
+            req = self.waiting.popleft()
+            for i, name in enumerate(req.placement):
+                req.slots[(i, name)] = self._take(i, name)
+            if req.draft is not None:
+                for i, name in enumerate(req.draft):
+                    req.draft_slots[(i, name)] = self._take(i, name)
+            self.running.append(req)
+
+    def _take(self, layer: int, name: str) -> int:
+        pool = self.pools[layer][name]
+        slot = pool.alloc.take()
+        pool.reset(slot)
+        return slot
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finished, req.finish_reason, req.finished_at = True, reason, time.perf_counter()
+        for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
+            self.pools[i][name].alloc.give(slot)
+        req.slots, req.draft_slots = {}, {}
+        if req in self.running:
+            self.running.remove(req)
+        self.finished_count += 1
+
+    # ------------------------------------------------------------------ the forward over a mixed batch
+    @torch.no_grad()
+    def mixed_forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        placements: Sequence[Placement],
+        slots: Sequence[dict[tuple[int, str], int]],
+        rollback: int = 0,
+    ) -> tuple[Tensor, list[RecurrentView]]:
+        """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
+
+        With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
+        """
+        model = self.model
+        h = model.model.embed_tokens(tokens)
+        views: list[RecurrentView] = []
+        for i, block in enumerate(model.blocks):
+            x = block.input_layernorm(h)
+            out = torch.empty_like(x)
+            groups: dict[str, list[int]] = {}
+            for row, placement in enumerate(placements):
+                groups.setdefault(placement[i], []).append(row)
+            for name, rows in groups.items():
+                pool = self.pools[i][name]
+                idx = torch.tensor(rows, device=self.device)
+                slot_t = torch.tensor([slots[r][(i, name)] for r in rows], device=self.device)
+                if isinstance(pool, RecurrentPool):
+                    view = pool.view(slot_t, rollback)
+                    views.append(view)
+                else:
+                    view = pool.view(slot_t)
+                pos = positions[idx]
+                ctx = StepContext(pos, pos)
+                out[idx] = block.mixer.mixers[name](x[idx], ctx, view)
+            h = h + out
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        return model.logits(model.model.norm(h)), views
+
+    # ------------------------------------------------------------------ one engine iteration
+    def step(self) -> list[Request]:
+        """Advance every running request by one prefill chunk or one decode step; returns requests that emitted
+        tokens or finished (their ``new_tokens`` hold what this step produced)."""
+        with self.lock:
+            for req in [r for r in self.running if r.cancelled]:
+                self._finish(req, "cancelled")
+            self._admit()
+            running = list(self.running)
+        touched: list[Request] = []
+        for req in running:
+            req.new_tokens = []
+        # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state)
+        for req in running:
+            if len(req.tokens) - req.processed > 1:
+                self._prefill_chunk(req, touched)
+        ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
+        plain = [r for r in ready if r.draft is None]
+        if plain:
+            positions = torch.tensor([[r.processed] for r in plain], device=self.device)
+            tokens = torch.tensor([[r.tokens[-1]] for r in plain], device=self.device)
+            logits, _ = self.mixed_forward(tokens, positions, [r.placement for r in plain], [r.slots for r in plain])
+            for row, req in enumerate(plain):
+                req.processed += 1
+                self._emit(req, [self._sample(req, logits[row, -1])], touched)
+        spec = [r for r in ready if r.draft is not None]
+        if spec:
+            from .speculative import speculative_round
+
+            for group in _group_by(spec, lambda r: r.spec_k):
+                speculative_round(self, group, touched)
+        return touched
+
+    def _prefill_chunk(self, req: Request, touched: list[Request]) -> None:
+        n = min(self.prefill_chunk, len(req.tokens) - req.processed)
+        chunk = req.tokens[req.processed : req.processed + n]
+        tokens = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(req.processed, req.processed + n, device=self.device)[None]
+        logits, _ = self.mixed_forward(tokens, positions, [req.placement], [req.slots])
+        if req.draft is not None:  # the draft reads the same prompt into its own state
+            self.mixed_forward(tokens, positions, [req.draft], [req.draft_slots])
+            req.draft_processed += n
+        req.processed += n
+        if req.processed == len(req.tokens):
+            self._emit(req, [self._sample(req, logits[0, -1])], touched)
+
+    def _sample(self, req: Request, logits: Tensor) -> int:
+        from ..generation import sample_next
+
+        p = req.params
+        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, req.generator)[0])
+
+    def _emit(self, req: Request, new: list[int], touched: list[Request]) -> None:
+        """Append generated tokens, applying stop tokens, max_tokens and the context limit."""
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        stops = req.params.stop_token_ids if req.params.stop_token_ids is not None else tuple(self.config.eos_ids())
+        reason = None
+        for tok in new:
+            req.tokens.append(tok)
+            req.new_tokens.append(tok)
+            key = placement_letters(req.placement, self.config)
+            self.tokens_by_placement[key] = self.tokens_by_placement.get(key, 0) + 1
+            if tok in stops:
+                reason = "stop"
+            elif len(req.output) >= req.params.max_tokens:
+                reason = "length"
+            elif len(req.tokens) >= self.max_context:
+                reason = "context"
+            if reason:
+                break
+        if req not in touched:
+            touched.append(req)
+        if reason:
+            with self.lock:
+                self._finish(req, reason)
+
+    # ------------------------------------------------------------------ conveniences
+    def run(self, max_steps: int = 100_000) -> None:
+        """Step until no work is left (tests, offline batch jobs)."""
+        for _ in range(max_steps):
+            if not self.has_work():
+                return
+            self.step()
+        raise RuntimeError("the engine did not finish within max_steps")
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        placements: Sequence[PlacementSpec] | PlacementSpec = None,
+        params: SamplingParams | None = None,
+        **kw,
+    ) -> list[list[int]]:
+        """Run a list of prompts to completion; one placement for all or one per prompt. Returns outputs."""
+        if placements is None or isinstance(placements, str):
+            placements = [placements] * len(prompts)
+        reqs = [self.submit(p, pl, params, **kw) for p, pl in zip(prompts, placements, strict=True)]
+        self.run()
+        return [r.output for r in reqs]
+
+    def memory_bytes(self) -> int:
+        total = 0
+        for layer in self.pools:
+            for pool in layer.values():
+                total += pool.nbytes_per_slot() * pool.alloc.n
+        return total
+
+
+def _group_by(items, key):
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())

@@ -1,0 +1,151 @@
+"""Per-request decoding state in preallocated pools, one pool per (layer, mixer).
+
+A request owns one slot in the pool of every (layer, mixer) its placement uses, and nothing elsewhere: an
+all-GDN request holds no KV cache at all. Mixers read and write their pools through *views* that speak the
+same cache interface as ``gearshift.cache`` (``update`` for attention; ``state``/``conv``/``update``/``record`` for
+GDN and KDA), so the mixer modules run unchanged on a group of requests at different positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class PoolFullError(RuntimeError):
+    """No free slot in a pool (admission control should have prevented this)."""
+
+
+class SlotAllocator:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.free = list(range(n - 1, -1, -1))
+
+    def take(self) -> int:
+        if not self.free:
+            raise PoolFullError("no free slot")
+        return self.free.pop()
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+    @property
+    def available(self) -> int:
+        return len(self.free)
+
+
+class AttentionPool:
+    """Full KV [slots, Hkv, capacity, D] (FA) or a ring [slots, Hkv, window + spare, D] with slot indices (SWA)."""
+
+    def __init__(
+        self, slots: int, heads: int, head_size: int, capacity: int, window: int | None, spare: int, device, dtype
+    ) -> None:
+        self.window = window
+        length = capacity if window is None else window + spare
+        self.k = torch.zeros(slots, heads, length, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        # token index held by each position of each slot (-1 empty); full attention stores token i at i
+        self.index = torch.full((slots, length), -1, dtype=torch.long, device=device)
+        self.alloc = SlotAllocator(slots)
+
+    def reset(self, slot: int) -> None:
+        self.index[slot] = -1
+
+    def nbytes_per_slot(self) -> int:
+        return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
+
+    def view(self, slots: Tensor) -> AttentionView:
+        return AttentionView(self, slots)
+
+
+class AttentionView:
+    """Cache interface over the pool slots of a group of requests (rows), each at its own positions."""
+
+    exact = False
+
+    def __init__(self, pool: AttentionPool, slots: Tensor) -> None:
+        self.pool, self.slots = pool, slots
+
+    def update(self, k_new: Tensor, v_new: Tensor, q_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.pool
+        length = p.k.shape[2]
+        t = k_new.shape[2]
+        pos = q_index if q_index.dim() == 2 else q_index[None].expand(len(self.slots), -1)  # [G, T]
+        rows = self.slots[:, None].expand_as(pos)
+        write_first = p.window is None or t <= length - p.window + 1
+        if write_first:
+            self._write(rows, pos, k_new, v_new, length)
+            return p.k[self.slots], p.v[self.slots], p.index[self.slots]
+        # a chunk longer than the ring's spare room: its early queries need keys it is about to evict
+        keys = torch.cat([p.k[self.slots], k_new], dim=2)
+        values = torch.cat([p.v[self.slots], v_new], dim=2)
+        index = torch.cat([p.index[self.slots], pos], dim=1)
+        keep = min(t, length)
+        self._write(rows[:, t - keep :], pos[:, t - keep :], k_new[:, :, t - keep :], v_new[:, :, t - keep :], length)
+        return keys, values, index
+
+    def _write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor, length: int) -> None:
+        p = self.pool
+        where = pos % length if p.window is not None else pos
+        if p.window is None and int(pos.max()) >= length:
+            raise PoolFullError(f"request exceeds the KV capacity of {length} tokens")
+        p.k[rows, :, where] = k.permute(0, 2, 1, 3)
+        p.v[rows, :, where] = v.permute(0, 2, 1, 3)
+        p.index[rows, where] = pos
+
+
+class RecurrentPool:
+    """fp32 recurrent state [slots, H, K, V] + conv tails [slots, K-1, C] per convolution (GDN: 1, KDA: 3)."""
+
+    def __init__(
+        self, slots: int, heads: int, dk: int, dv: int, conv_channels: list[int], kernel: int, device, dtype
+    ) -> None:
+        self.state = torch.zeros(slots, heads, dk, dv, device=device, dtype=torch.float32)
+        self.conv = [torch.zeros(slots, kernel - 1, c, device=device, dtype=dtype) for c in conv_channels]
+        self.alloc = SlotAllocator(slots)
+
+    def reset(self, slot: int) -> None:
+        self.state[slot] = 0
+        for c in self.conv:
+            c[slot] = 0
+
+    def nbytes_per_slot(self) -> int:
+        return self.state[0].numel() * 4 + sum(c[0].numel() * c.element_size() for c in self.conv)
+
+    def view(self, slots: Tensor, rollback: int = 0) -> RecurrentView:
+        return RecurrentView(self, slots, rollback)
+
+
+class RecurrentView:
+    """Gathered state of a group of requests; ``update`` scatters it back. With ``rollback`` it also keeps the
+    state after each of the call's last tokens, so speculative decoding can return to any of them."""
+
+    def __init__(self, pool: RecurrentPool, slots: Tensor, rollback: int = 0) -> None:
+        self.pool, self.slots, self.rollback = pool, slots, rollback
+        self.state = pool.state[slots]
+        self.conv = [c[slots] for c in pool.conv]
+        self.length = 0
+        self.snapshots: dict[int, tuple[Tensor, list[Tensor]]] = {}
+
+    def update(self, state: Tensor, conv: list[Tensor], t: int) -> None:
+        self.pool.state[self.slots] = state
+        for pool_c, c in zip(self.pool.conv, conv, strict=True):
+            pool_c[self.slots] = c.to(pool_c.dtype)
+        self.length += t
+        if self.rollback:
+            self.snapshots[self.length] = (state, list(conv))
+
+    def record(self, length: int, state: Tensor, conv: list[Tensor]) -> None:
+        if self.rollback:
+            self.snapshots[length] = (state, list(conv))
+
+    def restore_rows(self, consumed: Tensor) -> None:
+        """Set each row's state to the snapshot after ``consumed[g]`` tokens of this call."""
+        keys = sorted(self.snapshots)
+        states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
+        choice = torch.as_tensor([keys.index(int(c)) for c in consumed], device=states.device)
+        rows = torch.arange(len(self.slots), device=states.device)
+        self.pool.state[self.slots] = states[rows, choice]
+        for i, pool_c in enumerate(self.pool.conv):
+            convs = torch.stack([self.snapshots[k][1][i] for k in keys], 1)
+            pool_c[self.slots] = convs[rows, choice].to(pool_c.dtype)

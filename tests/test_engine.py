@@ -1,0 +1,145 @@
+"""The serving engine: mixed-placement batches, continuous batching, speculative decoding, admission."""
+
+import pytest
+import torch
+
+from gearshift.config import SupernetConfig
+from gearshift.model import Supernet
+from gearshift.serve.engine import Engine, QueueFullError, RequestError, SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22], [30, 31, 32, 33, 34, 35], [40], [3, 1, 4, 1, 5, 9]]
+PLACEMENTS = ["FFFF", "SSSS", "GGGG", "KKKK", "FSGK"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = SupernetConfig.tiny(num_layers=4, vocab_size=97, window=6, eos_token_id=None)
+    return Supernet.random(cfg, seed=0, std=0.2).eval()
+
+
+def alone(model, prompt, placement, n):
+    return model.generate([prompt], placement, max_new_tokens=n, eos_token_id=[])[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_mixed_batch_equals_each_request_alone(model, chunk):
+    engine = Engine(model, max_batch=8, prefill_chunk=chunk)
+    params = SamplingParams(max_tokens=12, stop_token_ids=())
+    outs = engine.generate(PROMPTS, PLACEMENTS, params)
+    for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):
+        assert out == alone(model, prompt, placement, 12), placement
+
+
+def test_continuous_batching_with_a_small_batch(model):
+    engine = Engine(model, max_batch=2, prefill_chunk=4)
+    reqs = [
+        engine.submit(p, pl, SamplingParams(max_tokens=6 + i, stop_token_ids=()))
+        for i, (p, pl) in enumerate(zip(PROMPTS, PLACEMENTS, strict=True))
+    ]
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        assert len(engine.running) <= 2
+        steps += 1
+    for i, r in enumerate(reqs):
+        assert r.finished and r.finish_reason == "length"
+        assert r.output == alone(model, r.prompt, PLACEMENTS[i], 6 + i)
+    # every slot went back to its pool
+    assert all(p.alloc.available == p.alloc.n for layer in engine.pools for p in layer.values())
+
+
+def test_pools_hold_only_the_mixers_in_use(model):
+    engine = Engine(model, max_batch=2)
+    req = engine.submit([1, 2, 3], "GGGG", SamplingParams(max_tokens=10, stop_token_ids=()))
+    engine.step()
+    assert set(req.slots) == {(i, "gdn") for i in range(4)}
+    assert engine.pools[0]["attention"].alloc.available == 2
+
+
+@pytest.mark.parametrize("draft", ["GGGG", "KKKK", "SSSS", "GKGS"])
+@pytest.mark.parametrize("target", ["FFFF", "FSGK"])
+def test_speculative_greedy_is_lossless(model, draft, target):
+    engine = Engine(model, max_batch=4, spec_k_max=4)
+    params = SamplingParams(max_tokens=20, stop_token_ids=())
+    reqs = [engine.submit(p, target, params, draft=draft, spec_k=3) for p in PROMPTS[:3]]
+    engine.run()
+    for r in reqs:
+        assert r.output == alone(model, r.prompt, target, 20)
+        assert r.proposed > 0 and r.accepted < r.proposed  # rejections happened: roll-back was exercised
+
+
+def test_speculative_with_itself_accepts_everything(model):
+    engine = Engine(model, max_batch=2, spec_k_max=4)
+    r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=16, stop_token_ids=()), draft="FSGK", spec_k=2)
+    engine.run()
+    assert r.accepted == r.proposed and r.spec_k > 2  # k grew with perfect acceptance
+    assert r.output == alone(model, PROMPTS[0], "FSGK", 16)
+
+
+def test_speculative_sampling_preserves_the_target_distribution():
+    cfg = SupernetConfig.tiny(num_layers=2, vocab_size=6, window=4, eos_token_id=None)
+    model = Supernet.random(cfg, seed=3, std=0.6).eval()
+    prompt, target, draft, temp = [1, 2, 3, 4, 5], "FG", "GG", 1.0
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt]), target)[0, -1].softmax(-1)
+        joint = torch.zeros(6, 6)
+        for a in range(6):
+            p2 = model(torch.tensor([prompt + [a]]), target)[0, -1].softmax(-1)
+            joint[a] = p1[a] * p2
+        q1 = model(torch.tensor([prompt]), draft)[0, -1].softmax(-1)
+    n = 3000
+    engine = Engine(model, max_batch=128, spec_k_max=3, max_queue=n)
+    reqs = [
+        engine.submit(
+            prompt,
+            target,
+            SamplingParams(temperature=temp, max_tokens=2, stop_token_ids=(), seed=s),
+            draft=draft,
+            spec_k=2,
+        )
+        for s in range(n)
+    ]
+    engine.run()
+    counts = torch.zeros(6, 6)
+    for r in reqs:
+        counts[r.output[0], r.output[1]] += 1
+    empirical = counts / n
+    tv = 0.5 * (empirical - joint).abs().sum()
+    assert tv < 0.06, tv
+    assert 0.5 * (p1 - q1).abs().sum() > 0.15  # the draft alone is far from the target: the test has power
+    assert sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
+
+
+def test_request_errors_and_queue_bound(model):
+    engine = Engine(model, max_batch=1, max_queue=2)
+    with pytest.raises(RequestError, match="unknown preset"):
+        engine.submit([1], "turbo")
+    with pytest.raises(RequestError, match="context"):
+        engine.submit([1] * model.config.max_position_embeddings, "FFFF")
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], "FFFF")
+    with pytest.raises(RequestError, match="token ids"):
+        engine.submit([1000], "FFFF")
+    with pytest.raises(RequestError, match="temperature"):
+        engine.submit([1], "FFFF", SamplingParams(temperature=-1))
+    a = engine.submit([1, 2], "FFFF", SamplingParams(max_tokens=50, stop_token_ids=()))
+    engine.submit([1, 2], "FFFF")
+    with pytest.raises(QueueFullError):
+        engine.submit([1, 2], "FFFF")
+    engine.step()  # a is admitted, the queue has room again
+    engine.submit([3], "GGGG")
+    engine.cancel(a)
+    engine.step()
+    assert a.finished and a.finish_reason == "cancelled"
+    engine.run()
+    assert all(p.alloc.available == p.alloc.n for layer in engine.pools for p in layer.values())
+
+
+def test_stop_tokens_and_context_limit(model):
+    engine = Engine(model, max_batch=2, max_context=20)
+    first = alone(model, PROMPTS[0], "FSGK", 3)
+    r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=10, stop_token_ids=(first[2],)))
+    long = engine.submit(PROMPTS[0], "GGGG", SamplingParams(max_tokens=100, stop_token_ids=()))
+    engine.run()
+    assert r.output == first and r.finish_reason == "stop"
+    assert long.finish_reason == "context" and len(long.tokens) == 20
