@@ -1,0 +1,53 @@
+"""`gearshift serve MODEL_DIR`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..model import Supernet
+    from ..train.trainer import _tokenizer
+    from .engine import Engine
+    from .server import create_app
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {
+        "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.dtype]
+    model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
+    tokenizer = _tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer files; the server needs one to read text")
+    engine = Engine(
+        model,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+    )
+    app = create_app(engine, tokenizer, name=args.name, quality_floor=args.quality_floor)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible server: one model id per preset, per-request presets")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default="gearshift", help="model id prefix: NAME, NAME:auto, NAME:<preset>")
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    s.add_argument("--max-context", type=int)
+    s.add_argument("--prefill-chunk", type=int, default=512)
+    s.add_argument("--quality-floor", type=float, help="'auto' never picks a preset predicted below this")
+    s.add_argument("--device")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    s.set_defaults(fn=cmd_serve)
