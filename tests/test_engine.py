@@ -143,3 +143,35 @@ def test_stop_tokens_and_context_limit(model):
     engine.run()
     assert r.output == first and r.finish_reason == "stop"
     assert long.finish_reason == "context" and len(long.tokens) == 20
+
+
+def test_engine_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_mixed.py"
+    out = tmp_path / "e.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--context",
+            "24",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[-1]["batch"] == "mixed" and all(r["tokens_per_s"] > 0 for r in rows)

@@ -1,0 +1,109 @@
+"""Serving engine: decode throughput of mixed-preset batches vs single-preset batches of the same size.
+
+Requests start as if ``context`` tokens had been read (random state in their pool slots: prefilling batches at
+32k would dominate the run), then the engine takes decode steps. For each preset alone and for an even mix of
+all presets, it prints tokens/s and writes JSON. Also times self-speculative decoding per draft preset on a
+real prompt when ``--spec`` is given (acceptance depends on trained weights: use a distilled supernet).
+
+    python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
+    python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gearshift.config import SupernetConfig
+from gearshift.model import Supernet
+from gearshift.report import paper_placement
+from gearshift.serve.engine import Engine, SamplingParams
+from gearshift.serve.pools import AttentionPool, RecurrentPool
+
+from common import device_name, write_json
+
+
+def fill(engine: Engine, req, context: int) -> None:
+    """Give a request's pool slots random state for ``context`` tokens and mark its prompt as read."""
+    gen = torch.Generator(device=engine.device).manual_seed(req.id)
+    for (i, name), slot in req.slots.items():
+        pool = engine.pools[i][name]
+        if isinstance(pool, AttentionPool):
+            length = pool.k.shape[2]
+            held = torch.arange(max(0, context - length), context, device=engine.device)
+            pool.k[slot].normal_(generator=gen)
+            pool.v[slot].normal_(generator=gen)
+            pool.index[slot] = -1
+            pool.index[slot, held % length if pool.window is not None else held] = held
+        elif isinstance(pool, RecurrentPool):
+            pool.state[slot].normal_(0, 0.01, generator=gen)
+    req.tokens = req.prompt + [1] * (context - len(req.prompt))
+    req.prompt = list(req.tokens)  # the synthetic context counts as prompt: max_tokens applies to what follows
+    req.processed = context - 1
+
+
+def decode_rate(engine: Engine, placements: list[str], context: int, steps: int) -> float:
+    params = SamplingParams(max_tokens=steps + 2, stop_token_ids=())
+    reqs = [engine.submit([1, 2], p, params) for p in placements]
+    engine._admit()
+    for r in reqs:
+        fill(engine, r, context)
+    engine.step()  # warm-up
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    for r in reqs:
+        engine.cancel(r)
+    engine.step()
+    return len(reqs) * steps / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["tiny", "apriel-15b"], default="apriel-15b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/engine_mixed.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny CPU shapes: threads cost more than they give
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = SupernetConfig.apriel_15b() if args.shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
+    model = Supernet.random(cfg, device=device, dtype=dtype).eval()
+    n = cfg.num_layers
+    presets = {
+        name: paper_placement(name, n) for name in ("all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")
+    }
+    engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8)
+    rows = []
+    for name, placement in presets.items():
+        rate = decode_rate(engine, [placement] * args.batch, args.context, args.steps)
+        rows.append({"batch": name, "tokens_per_s": rate})
+        print(f"{name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
+    mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
+    rate = decode_rate(engine, mix, args.context, args.steps)
+    # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
+    singles = {r["batch"]: r["tokens_per_s"] for r in rows}
+    reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(args.batch // len(presets)))
+    rows.append(
+        {"batch": "mixed", "tokens_per_s": rate, "single_preset_reference": reference, "slowdown": reference / rate - 1}
+    )
+    print(
+        f"{'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference {reference:.1f}, "
+        f"{100 * (reference / rate - 1):+.1f}%)"
+    )
+    write_json(args.out, {"device": device_name(device), "shape": args.shape, "context": args.context, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
