@@ -20,7 +20,7 @@ from gearshift.place.dp import evaluate
 from gearshift.place.fit import SurrogateFit, fit_table
 from gearshift.place.loop import active_learning
 from gearshift.place.measure import PlacementScorer, load_sequences
-from gearshift.place.optimize import optimize, parse_constraints
+from gearshift.place.optimize import SOURCE, optimize, parse_constraints
 from gearshift.place.presets import pareto_regret_of, write_presets
 from gearshift.place.space import PlaceError, PlacementSpace
 from gearshift.place.stability import compare_tables
@@ -118,6 +118,13 @@ def test_pipeline_measure_fit_cost_optimize_write(workdir, tmp_path, capsys):
     ).read_text()
     report = json.loads((tmp_path / "opt" / "optimize.json").read_text())
     assert len(report["presets"]) == len(made)
+    # a second run replaces the first run's presets (hand-made ones stay), unless --keep-previous
+    code, out, _ = run(["place", "optimize", ckpt, "--fit", fit, "--costs", costs, "--speedups", 0.5, "--write",
+                        "--name-prefix", "again"], capsys)  # fmt: skip
+    assert code == 0 and "removed presets of an earlier" in out
+    second = Supernet.from_pretrained(ckpt)
+    again = [n for n in second.presets if n.startswith("again-")]  # named by the speed-up reached
+    assert not set(made) & set(second.presets) and len(again) == 1 and second.preset_meta[again[0]]["speedup"] >= 0.5
 
     # loop on the same table: one round adds frontier + uncertain placements
     code, out, err = run(
@@ -227,6 +234,9 @@ def test_write_presets_keeps_others_and_validates(tiny_model, tmp_path):
     with pytest.raises(PlaceError, match="exist already"):
         write_presets(tmp_path / "c", {"fast": {"placement": "FFFF"}}, replace=False)
     assert (tmp_path / "c" / "presets.json").read_bytes() == before
+    write_presets(tmp_path / "c", {"old": {"placement": "SSSS", "source": SOURCE}})
+    after = write_presets(tmp_path / "c", {"new": {"placement": "KKKK", "source": SOURCE}}, drop_source=SOURCE)
+    assert sorted(after) == ["fast", "mine", "new"]  # the earlier run's preset is gone, hand-made ones stay
 
 
 def test_pareto_regret_by_hand(tiny_config):

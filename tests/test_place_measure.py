@@ -130,6 +130,9 @@ def test_sequence_selection(tmp_path, tiny_model):
         PlacementScorer(tiny_model, [TokenSequence(np.array([1, 500], dtype=np.uint32), 0)])
     with pytest.raises(PlaceError, match="no sequences"):
         PlacementScorer(tiny_model, [])
+    with pytest.raises(PlaceError, match="reference_topk"):  # 7 tokens x 97 x 4 bytes > 1e-6 GB
+        PlacementScorer(tiny_model, seqs, reference_memory_gb=1e-6)
+    assert PlacementScorer(tiny_model, seqs, reference_memory_gb=1e-6, kl=False, agreement=False).n_tokens == 7
 
 
 def test_resume_skips_done_and_survives_torn_line(tiny_model, shards, tmp_path):

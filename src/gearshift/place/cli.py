@@ -93,6 +93,7 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=64, help="sequences per forward")
     g.add_argument("--reference", help="placement the KL/agreement compare to (default: all-attention)")
     g.add_argument("--reference-topk", type=int, help="keep only the reference's top-k log-probs (KL lower bound)")
+    g.add_argument("--reference-memory-gb", type=float, default=8.0, help="refuse exact references larger than this")
     g.add_argument("--no-kl", action="store_true", help="skip KL to the reference")
     g.add_argument("--no-agreement", action="store_true", help="skip next-token agreement with the reference")
     g.add_argument(
@@ -120,6 +121,7 @@ def _scorer(args: argparse.Namespace, model):
         batch_tokens=args.batch_tokens,
         max_batch=args.max_batch,
         extra_metrics=_extra_metrics(args.extra_metric),
+        reference_memory_gb=args.reference_memory_gb,
     )
 
 
@@ -287,7 +289,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from .costs import fit_regression, modelled_costs, timed_costs, whole_model_times
+    from .costs import device_name, fit_regression, modelled_costs, timed_costs, whole_model_times
     from .selection import stratified
     from .space import PlacementSpace
 
@@ -325,9 +327,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
             log=_log,
         )
         meta = {k: additive.metadata[k] for k in ("batch", "context", "space")}
-        meta.update(
-            unit="ms", what="decode step", source="whole-model regression", device=str(device), dtype=str(dtype)
-        )
+        meta.update(unit="ms", what="decode step", source="whole-model regression", device=device_name(device))
+        meta["dtype"] = str(dtype).removeprefix("torch.")
         meta["measured"] = [{"placement": p, "ms": float(t)} for p, t in zip(done, times, strict=True)]
         overhead = float(additive.metadata["overhead"]) if not args.modelled else None
         regression, report = fit_regression(
@@ -359,9 +360,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_presets
     from .costs import state_bytes_table
     from .fit import SurrogateFit
-    from .optimize import optimize
+    from .optimize import SOURCE, optimize
     from .presets import pareto_regret_of, write_presets
     from .space import PlaceError, PlacementSpace
 
@@ -411,8 +413,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         _optimize_outputs(Path(args.out), result, fit, costs, space, measured if args.table else None, args)
     if args.write:
         entries = {p.name: {"placement": p.placement, **p.meta(fit, costs)} for p in result.presets}
-        write_presets(args.model, entries)
+        before = set(read_presets(args.model))
+        after = write_presets(args.model, entries, drop_source=None if args.keep_previous else SOURCE)
+        dropped = sorted(before - set(after))
         print(f"wrote {len(entries)} presets to {Path(args.model) / 'presets.json'}")
+        if dropped:
+            print(f"removed presets of an earlier 'place optimize' run: {', '.join(dropped)}")
     return 0
 
 
@@ -573,6 +579,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--name-prefix", help="preset names PREFIX-<speed-up>x (default: the metric)")
     s.add_argument("--cost-resolution", type=float, help="DP cost grid step (default: span / ~1000)")
     s.add_argument("--write", action="store_true", help="add the presets to MODEL/presets.json (weights untouched)")
+    s.add_argument("--keep-previous", action="store_true", help="keep presets an earlier optimize run wrote")
     s.add_argument("--out", help="directory for frontier.png, frontier.html and optimize.json")
     s.add_argument("--table", help="measured placements: Pareto regret of measured presets, points in the plots")
     s.add_argument("--data", help="with --table: measure the presets not in the table first")

@@ -105,6 +105,7 @@ class PlacementScorer:
         batch_tokens: int = 4096,
         max_batch: int = 64,
         extra_metrics: Mapping[str, PlacementMetric] | None = None,
+        reference_memory_gb: float = 8.0,
     ) -> None:
         if not sequences:
             raise PlaceError("no sequences to score placements on")
@@ -116,7 +117,7 @@ class PlacementScorer:
         self.space = PlacementSpace.from_config(model.config)
         if reference is None:
             reference = self.space.reference_placement() or model.config.default_placement
-        self.reference = self._resolve(reference)
+        self.reference = model.resolve(reference)
         self.kl = kl
         self.agreement = agreement
         self.reference_topk = reference_topk
@@ -140,15 +141,15 @@ class PlacementScorer:
         self.n_tokens = sum(int(b.targets.numel()) for b in self._batches)
         if self.n_tokens == 0:
             raise PlaceError("the sequences hold no token to score (prompts cover everything)")
+        kept = vocab if reference_topk is None else min(reference_topk, vocab)
+        need = self.n_tokens * kept * (4 if reference_topk is None else 12) / 1e9  # fp32 values (+ int64 indices)
+        if (kl or agreement) and need > reference_memory_gb:
+            raise PlaceError(
+                f"the reference log-probs of {self.n_tokens} tokens x {kept} would take {need:.1f} GB on "
+                f"{model.device} (limit {reference_memory_gb} GB): pass reference_topk (e.g. 256), score fewer "
+                "sequences, or raise reference_memory_gb"
+            )
         self._reference_cache: list[tuple[Tensor, Tensor | None]] | None = None
-
-    # ------------------------------------------------------------------ set-up
-    def _resolve(self, placement: str | Sequence[str]) -> Placement:
-        if isinstance(placement, str) and placement not in self.model.presets:
-            letters = placement.strip().upper()
-            if set(letters) <= set("FSKG") and len(letters) == self.space.n_layers:
-                self.space.check(letters)  # a clear message before the model's own check
-        return self.model.resolve(placement)
 
     def _pack(self, sequences: Sequence[TokenSequence], batch_tokens: int, max_batch: int) -> list[_Batch]:
         """Longest first, so each batch pads little; row order does not change any metric (token sums)."""
@@ -223,7 +224,7 @@ class PlacementScorer:
 
     def score(self, placement: str | Sequence[str]) -> dict[str, float]:
         """Metrics of one placement (letters, mixer names or a preset), plus ``tokens`` and ``seconds``."""
-        resolved = self._resolve(placement)
+        resolved = self.model.resolve(placement)
         start = time.perf_counter()
         refs = self._reference() if (self.kl or self.agreement) else None
         loglik = kl = agree = 0.0

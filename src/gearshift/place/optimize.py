@@ -20,7 +20,9 @@ from .dp import Solution, diverse, pareto_frontier
 from .fit import SurrogateFit
 from .space import PlaceError, PlacementSpace
 
-__all__ = ["Constraints", "OptimizeResult", "Preset", "choose_presets", "optimize", "parse_constraints"]
+__all__ = ["SOURCE", "Constraints", "OptimizeResult", "Preset", "choose_presets", "optimize", "parse_constraints"]
+
+SOURCE = "gearshift place optimize"  # the 'source' of presets this module writes (a re-run replaces them)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Preset:
             "speedup": self.speedup,
             "context": costs.metadata.get("context"),
             "batch": costs.metadata.get("batch"),
-            "source": "gearshift place optimize",
+            "source": SOURCE,
         }
         if self.memory_gb is not None:
             out["state_memory_gb"] = self.memory_gb

@@ -28,11 +28,16 @@ __all__ = ["pareto_regret_of", "write_presets"]
 
 
 def write_presets(
-    checkpoint: str | Path, presets: Mapping[str, Mapping[str, Any]], *, replace: bool = True
+    checkpoint: str | Path,
+    presets: Mapping[str, Mapping[str, Any]],
+    *,
+    replace: bool = True,
+    drop_source: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Add ``presets`` (name -> {"placement": ..., **metadata}) to a checkpoint's presets.json.
 
-    Existing presets with other names are kept; one with the same name is replaced (``replace=False`` raises
+    Existing presets with other names are kept, except those whose ``source`` metadata equals ``drop_source``
+    (the previous run of the same search); one with the same name is replaced (``replace=False`` raises
     instead). Returns the file's new ``presets`` mapping.
     """
     import torch
@@ -47,7 +52,7 @@ def write_presets(
         raise PlaceError(f"{path}: presets {clash} exist already")
     with torch.device("meta"):
         shadow = Supernet(config)  # no weights: only the placement and name rules are needed
-    merged = dict(existing)
+    merged = {n: e for n, e in existing.items() if drop_source is None or e.get("source") != drop_source}
     for name, entry in presets.items():
         if "placement" not in entry:
             raise PlaceError(f"preset {name!r} has no 'placement'")

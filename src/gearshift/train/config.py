@@ -45,6 +45,9 @@ class OptimConfig:
     activation_checkpointing: bool = False
     train: str = "mixers"  # mixers: only mixer parameters; all: everything
     frozen_mixers: list[str] = field(default_factory=lambda: ["attention"])
+    # learning-rate multipliers per mixer name: copies of the teacher (attention, sliding_window) start near
+    # their optimum and want small steps, mixers initialised from scratch-like states (gdn, kda) larger ones
+    mixer_lr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,6 +110,8 @@ class TrainConfig:
             problems.append("sampler.predefined_prob must lie in [0, 1]")
         if self.optim.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"optim.dtype: {self.optim.dtype!r} is not auto, float32 or bfloat16")
+        if any(v <= 0 for v in self.optim.mixer_lr.values()):
+            problems.append("optim.mixer_lr multipliers must be > 0")
         if self.optim.train not in ("mixers", "all"):
             problems.append(f"optim.train: {self.optim.train!r} is not mixers or all")
         for name in ("steps", "batch_size", "grad_accum"):

@@ -96,10 +96,14 @@ class Trainer:
         if not self.trainable:
             raise ValueError("no trainable parameters: check optim.train and optim.frozen_mixers")
         self._keys = {".".join(n.split(".")[:7]) + "." for n in self.trainable}  # model.decoder.blocks.i.mixer.mixers.x
-        decay = [p for n, p in self.trainable.items() if p.dim() >= 2]
-        no_decay = [p for n, p in self.trainable.items() if p.dim() < 2]
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for n, p in self.trainable.items():
+            parts = n.split(".")
+            mixer = parts[parts.index("mixers") + 1] if "mixers" in parts else None
+            key = (o.lr * o.mixer_lr.get(mixer, 1.0), o.weight_decay if p.dim() >= 2 else 0.0)  # no decay on gains
+            groups.setdefault(key, []).append(p)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())],
             lr=o.lr,
             betas=o.betas,
         )

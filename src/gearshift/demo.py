@@ -1,0 +1,189 @@
+"""`gearshift demo`: the product end to end on an embedded tiny teacher, in about a minute on a CPU.
+
+teacher (a small Llama built here, with a word-level tokenizer) -> Apriel2 supernet -> exact incremental decoding
+for every placement -> teacher traces -> stochastic distillation (KL to the teacher per placement, before and
+after) -> presets and thinning -> the serving engine (one batch mixing presets, self-speculative decoding) ->
+modelled costs of the paper's presets at the 15B shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import thin
+from .config import SupernetConfig
+from .model import Supernet
+from .report import PAPER_PRESETS, format_reports, paper_placement, placement_report
+
+VOCAB = 256
+SPECIAL = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>", "<system>", "<end>"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0 .. wN`` with a chat template (no download needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    return fast
+
+
+def tiny_teacher():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper than the default init, so that mixers differ measurably
+        for name, p in model.named_parameters():
+            if "proj" in name or "embed" in name:
+                p.normal_(0, 0.15)
+    return model
+
+
+def run(out: str | Path, *, steps: int = 120) -> bool:
+    from .serve.engine import Engine, SamplingParams
+    from .train.config import config_from_dict
+    from .train.convert import convert_teacher
+    from .train.traces import Prompt, generate_traces
+    from .train.trainer import Trainer
+
+    torch.set_num_threads(1)  # tiny shapes: threads cost more than they give
+    out = Path(out)
+    t0 = time.perf_counter()
+    teacher, tok = tiny_teacher(), tiny_tokenizer()
+    model = convert_teacher(teacher, window=16)
+    model.save_pretrained(out / "supernet")
+    tok.save_pretrained(out / "supernet")
+    loaded = Supernet.from_pretrained(out / "supernet")
+    ids = torch.randint(len(SPECIAL), VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher_gap = float((loaded(ids, "all-attention") - teacher(ids).logits).abs().max())
+    n = model.config.num_layers
+    print(
+        f"1. converted a {n}-layer Llama teacher into a supernet ({loaded.num_parameters(all_mixers=True) / 1e6:.2f}M "
+        f"parameters, 4 mixers per layer): all-attention vs teacher max |logit diff| {teacher_gap:.1e}"
+    )
+
+    print("\n2. exact incremental decoding (prefill 17, 1, then 22 tokens vs one full forward):")
+    worst = 0.0
+    for p in ["all-attention", "all-sliding_window", "all-gdn", "all-kda", "FSGK", "GKSF"]:
+        with torch.no_grad():
+            full = loaded(ids, p)
+            cache = loaded.new_cache(2, p)
+            parts = [loaded(ids[:, s : s + k], cache=cache) for s, k in ((0, 17), (17, 1), (18, 22))]
+            diff = float((torch.cat(parts, 1) - full).abs().max())
+        worst = max(worst, diff)
+        print(f"   {p:<20} max |diff| {diff:.1e}, cache {cache.nbytes() / 1024:.1f} KiB")
+
+    rng = torch.Generator().manual_seed(2)
+    prompts = [
+        Prompt(text=" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 7, (4,), generator=rng)))
+        for _ in range(160)
+    ]
+    stats = generate_traces(loaded, tok, prompts, out / "traces", max_new_tokens=40, batch_size=32, temperature=1.0)
+    print(
+        f"\n3. teacher traces: {stats['new_sequences']} sequences, {stats['generated_tokens']} tokens "
+        f"({stats['tokens_per_s']:.0f} tok/s)"
+    )
+
+    evals = ["all-attention", "all-sliding_window", "all-gdn", "all-kda", "FSGK"]
+    cfg = config_from_dict(
+        {
+            "model": str(out / "supernet"),
+            "output": str(out / "distill"),
+            "data": {"train": [str(out / "traces")], "seq_len": 32, "eval_sequences": 24},
+            "optim": {"steps": steps, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "dtype": "float32"},
+            "sampler": {"kind": "uniform"},
+            "eval": {"every": 0, "placements": evals},
+            "checkpoint": {"every": steps},
+            "log_every": 10,
+        }
+    )
+    trainer = Trainer(cfg, device="cpu", log=lambda *a, **k: None)
+    before = trainer.evaluate()
+    trainer.run()
+    after = trainer.evaluate()
+    print(f"\n4. stochastic distillation, {steps} steps (KL to the teacher on held-out traces, before -> after):")
+    for p in evals:
+        print(
+            f"   {p:<20} {before[p]['kl']:.4f} -> {after[p]['kl']:.4f}   "
+            f"top-1 agreement {before[p]['agreement']:.2f} -> {after[p]['agreement']:.2f}"
+        )
+
+    student = Supernet.from_pretrained(out / "distill" / "final")
+    student.add_preset("quality", "FFSF", note="attention-heavy")
+    student.add_preset("balanced", "FSGK")
+    student.add_preset("fast", "GGKG")
+    student.save_pretrained(out / "distill" / "final")
+    thin(student, ["quality", "fast"], out / "thinned")
+    thinned = Supernet.from_pretrained(out / "thinned")
+    print(
+        f"\n5. presets {sorted(student.presets)}; thinned to quality+fast: "
+        f"{thinned.num_parameters(all_mixers=True) / 1e6:.2f}M parameters (from "
+        f"{student.num_parameters(all_mixers=True) / 1e6:.2f}M)"
+    )
+
+    engine = Engine(student, max_batch=8)
+    params = SamplingParams(max_tokens=12, stop_token_ids=())
+    prompts_ids = [tok(p.text)["input_ids"] for p in prompts[:4]]
+    reqs = [
+        engine.submit(p, preset, params)
+        for p, preset in zip(prompts_ids, ["quality", "balanced", "fast", "all-kda"], strict=True)
+    ]
+    spec = engine.submit(prompts_ids[0], "quality", params, draft="fast", spec_k=3)
+    engine.run()
+    mixed_ok = all(
+        r.output
+        == student.generate([r.prompt], r.placement, max_new_tokens=12, eos_token_id=[])[0, len(r.prompt) :].tolist()
+        for r in reqs
+    )
+    print(
+        f"\n6. engine: one batch mixing 4 presets, each request identical to running alone: {mixed_ok}; "
+        f"speculative (quality verifies, fast drafts) identical to plain: {spec.output == reqs[0].output}, "
+        f"acceptance {spec.acceptance:.2f}"
+    )
+
+    print("\n7. modelled decode cost of the paper's presets on the 15B-shaped supernet, 32k context, batch 64 (H200):")
+    big = SupernetConfig.apriel_15b()
+    print(
+        format_reports(
+            [placement_report(big, paper_placement(name), context=32768, batch=64) for name in PAPER_PRESETS]
+        )
+    )
+    ok = worst < 1e-3 and teacher_gap < 1e-3 and mixed_ok and spec.output == reqs[0].output
+    summary = {
+        "exact_decoding_worst": worst,
+        "teacher_gap": teacher_gap,
+        "kl_before": before,
+        "kl_after": after,
+        "engine_mixed_ok": mixed_ok,
+        "spec_acceptance": spec.acceptance,
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nall checks passed: {ok} ({summary['seconds']:.0f} s; summary in {out / 'summary.json'})")
+    return ok
