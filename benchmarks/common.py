@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gearshift.cache import synthetic_cache  # noqa: E402, F401 - re-exported for the scripts
+from gearshift.timing import median_seconds as time_it  # noqa: E402, F401 - re-exported for the scripts
 
 
 def device_name(device: torch.device) -> str:
@@ -26,27 +25,6 @@ def device_name(device: torch.device) -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_it(fn: Callable[[], object], device: torch.device, iters: int = 10, warmup: int = 2) -> float:
-    """Median seconds per call of ``fn`` (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def write_json(path: str | Path, payload: dict) -> None:

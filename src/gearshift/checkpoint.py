@@ -528,16 +528,20 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def preset_entry(placement: Sequence[str], config: SupernetConfig, meta: Mapping[str, Any] | None = None) -> dict:
+    """The presets.json form of one resolved placement: its metadata, mixer names and letter string."""
+    return {**(meta or {}), "placement": list(placement), "letters": placement_letters(placement, config)}
+
+
 def _preset_entries(model, presets: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     if presets is None:
         presets = {name: {**model.preset_meta.get(name, {}), "placement": p} for name, p in model.presets.items()}
     out = {}
     for name, entry in presets.items():
         info = dict(entry) if isinstance(entry, Mapping) else {"placement": entry}
-        placement = resolve_placement(info["placement"], model.config, model.presets)
-        info["placement"] = list(placement)
-        info["letters"] = placement_letters(placement, model.config)
-        out[name] = info
+        placement = resolve_placement(info.pop("placement"), model.config, model.presets)
+        info.pop("letters", None)
+        out[name] = preset_entry(placement, model.config, info)
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from ..config import LayerConfig, SupernetConfig
 from ..report import H200_BANDWIDTH, placement_report
+from ..timing import median_seconds
 from .cost_model import AdditiveCost, RegressionCost, load_cost_model
 from .dp import placement_cost
 from .space import PlaceError, PlacementSpace
@@ -53,26 +53,6 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()})"
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median seconds per call (CUDA events on GPU, so only device time is counted)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 # ---------------------------------------------------------------------------------------------- layer shapes

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import PRESETS_NAME, read_config, read_presets
+from ..checkpoint import PRESETS_NAME, preset_entry, read_config, read_presets
 from ..data.tokens import atomic_write_json
-from ..placement import placement_letters
 from .costs import CostTerms
 from .metrics import pareto_regret
 from .space import PlaceError, PlacementSpace
@@ -59,7 +58,7 @@ def write_presets(
         meta = {k: v for k, v in entry.items() if k not in ("placement", "letters")}
         shadow.add_preset(name, entry["placement"], **meta)
         placement = shadow.presets[name]
-        merged[name] = {**meta, "placement": list(placement), "letters": placement_letters(placement, config)}
+        merged[name] = preset_entry(placement, config, meta)
     atomic_write_json(path / PRESETS_NAME, {"presets": merged})
     return merged
 
