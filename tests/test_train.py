@@ -140,27 +140,26 @@ def test_two_processes_match_one(workdir, tmp_path):
     two = tmp_path / "two.json"
     two.write_text(json.dumps({**base, "output": str(tmp_path / "two"), "optim": {**base["optim"], "batch_size": 2}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    run = [sys.executable, "-m", "gearshift.cli", "distill"]
-    subprocess.run([*run, str(one), "--device", "cpu"], check=True, env=env, capture_output=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "gearshift.cli",
-            "distill",
-            str(two),
-            "--device",
-            "cpu",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
+
+    def run(*args):
+        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("-m", "gearshift.cli", "distill", str(one), "--device", "cpu")
+    port = str(_free_port())
+    run(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        "-m",
+        "gearshift.cli",
+        "distill",
+        str(two),
+        "--device",
+        "cpu",
     )
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
@@ -170,6 +169,14 @@ def test_two_processes_match_one(workdir, tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_sft_masks_non_assistant_tokens(workdir, tmp_path):

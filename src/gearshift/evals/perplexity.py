@@ -3,7 +3,7 @@
 A shard sequence's first ``prompt_len`` tokens are context only: for teacher traces this scores the teacher's
 completion given its prompt (the paper's placement-quality target is the mean log-likelihood of teacher traces);
 for plain text (``prompt_len`` 0) every token but the first is scored. Sequences longer than the model's context
-are scored in rolling windows, so every completion token is scored exactly once.
+are scored in rolling windows (``scoring.rolling_spans``), every scored token exactly once.
 """
 
 from __future__ import annotations

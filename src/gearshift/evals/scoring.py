@@ -41,9 +41,10 @@ class SpanScore:
 def rolling_spans(tokens: Sequence[int], start: int, max_length: int, stride: int | None = None) -> list[Span]:
     """Windows that score ``tokens[start:]`` exactly once with at most ``max_length`` input tokens each.
 
-    Each window predicts up to ``stride`` new tokens (default ``max_length``) and fills the rest of its input
-    with the tokens just before them, so later windows keep as much context as fits (lm-eval's rolling
-    log-likelihood with ``stride = max_length``; a smaller stride buys more context per token with more compute).
+    Each window predicts up to ``stride`` new tokens and fills the rest of its input with the tokens just before
+    them. The default ``stride = max_length`` is lm-eval's rolling log-likelihood (a token sees the history inside
+    its own window; the last window is filled up to full context); a smaller stride guarantees every token at
+    least ``max_length - stride`` tokens of history, at ``max_length / stride`` times the compute.
     """
     stride = max_length if stride is None else stride
     if not 1 <= stride <= max_length:
@@ -187,9 +188,9 @@ class Scorer:
                 lp = logits.log_softmax(-1).gather(-1, tgt_t[sl, None])[:, 0]
                 logprob.index_add_(0, row_t[sl], lp.double())
                 misses.index_add_(0, row_t[sl], (logits.argmax(-1) != tgt_t[sl]).long())
-            for r, i in enumerate(batch):
+            for i, lp_sum, miss in zip(batch, logprob.tolist(), misses.tolist(), strict=True):  # one device sync
                 tokens, start = spans[i]
-                results[i] = SpanScore(float(logprob[r]), len(tokens) - start, int(misses[r]) == 0)
+                results[i] = SpanScore(lp_sum, len(tokens) - start, miss == 0)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ text
