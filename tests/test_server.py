@@ -134,7 +134,7 @@ def test_auto_speculative_stop_and_metrics(server, model_and_tok):
         ("/v1/completions", {"model": "gs", "prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"model": "gs", "prompt": "w1", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"model": "gs", "prompt": "w1", "n": 2}, 400, "n=1"),
-        ("/v1/completions", {"model": "gs", "prompt": "w1 " * 300}, 400, "context"),
+        ("/v1/completions", {"model": "gs", "prompt": "w1 " * 600}, 400, "context"),
         ("/v1/completions", {"model": "gs", "prompt": "w1", "placement": "FX"}, 400, "unknown preset or placement"),
         ("/v1/chat/completions", {"model": "gs", "messages": []}, 400, "messages"),
     ],

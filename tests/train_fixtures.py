@@ -3,52 +3,20 @@
 from pathlib import Path
 
 import numpy as np
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gearshift.data.tokens import TokenShardWriter
+from gearshift.demo import SPECIAL, tiny_teacher, tiny_tokenizer
 from gearshift.train.convert import convert_teacher
 
-SPECIAL = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>", "<system>", "<end>"]
 VOCAB = 64
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    words = SPECIAL + [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+def tokenizer():
+    return tiny_tokenizer(VOCAB)
 
 
-def teacher(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        eos_token_id=2,
-        pad_token_id=1,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # a sharper teacher than the default init, so KL gaps are clearly measurable
-        for name, p in model.named_parameters():
-            if "proj" in name or "embed" in name:
-                p.normal_(0, 0.25)
-    return model
+def teacher(seed: int = 0):
+    return tiny_teacher(VOCAB, hidden=32, layers=2, std=0.25, seed=seed)
 
 
 def supernet_dir(path: Path, window: int = 8) -> Path:

@@ -49,6 +49,7 @@ SIDE_FILES = (
     "generation_config.json",
 )
 IGNORED_PREFIXES = ("model.vision_encoder.", "model.multi_modal_projector.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class CheckpointError(ValueError):
@@ -579,3 +580,27 @@ def thin(
         if all(placement[i] in keep[i] for i in range(cfg.num_layers)):
             thinned.add_preset(name, placement, **model.preset_meta.get(name, {}))
     save(thinned, path, copy_from=copy_from, **save_kwargs)
+
+
+def load_tokenizer(path: str | Path):
+    """The Hugging Face tokenizer stored with a checkpoint (it travels with it from ``gearshift convert``), or None
+    when the directory holds no tokenizer files."""
+    directory = Path(path)
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json, sees the unknown model type apriel2_text and warns
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def token_ids(encoded) -> list[int]:
+    """Token ids from a tokenizer's output: a list, or (transformers 5, chat templates) an encoding with input_ids."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return [int(x) for x in encoded]

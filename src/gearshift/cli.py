@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .checkpoint import CheckpointError, read_presets, save, thin
+from .checkpoint import CheckpointError, load_tokenizer, read_presets, save, thin
 from .config import ConfigError, SupernetConfig
 from .placement import PlacementError, placement_letters
 
@@ -89,14 +89,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args.model, args.device, args.dtype)
-    tokenizer = None
+    tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
     if args.prompt is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except Exception as exc:  # noqa: BLE001
-            print(f"error: --prompt needs a tokenizer in {args.model} ({exc}); pass --ids instead", file=sys.stderr)
+        if tokenizer is None:
+            print(f"error: --prompt needs a tokenizer in {args.model}; pass --ids instead", file=sys.stderr)
             return 2
         ids = [tokenizer(args.prompt)["input_ids"]]
     elif args.ids:

@@ -23,12 +23,12 @@ VOCAB = 256
 SPECIAL = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>", "<system>", "<end>"]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(vocab: int = VOCAB):
     """A word-level tokenizer over ``w0 .. wN`` with a chat template (no download needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = SPECIAL + [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
+    words = SPECIAL + [f"w{i}" for i in range(vocab - len(SPECIAL))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
@@ -39,28 +39,31 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_teacher():
+def tiny_teacher(vocab: int = VOCAB, hidden: int = 64, layers: int = 4, std: float = 0.15, seed: int = 0):
+    """A small random Llama (token 2 = EOS, 1 = padding, tied embeddings), sharper than the default init so
+    that mixers differ measurably."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64,
+        hidden_size=hidden,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        vocab_size=VOCAB,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
         max_position_embeddings=512,
+        rms_norm_eps=1e-5,
         eos_token_id=2,
         pad_token_id=1,
         bos_token_id=None,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharper than the default init, so that mixers differ measurably
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "proj" in name or "embed" in name:
-                p.normal_(0, 0.15)
+                p.normal_(0, std)
     return model
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import TOKENIZER_FILES, token_ids
+from ..checkpoint import load_tokenizer as load_checkpoint_tokenizer
 from .errors import EvalError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -55,22 +55,20 @@ def _accepts(fn: Callable[..., Any], kwarg: str) -> bool:
     return kwarg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _ids(out: Any) -> list[int]:
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
-
-
 def as_codec(tokenizer: Any) -> TextCodec:
     """Wrap a tokenizer-like object: anything with ``encode``/``decode`` (HF tokenizers included) or a callable."""
     if isinstance(tokenizer, TextCodec):
         return tokenizer
     encode = getattr(tokenizer, "encode", None)
     if encode is not None:
-        enc = (lambda t: _ids(encode(t, add_special_tokens=False))) if _accepts(encode, "add_special_tokens") else None
-        enc = enc or (lambda t: _ids(encode(t)))
+        enc = (
+            (lambda t: token_ids(encode(t, add_special_tokens=False)))
+            if _accepts(encode, "add_special_tokens")
+            else None
+        )
+        enc = enc or (lambda t: token_ids(encode(t)))
     elif callable(tokenizer):
-        enc = lambda t: _ids(tokenizer(t))  # noqa: E731
+        enc = lambda t: token_ids(tokenizer(t))  # noqa: E731
     else:
         raise EvalError(f"{type(tokenizer).__name__} is not a tokenizer: it needs encode(text) or to be callable")
     decode = getattr(tokenizer, "decode", None)
@@ -97,10 +95,11 @@ def load_tokenizer(model_dir: str | Path, spec: str | None = None) -> TextCodec:
             "(a tokenizer directory) or --tokenizer bytes (byte-level ids 0..255)"
         )
     try:
-        from transformers import AutoTokenizer
+        tokenizer = load_checkpoint_tokenizer(source)
     except ImportError as exc:
         raise EvalError(f"reading the tokenizer in {source} needs transformers ({exc})") from None
-    try:
-        return as_codec(AutoTokenizer.from_pretrained(str(source)))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable tokenizers
         raise EvalError(f"cannot load a tokenizer from {source}: {exc}") from None
+    if tokenizer is None:
+        raise EvalError(f"{source} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return as_codec(tokenizer)

@@ -10,8 +10,8 @@ import torch
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..checkpoint import load_tokenizer
     from ..model import Supernet
-    from ..train.trainer import _tokenizer
     from .engine import Engine
     from .server import create_app
 
@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bfloat16": torch.bfloat16,
     }[args.dtype]
     model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; the server needs one to read text")
     engine = Engine(

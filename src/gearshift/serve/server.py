@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from ..checkpoint import token_ids
 from ..placement import placement_letters
 from .engine import Engine, QueueFullError, Request, RequestError, SamplingParams
 from .policy import AutoPolicy
@@ -401,9 +402,7 @@ def create_app(
         ):
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects")
         try:
-            from ..train.data import template_ids
-
-            ids = template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            ids = token_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
         except Exception as exc:  # noqa: BLE001 - template errors come from jinja
             raise ApiError(400, f"cannot apply the chat template: {exc}") from None
         return await run_text(body, ids, request, "chat")

@@ -32,14 +32,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_traces(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_tokenizer
     from ..model import Supernet
     from .traces import generate_traces, read_prompts
-    from .trainer import _tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; convert the teacher with `gearshift convert` first")
     prompts = read_prompts(args.prompts)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import token_ids
 from ..data.tokens import INDEX, ShardError, TokenShards
 
 
@@ -88,13 +89,6 @@ def _from_text(
         yield np.asarray(ids), np.ones(len(ids), dtype=bool)
 
 
-def template_ids(rendered) -> list[int]:
-    """Token ids from ``apply_chat_template(tokenize=True)``, which returns a list or (transformers 5) an encoding."""
-    if hasattr(rendered, "keys") and "input_ids" in rendered:
-        rendered = rendered["input_ids"]
-    return [int(x) for x in rendered]
-
-
 def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """Tokens of a conversation and, per token, whether it belongs to an assistant turn (SFT trains on those)."""
     ids: list[int] = []
@@ -102,7 +96,7 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]
     for i, msg in enumerate(messages):
         if msg.get("role") not in ("system", "user", "assistant", "tool"):
             raise DataError(f"chat message {i}: unknown role {msg.get('role')!r}")
-        full = template_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        full = token_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
         if full[: len(ids)] != ids:
             raise DataError("the chat template does not render conversations incrementally; cannot mask turns")
         new = full[len(ids) :]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import token_ids
 from ..data.tokens import TokenShardWriter
-from .data import template_ids
 
 
 class PromptError(ValueError):
@@ -65,7 +65,7 @@ def read_prompts(paths: Sequence[str | Path]) -> list[Prompt]:
 def encode_prompt(prompt: Prompt, tokenizer, chat: bool) -> list[int]:
     if prompt.messages is not None or chat:
         messages = prompt.messages or [{"role": "user", "content": prompt.text}]
-        return template_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return token_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     return list(tokenizer(prompt.text)["input_ids"])
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import load_tokenizer
 from ..model import Supernet
 from ..placement import placement_letters
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -65,7 +66,7 @@ class Trainer:
         if self.teacher.config.num_layers != self.student.config.num_layers:
             raise ValueError("teacher and student have different numbers of layers")
 
-        tokenizer = _tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
         eos = self.student.config.eos_ids()[0] if self.student.config.eos_ids() else None
         d = cfg.data
         kw = dict(tokenizer=tokenizer, eos=eos, chat=d.chat, skip_prompt=cfg.mode == "sft")
@@ -356,18 +357,3 @@ class Trainer:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _tokenizer(path: str):
-    directory = Path(path)
-    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # it reads config.json, sees an unknown model type and warns; harmless here
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    finally:
-        hf_logging.set_verbosity(level)
