@@ -251,6 +251,7 @@ def main() -> None:
                 "lr": args.lr,
                 "warmup_steps": 20 if not args.tiny else 1,
                 "min_lr_ratio": 0.1,
+                "mixer_lr": {"sliding_window": 0.1},
             },
             "sampler": {"kind": "uniform"},
             "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},

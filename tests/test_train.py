@@ -104,6 +104,14 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
+def test_time_budget_stops_and_saves(workdir, tmp_path):
+    trainer = Trainer(config(workdir, tmp_path, optim__steps=50, optim__max_minutes=1e-6), device="cpu")
+    trainer.run()
+    assert trainer.step == 1  # stopped after the first step ran over its (tiny) budget
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "step-0000001.pt").exists()  # and checkpointed where it stopped
+
+
 def test_full_options_run(workdir, tmp_path):
     """Sandwich + full_layout + gradient accumulation + activation checkpointing + eval + SFT-style CE."""
     cfg = config(

@@ -105,9 +105,9 @@ def run(out: str | Path, *, steps: int = 120) -> bool:
     rng = torch.Generator().manual_seed(2)
     prompts = [
         Prompt(text=" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 7, (4,), generator=rng)))
-        for _ in range(160)
+        for _ in range(400)
     ]
-    stats = generate_traces(loaded, tok, prompts, out / "traces", max_new_tokens=40, batch_size=32, temperature=1.0)
+    stats = generate_traces(loaded, tok, prompts, out / "traces", max_new_tokens=48, batch_size=64, temperature=1.0)
     print(
         f"\n3. teacher traces: {stats['new_sequences']} sequences, {stats['generated_tokens']} tokens "
         f"({stats['tokens_per_s']:.0f} tok/s)"
@@ -118,8 +118,16 @@ def run(out: str | Path, *, steps: int = 120) -> bool:
         {
             "model": str(out / "supernet"),
             "output": str(out / "distill"),
-            "data": {"train": [str(out / "traces")], "seq_len": 32, "eval_sequences": 24},
-            "optim": {"steps": steps, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "dtype": "float32"},
+            "data": {"train": [str(out / "traces")], "seq_len": 32, "eval_sequences": 48},
+            "optim": {
+                "steps": steps,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "warmup_steps": 5,
+                "dtype": "float32",
+                # sliding window starts as a copy of the teacher's attention: small steps keep it there
+                "mixer_lr": {"sliding_window": 0.05},
+            },
             "sampler": {"kind": "uniform"},
             "eval": {"every": 0, "placements": evals},
             "checkpoint": {"every": steps},
