@@ -1,7 +1,9 @@
-"""Timing a callable on CPU or GPU: warm-up, then the median of timed calls (CUDA events on GPU)."""
+"""Timing a callable on CPU or GPU (warm-up, then the median of timed calls; CUDA events on GPU) and naming
+the device the figures came from."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 
@@ -27,3 +29,10 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, w
             fn()
             times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"

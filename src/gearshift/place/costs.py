@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from ..config import LayerConfig, SupernetConfig
 from ..report import H200_BANDWIDTH, placement_report
-from ..timing import median_seconds
+from ..timing import device_name, median_seconds
 from .cost_model import AdditiveCost, RegressionCost, load_cost_model
 from .dp import placement_cost
 from .space import PlaceError, PlacementSpace
@@ -46,13 +45,6 @@ __all__ = [
     "timed_costs",
     "whole_model_times",
 ]
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 # ---------------------------------------------------------------------------------------------- layer shapes
