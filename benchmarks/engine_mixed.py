@@ -2,8 +2,8 @@
 
 Requests start as if ``context`` tokens had been read (random state in their pool slots: prefilling batches at
 32k would dominate the run), then the engine takes decode steps. For each preset alone and for an even mix of
-all presets, it prints tokens/s and writes JSON. Also times self-speculative decoding per draft preset on a
-real prompt when ``--spec`` is given (acceptance depends on trained weights: use a distilled supernet).
+all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs trained weights (acceptance):
+``benchmarks/serve_smollm2.py`` times it on a supernet distilled from SmolLM2.
 
     python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
     python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run

@@ -11,7 +11,10 @@ Prompts are built from templates x topics (no dataset download). One command, sm
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -147,6 +150,47 @@ def prompts() -> list[Prompt]:
     return [Prompt(messages=[{"role": "user", "content": tpl.format(t=t)}]) for t in TOPICS for tpl in TEMPLATES]
 
 
+def preflight(model: Supernet, device: torch.device) -> dict:
+    """A forward and backward pass of every mixer on the device before any long work, so a kernel that cannot
+    train here fails in seconds instead of after the traces. When one fails on the kernels, training switches to
+    the PyTorch path (GEARSHIFT_TRAIN_BACKEND=torch; inference keeps the kernels) and the check runs again."""
+    probe = copy.deepcopy(model).to(device).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), device=device)
+    result: dict = {"seconds": {}}
+    for name in ("attention", "sliding_window", "gdn", "kda"):
+        for attempt in range(2):
+            t0 = time.perf_counter()
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = probe(ids, f"all-{name}").float().logsumexp(-1).mean()
+                loss.backward()
+                sync(device)
+                break
+            except Exception as exc:  # noqa: BLE001 - retried once on the reference path, then raised
+                if attempt or os.environ.get("GEARSHIFT_TRAIN_BACKEND") == "torch" or device.type != "cuda":
+                    raise
+                result["kernel_error"] = f"{name}: {type(exc).__name__}: {exc}"
+                print(f"preflight: {result['kernel_error']}; training on the PyTorch path", flush=True)
+                os.environ["GEARSHIFT_TRAIN_BACKEND"] = "torch"
+                probe.zero_grad(set_to_none=True)
+        result["seconds"][name] = time.perf_counter() - t0
+    result["train_backend"] = os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto")
+    del probe
+    release(device)
+    return result
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def hf_generate_speed(teacher, tokenizer, texts, batch, new_tokens, device) -> float:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -170,9 +214,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="distillation time budget")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global batch)")
+    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (activation memory / N)")
     ap.add_argument("--new-tokens", type=int, default=384)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--trace-rounds", type=int, default=3, help="teacher samples per training prompt")
     ap.add_argument("--tiny", action="store_true", help="a few prompts and steps (CPU smoke run)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -185,6 +231,7 @@ def main() -> None:
     report["teacher_load_s"] = time.perf_counter() - t0
     model = convert_teacher(teacher.float().cpu(), window=args.window)
     model.save_pretrained(out / "supernet")
+    report["preflight"] = preflight(model, device)
     tokenizer.save_pretrained(out / "supernet")
     teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -197,17 +244,21 @@ def main() -> None:
         out / "supernet", device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     batch = 512 if device.type == "cuda" else 8
-    report["traces"] = generate_traces(
-        gen,
-        tokenizer,
-        train_prompts,
-        out / "traces",
-        max_new_tokens=args.new_tokens,
-        batch_size=batch,
-        temperature=0.7,
-        top_p=0.95,
-        seed=0,
-    )
+    trace_dirs = [out / f"traces_{r}" for r in range(args.trace_rounds)]
+    report["traces"] = [  # one sample per prompt and round: rounds differ by seed
+        generate_traces(
+            gen,
+            tokenizer,
+            train_prompts,
+            d,
+            max_new_tokens=args.new_tokens,
+            batch_size=batch,
+            temperature=0.7,
+            top_p=0.95,
+            seed=1000 * (r + 1),
+        )
+        for r, d in enumerate(trace_dirs)
+    ]
     report["eval_traces"] = generate_traces(
         gen, tokenizer, held_out, out / "eval_traces", max_new_tokens=args.new_tokens, batch_size=batch, seed=1
     )
@@ -233,21 +284,25 @@ def main() -> None:
         paper_placement("Reg|Lklhd-26", n_layers),
         paper_placement("Reg|Lklhd-18", n_layers),
         paper_placement("Reg|Lklhd-10", n_layers),
+        "GK" * (n_layers // 2) + "G" * (n_layers % 2),
+        "FS" * (n_layers // 2) + "F" * (n_layers % 2),
     ]
-    cfg = config_from_dict(
-        {
+
+    def make_config(output: Path, steps: int) -> dict:
+        return {
             "model": str(out / "supernet"),
-            "output": str(out / "run"),
+            "output": str(output),
             "data": {
-                "train": [str(out / "traces")],
+                "train": [str(d) for d in trace_dirs],
                 "eval": [str(out / "eval_traces")],
                 "seq_len": args.seq_len,
                 "eval_sequences": 64,
             },
             "optim": {
-                "steps": 100000 if not args.tiny else 3,
+                "steps": steps,
                 "max_minutes": args.minutes,
-                "batch_size": args.batch_size,
+                "batch_size": args.batch_size // args.grad_accum,
+                "grad_accum": args.grad_accum,
                 "lr": args.lr,
                 "warmup_steps": 20 if not args.tiny else 1,
                 "min_lr_ratio": 0.1,
@@ -256,11 +311,29 @@ def main() -> None:
             "sampler": {"kind": "uniform"},
             "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},
             "eval": {"every": 0, "placements": placements},
-            "checkpoint": {"every": 500, "keep": 1},
+            "checkpoint": {"every": 1000, "keep": 1},
             "log_every": 10,
         }
-    )
-    trainer = Trainer(cfg, device=str(device))
+
+    # the cosine schedule needs a step count: time a few steps (this also compiles the kernels), then fit the
+    # number of steps to the time budget (max_minutes stays as a guard)
+    steps = 3
+    if not args.tiny:
+        probe = Trainer(config_from_dict(make_config(out / "calibrate", 10**6)), device=str(device))
+        for _ in range(3):
+            probe.train_step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            probe.train_step()
+        sync(device)
+        step_s = (time.perf_counter() - t0) / 5
+        steps = max(50, int(0.97 * 60 * args.minutes / step_s))
+        report["calibrated_step_seconds"] = step_s
+        del probe
+        release(device)
+    report["planned_steps"] = steps
+    trainer = Trainer(config_from_dict(make_config(out / "run", steps)), device=str(device))
     eval_rows = PackedRows(trainer.eval_rows.tokens, trainer.eval_rows.mask)
     report["before"] = trainer.evaluate(placements, eval_rows)
     print(json.dumps(report["before"], indent=1), flush=True)
@@ -275,7 +348,7 @@ def main() -> None:
         for p in placements
     }
     report["placements"] = placements
-    report["train_tokens"] = TokenShards(out / "traces").num_tokens
+    report["train_tokens"] = sum(TokenShards(d).num_tokens for d in trace_dirs)
     write_json(out / "report.json", report)
     print(json.dumps({k: report[k] for k in ("after", "gap_closed", "steps", "train_seconds")}, indent=1))
 

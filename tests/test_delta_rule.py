@@ -70,3 +70,31 @@ def test_bad_shapes_are_rejected():
         chunk_delta_rule(q, k, v, g[..., None, None], beta, 1.0)
     with pytest.raises(ValueError, match="multiple"):
         recurrent_delta_rule(q[:, :, :1].expand(-1, -1, 3, -1), k[:, :, :1].expand(-1, -1, 3, -1), v, g, beta, 1.0)
+
+
+def test_fla_gdn_backward_guard_matches_fla_issue_640():
+    from gearshift.ops.dispatch import gated_backward_broken
+
+    assert gated_backward_broken((9, 0), "3.6.0", has_tilelang=False)  # the H200 image of 2026-11
+    assert gated_backward_broken((9, 0), "3.4.0", has_tilelang=False)
+    assert not gated_backward_broken((9, 0), "3.7.1", has_tilelang=False)
+    assert not gated_backward_broken((9, 0), "3.3.1", has_tilelang=False)
+    assert not gated_backward_broken((9, 0), "3.6.0", has_tilelang=True)
+    assert not gated_backward_broken((8, 0), "3.6.0", has_tilelang=False)  # A100: not affected
+    assert not gated_backward_broken((9, 0), None, has_tilelang=False)
+    assert gated_backward_broken((9, 0), "3.6.0+git1234", has_tilelang=False)
+
+
+def test_training_backend_override(monkeypatch):
+    from gearshift.ops.dispatch import backend_for
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("GEARSHIFT_TRAIN_BACKEND", "bogus")
+    assert backend_for(cpu) == "torch"  # inference ignores the training override
+    with pytest.raises(ValueError, match="GEARSHIFT_TRAIN_BACKEND"):
+        backend_for(cpu, training=True)
+    monkeypatch.setenv("GEARSHIFT_TRAIN_BACKEND", "fla")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        backend_for(cpu, training=True)
+    monkeypatch.setenv("GEARSHIFT_TRAIN_BACKEND", "torch")
+    assert backend_for(cpu, training=True) == "torch"

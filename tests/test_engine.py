@@ -21,9 +21,10 @@ def alone(model, prompt, placement, n):
     return model.generate([prompt], placement, max_new_tokens=n, eos_token_id=[])[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("chunk", [256, 3])
-def test_mixed_batch_equals_each_request_alone(model, chunk):
+@pytest.mark.parametrize("chunk,contiguous", [(256, True), (3, True), (3, False)])
+def test_mixed_batch_equals_each_request_alone(model, chunk, contiguous):
     engine = Engine(model, max_batch=8, prefill_chunk=chunk)
+    engine.contiguous_reads = contiguous  # slices of consecutive slots (views) or always gathers
     params = SamplingParams(max_tokens=12, stop_token_ids=())
     outs = engine.generate(PROMPTS, PLACEMENTS, params)
     for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):
@@ -175,3 +176,24 @@ def test_engine_benchmark_smoke(tmp_path):
     )
     rows = json.loads(out.read_text())["rows"]
     assert rows[-1]["batch"] == "mixed" and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_reads_are_views_only_for_consecutive_slots():
+    from gearshift.serve.engine import _span
+
+    assert _span([3, 4, 5]) == slice(3, 6)
+    assert _span([2]) == slice(2, 3)
+    assert _span([0, 2]) is None and _span([1, 0]) is None
+
+
+def test_churn_leaves_holes_and_stays_exact(model):
+    """Requests finishing at different times free slots in the middle: later groups mix views and gathers."""
+    engine = Engine(model, max_batch=3, prefill_chunk=5)
+    lengths = [3, 9, 4, 7, 5]
+    reqs = [
+        engine.submit(p, pl, SamplingParams(max_tokens=n, stop_token_ids=()))
+        for p, pl, n in zip(PROMPTS, PLACEMENTS[::-1], lengths, strict=True)
+    ]
+    engine.run()
+    for r, pl, n in zip(reqs, PLACEMENTS[::-1], lengths, strict=True):
+        assert r.output == alone(model, r.prompt, pl, n)

@@ -180,6 +180,10 @@ def test_fit_sign_save_load_and_proposals(tiny_config, tmp_path):
     )
     quality = evaluate(space.encode(placements), *fit.dp_terms())
     assert np.allclose(quality, -np.array(kl), atol=1e-2)  # the DP maximises quality = -kl
+    # lower kl is better: a prediction below every measured kl (by more than the CV error) is an extrapolation
+    best = min(kl)
+    rmse = fit.cv["rmse"]
+    assert fit.beyond_measured([best - rmse - 0.05, best, best + 1.0]).tolist() == [True, False, False]
     fit.save(tmp_path / "fit.json")
     back = SurrogateFit.load(tmp_path / "fit.json")
     assert np.array_equal(back.predict(placements), fit.predict(placements))

@@ -21,6 +21,7 @@ overflows however strong the decay.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 
@@ -118,32 +119,46 @@ def chunk_delta_rule(
     )
     incl = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     eye = torch.eye(c, device=q.device)
+    # per-channel decay builds [B,HV,C,C,K] ratios per chunk: kept for the backward pass over a whole sequence
+    # they would cost T*C*K floats per head (~14 GB a layer at 16x1024 tokens), so each chunk is recomputed
+    recompute = per_channel and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
     outs = []
     for i in range(n):
-        qi, ki, vi, bi = qc[:, :, i], kc[:, :, i], vc[:, :, i], bc[:, :, i]
-        cum = gc[:, :, i].cumsum(dim=2)  # [B,HV,C] or [B,HV,C,K]
-        if per_channel:
-            diff = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).masked_fill(~incl[..., None], float("-inf"))
-            ratio = diff.exp()  # [B,HV,C,C,K], exp(G_i - G_j) for j <= i, else 0
-            kk = torch.einsum("bhik,bhjk,bhijk->bhij", ki, ki, ratio)
-            qk = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, ratio)
-            k_start = cum.exp() * ki
-            q_start = cum.exp() * qi
-            k_end = (cum[:, :, -1:] - cum).exp() * ki
-            chunk_decay = cum[:, :, -1].exp()[..., None]  # [B,HV,K,1]
+        args = (qc[:, :, i], kc[:, :, i], vc[:, :, i], gc[:, :, i], bc[:, :, i], state, incl, eye)
+        if recompute:
+            o_i, state = torch.utils.checkpoint.checkpoint(_chunk_step, *args, use_reentrant=False)
         else:
-            ratio = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, float("-inf")).exp()
-            kk = (ki @ ki.transpose(-1, -2)) * ratio
-            qk = (qi @ ki.transpose(-1, -2)) * ratio
-            k_start = cum.exp()[..., None] * ki
-            q_start = cum.exp()[..., None] * qi
-            k_end = (cum[..., -1:] - cum).exp()[..., None] * ki
-            chunk_decay = cum[..., -1].exp()[..., None, None]
-        a = (bi[..., None] * kk).tril(-1)
-        rhs = torch.cat([bi[..., None] * vi, bi[..., None] * k_start], dim=-1)
-        sol = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-        u = sol[..., :dv] - sol[..., dv:] @ state
-        outs.append(q_start @ state + qk @ u)
-        state = chunk_decay * state + k_end.transpose(-1, -2) @ u
+            o_i, state = _chunk_step(*args)
+        outs.append(o_i)
     o = torch.stack(outs, dim=2).reshape(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
     return o.to(v.dtype), state
+
+
+def _chunk_step(
+    qi: Tensor, ki: Tensor, vi: Tensor, gi: Tensor, bi: Tensor, state: Tensor, incl: Tensor, eye: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One chunk of the chunked form: its outputs and the state after it (see the module docstring)."""
+    dv = vi.shape[-1]
+    cum = gi.cumsum(dim=2)  # [B,HV,C] or [B,HV,C,K]
+    if cum.dim() == 4:  # per-channel decay (KDA)
+        diff = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).masked_fill(~incl[..., None], float("-inf"))
+        ratio = diff.exp()  # [B,HV,C,C,K], exp(G_i - G_j) for j <= i, else 0
+        kk = torch.einsum("bhik,bhjk,bhijk->bhij", ki, ki, ratio)
+        qk = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, ratio)
+        k_start = cum.exp() * ki
+        q_start = cum.exp() * qi
+        k_end = (cum[:, :, -1:] - cum).exp() * ki
+        chunk_decay = cum[:, :, -1].exp()[..., None]  # [B,HV,K,1]
+    else:
+        ratio = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, float("-inf")).exp()
+        kk = (ki @ ki.transpose(-1, -2)) * ratio
+        qk = (qi @ ki.transpose(-1, -2)) * ratio
+        k_start = cum.exp()[..., None] * ki
+        q_start = cum.exp()[..., None] * qi
+        k_end = (cum[..., -1:] - cum).exp()[..., None] * ki
+        chunk_decay = cum[..., -1].exp()[..., None, None]
+    a = (bi[..., None] * kk).tril(-1)
+    rhs = torch.cat([bi[..., None] * vi, bi[..., None] * k_start], dim=-1)
+    sol = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    u = sol[..., :dv] - sol[..., dv:] @ state
+    return q_start @ state + qk @ u, chunk_decay * state + k_end.transpose(-1, -2) @ u

@@ -2,14 +2,17 @@
 
 The choice is made by device, never by whether fla imports: on a CPU machine with triton installed, fla imports
 but every kernel fails at call time. ``GEARSHIFT_BACKEND=torch`` (or ``use_backend("torch")``) forces the
-reference path on any device, which is how the fla path is verified on the GPU.
+reference path on any device, which is how the fla path is verified on the GPU; ``GEARSHIFT_TRAIN_BACKEND=torch``
+does so only where gradients are wanted (training), keeping the kernels for inference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -45,10 +48,16 @@ def _fla_ops():
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, chunk_kda, fused_recurrent_kda
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device: torch.device, training: bool = False) -> str:
+    """The delta-rule backend for a call on ``device``; ``training`` (gradients wanted) also honours
+    ``GEARSHIFT_TRAIN_BACKEND``, so training can take the reference path while inference keeps the kernels."""
     name = _forced[-1] if _forced else os.environ.get("GEARSHIFT_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"GEARSHIFT_BACKEND={name!r} is not one of {BACKENDS}")
+    if training and not _forced and os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto") != "auto":
+        name = os.environ["GEARSHIFT_TRAIN_BACKEND"]
+        if name not in BACKENDS:
+            raise ValueError(f"GEARSHIFT_TRAIN_BACKEND={name!r} is not one of {BACKENDS}")
     if name == "auto":
         name = "fla" if device.type == "cuda" else "torch"
     if name == "fla":
@@ -57,6 +66,39 @@ def backend_for(device: torch.device) -> str:
         if _fla_ops() is None:
             return "torch"
     return name
+
+
+def gated_backward_broken(capability: tuple[int, int], triton_version: str | None, has_tilelang: bool) -> bool:
+    """Whether fla's GDN (scalar-gate) chunk backward is unusable: on Hopper with Triton in [3.4, 3.7.1) it gives
+    wrong gradients, so fla raises in the backward pass unless tilelang is installed (fla issue #640)."""
+    if triton_version is None or has_tilelang:
+        return False
+    parts = re.findall(r"\d+", triton_version)[:3]
+    version = tuple(int(x) for x in parts) + (0,) * (3 - len(parts))
+    return capability[0] == 9 and (3, 4, 0) <= version < (3, 7, 1)
+
+
+def _gdn_backward_broken(q: Tensor) -> bool:
+    return _gdn_backward_broken_on(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _gdn_backward_broken_on(index: int) -> bool:
+    try:
+        import triton
+
+        version = triton.__version__
+    except ImportError:
+        version = None
+    has_tilelang = importlib.util.find_spec("tilelang") is not None
+    broken = gated_backward_broken(torch.cuda.get_device_capability(index), version, has_tilelang)
+    if broken:
+        warnings.warn(
+            f"fla's GDN backward is wrong on this GPU with Triton {version} (fla #640): GDN layers train on the "
+            "pure-PyTorch path (forward-only use keeps fla). Triton >= 3.7.1 or tilelang lifts this.",
+            stacklevel=3,
+        )
+    return broken
 
 
 def delta_rule(
@@ -99,7 +141,8 @@ def delta_rule(
         return o, state, torch.cat([mid[:, None], states], dim=1)
     if t == 0:
         raise ValueError("empty input")
-    if backend_for(q.device) == "fla":
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
+    if backend_for(q.device, training) == "fla" and not (training and g.dim() == 3 and _gdn_backward_broken(q)):
         o, state = _fla_delta_rule(q, k, v, g, beta, scale, initial_state)
         return o, state, None
     if t == 1 or (t <= 16 and not torch.is_grad_enabled()):
@@ -113,6 +156,8 @@ def _fla_delta_rule(q, k, v, g, beta, scale, initial_state):
     chunk_gdn, recurrent_gdn, chunk_kda, recurrent_kda = _fla_ops()
     per_channel = g.dim() == 4
     decoding = q.shape[1] <= 64 and not torch.is_grad_enabled()
+    dtype = v.dtype  # autocast can leave q/k/v in different dtypes; the kernels want one
+    q, k = q.to(dtype), k.to(dtype)
     g = g.float()
     state = None if initial_state is None else initial_state.float()
     kwargs = dict(scale=scale, initial_state=state, output_final_state=True)
@@ -120,5 +165,5 @@ def _fla_delta_rule(q, k, v, g, beta, scale, initial_state):
         fn = recurrent_kda if decoding else chunk_kda
     else:
         fn = recurrent_gdn if decoding else chunk_gdn
-    o, final = fn(q, k, v, g=g, beta=beta.to(q.dtype), **kwargs)
+    o, final = fn(q, k, v, g=g, beta=beta.to(dtype), **kwargs)
     return o, final.float()

@@ -391,6 +391,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     if not result.presets:
         raise PlaceError("no preset could be chosen (targets unreachable or diversity too strict)")
+    for preset, beyond in zip(result.presets, fit.beyond_measured([p.predicted for p in result.presets]), strict=True):
+        preset.extrapolated = bool(beyond)
     measured: dict[str, float] = {}
     if args.table:
         measured = _measured_presets(args, space, [p.placement for p in result.presets], fit.metric)
@@ -406,7 +408,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         up = "n/a" if p.speedup is None else f"{p.speedup:.2f}x"
         meas = "-" if p.measured is None else f"{p.measured:.4g}"
         reg = "-" if p.regret is None else f"{p.regret:+.3g}"
-        print(f"  {p.name:<18} {shown:<24} {p.predicted:>10.4g} {p.cost:>10.4g} {up:>8} {meas:>8} {reg}")
+        flag = " (!)" if p.extrapolated else ""
+        print(f"  {p.name:<18} {shown:<24} {p.predicted:>10.4g} {p.cost:>10.4g} {up:>8} {meas:>8} {reg}{flag}")
+    if any(p.extrapolated for p in result.presets):
+        print(
+            "  (!) predicted better than every measured placement (beyond the CV error): the surrogate is "
+            "extrapolating; measure these (--table/--data) or run 'place loop' to refit around the frontier"
+        )
     for label in result.skipped:
         print(f"  (no placement for target {label})")
     if args.out:

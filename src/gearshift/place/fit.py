@@ -179,6 +179,17 @@ class SurrogateFit:
         q = evaluate(self.space.encode(placements), self.const, self.onebody, self.pairs)
         return self.sign * np.asarray(q, dtype=float)
 
+    def beyond_measured(self, predicted: Sequence[float] | np.ndarray) -> np.ndarray:
+        """True where a predicted value is better than every measured one by more than the CV error.
+
+        The DP maximises the surrogate, so it seeks out the placements the surrogate over-rates most: a prediction
+        outside the measured range is an extrapolation (on a supernet whose linear mixers are barely trained the
+        loss saturates and additive effects over-rate mixes of them), to be measured before it is trusted.
+        """
+        q = self.sign * np.asarray(predicted, dtype=float)
+        rmse = (self.cv or {}).get("rmse") or 0.0
+        return q > float(np.max(self.sign * self.values)) + rmse
+
     def propose(
         self,
         n: int,

@@ -124,6 +124,7 @@ class Preset:
     memory_gb: float | None = None
     measured: float | None = None
     regret: float | None = None
+    extrapolated: bool = False  # predicted better than anything measured (SurrogateFit.beyond_measured)
 
     def meta(self, fit: SurrogateFit, costs: CostTerms) -> dict[str, Any]:
         """Metadata stored with the preset in presets.json."""
@@ -141,6 +142,8 @@ class Preset:
             out["state_memory_gb"] = self.memory_gb
         if self.measured is not None:
             out["measured_quality"] = self.measured
+        if self.extrapolated:
+            out["extrapolated"] = True
         return out
 
 

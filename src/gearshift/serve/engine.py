@@ -117,6 +117,7 @@ class Engine:
         self.lock = threading.RLock()  # the server submits from its event loop while a worker thread steps
         self.finished_count = 0
         self.tokens_by_placement: dict[str, int] = {}
+        self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
 
     def _make_pool(self, mixer, slots: int):
         c = mixer.cfg
@@ -260,12 +261,13 @@ class Engine:
             for name, rows in groups.items():
                 pool = self.pools[i][name]
                 idx = torch.tensor(rows, device=self.device)
-                slot_t = torch.tensor([slots[r][(i, name)] for r in rows], device=self.device)
+                slot_list = [slots[r][(i, name)] for r in rows]
+                slot_t = torch.tensor(slot_list, device=self.device)
                 if isinstance(pool, RecurrentPool):
                     view = pool.view(slot_t, rollback)
                     views.append(view)
                 else:
-                    view = pool.view(slot_t)
+                    view = pool.view(slot_t, _span(slot_list) if self.contiguous_reads else None)
                 pos = positions[idx]
                 ctx = StepContext(pos, pos)
                 out[idx] = block.mixer.mixers[name](x[idx], ctx, view)
@@ -379,6 +381,12 @@ class Engine:
             for pool in layer.values():
                 total += pool.nbytes_per_slot() * pool.alloc.n
         return total
+
+
+def _span(slots: list[int]) -> slice | None:
+    """``slots`` as a slice when they are consecutive and ascending (reads become views, not gathers)."""
+    first = slots[0]
+    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
 
 
 def _group_by(items, key):

@@ -54,17 +54,23 @@ class AttentionPool:
     def nbytes_per_slot(self) -> int:
         return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
 
-    def view(self, slots: Tensor) -> AttentionView:
-        return AttentionView(self, slots)
+    def view(self, slots: Tensor, span: slice | None = None) -> AttentionView:
+        return AttentionView(self, slots, span)
 
 
 class AttentionView:
-    """Cache interface over the pool slots of a group of requests (rows), each at its own positions."""
+    """Cache interface over the pool slots of a group of requests (rows), each at its own positions.
+
+    ``span``: the slots are the contiguous range ``span`` (in row order), so reads are views of the pool instead
+    of gathers. Gathering copies every row's whole KV each layer and step, which at long contexts costs more
+    than the attention itself; the engine hands out lowest-free slots, so a steady batch is contiguous.
+    """
 
     exact = False
 
-    def __init__(self, pool: AttentionPool, slots: Tensor) -> None:
+    def __init__(self, pool: AttentionPool, slots: Tensor, span: slice | None = None) -> None:
         self.pool, self.slots = pool, slots
+        self.read: Tensor | slice = slots if span is None else span
 
     def update(self, k_new: Tensor, v_new: Tensor, q_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.pool
@@ -75,11 +81,11 @@ class AttentionView:
         write_first = p.window is None or t <= length - p.window + 1
         if write_first:
             self._write(rows, pos, k_new, v_new, length)
-            return p.k[self.slots], p.v[self.slots], p.index[self.slots]
+            return p.k[self.read], p.v[self.read], p.index[self.read]
         # a chunk longer than the ring's spare room: its early queries need keys it is about to evict
-        keys = torch.cat([p.k[self.slots], k_new], dim=2)
-        values = torch.cat([p.v[self.slots], v_new], dim=2)
-        index = torch.cat([p.index[self.slots], pos], dim=1)
+        keys = torch.cat([p.k[self.read], k_new], dim=2)
+        values = torch.cat([p.v[self.read], v_new], dim=2)
+        index = torch.cat([p.index[self.read], pos], dim=1)
         keep = min(t, length)
         self._write(rows[:, t - keep :], pos[:, t - keep :], k_new[:, :, t - keep :], v_new[:, :, t - keep :], length)
         return keys, values, index

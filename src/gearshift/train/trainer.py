@@ -39,6 +39,17 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """The training device with an explicit index: 'cuda' alone means this process's GPU (its local rank), because
+    ``torch.cuda.set_device`` refuses an index-less device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, device: str | None = None, log=print) -> None:
         self.cfg = cfg
@@ -46,9 +57,7 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
             dist.init_process_group(backend)
-        if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device, local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)

