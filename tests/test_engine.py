@@ -197,3 +197,30 @@ def test_churn_leaves_holes_and_stays_exact(model):
     engine.run()
     for r, pl, n in zip(reqs, PLACEMENTS[::-1], lengths, strict=True):
         assert r.output == alone(model, r.prompt, pl, n)
+
+
+def test_positions_bounded_on_the_host(model):
+    """The engine bounds positions itself (no device sync per layer); a position past the context is refused."""
+    from gearshift.serve.pools import PoolFullError
+
+    engine = Engine(model, max_batch=1, max_context=16)
+    req = engine.submit([1, 2, 3], "FFFF", SamplingParams(max_tokens=4, stop_token_ids=()))
+    engine._admit()
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[16]])
+    with pytest.raises(PoolFullError, match="beyond the engine's context"):
+        engine.mixed_forward(tokens, positions, [req.placement], [req.slots], max_position=16)
+    with pytest.raises(PoolFullError, match="KV capacity"):  # without the host bound the pool still checks
+        engine.mixed_forward(tokens, positions, [req.placement], [req.slots])
+
+
+def test_batched_sampling_by_groups(model):
+    """Greedy rows take the argmax, seeded rows their own generator's draw, the rest one shared draw per group."""
+    engine = Engine(model, max_batch=4)
+    greedy = engine.submit([1], "FFFF", SamplingParams(temperature=0.0))
+    seeded = engine.submit([1], "FFFF", SamplingParams(temperature=1.0, seed=7))
+    hot = [engine.submit([1], "FFFF", SamplingParams(temperature=0.5, top_k=1)) for _ in range(2)]  # top_k=1: argmax
+    logits = torch.randn(4, 97, generator=torch.Generator().manual_seed(0))
+    out = engine._sample_rows([greedy, seeded, *hot], logits)
+    ref = torch.multinomial(logits[1].softmax(-1), 1, generator=torch.Generator().manual_seed(7))
+    assert out[0] == int(logits[0].argmax()) and out[1] == int(ref)
+    assert out[2:] == [int(logits[2].argmax()), int(logits[3].argmax())]

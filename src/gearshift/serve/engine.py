@@ -22,7 +22,7 @@ from torch import Tensor
 from ..layers.base import StepContext
 from ..model import Supernet
 from ..placement import Placement, PlacementSpec, placement_letters
-from .pools import AttentionPool, RecurrentPool, RecurrentView
+from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
 
 
 class QueueFullError(RuntimeError):
@@ -244,11 +244,17 @@ class Engine:
         placements: Sequence[Placement],
         slots: Sequence[dict[tuple[int, str], int]],
         rollback: int = 0,
+        max_position: int | None = None,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
+        ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
+        own (synchronising) capacity checks.
         """
+        if max_position is not None and max_position >= self.max_context:
+            raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
+        checked = max_position is not None
         model = self.model
         h = model.model.embed_tokens(tokens)
         views: list[RecurrentView] = []
@@ -267,7 +273,7 @@ class Engine:
                     view = pool.view(slot_t, rollback)
                     views.append(view)
                 else:
-                    view = pool.view(slot_t, _span(slot_list) if self.contiguous_reads else None)
+                    view = pool.view(slot_t, _span(slot_list) if self.contiguous_reads else None, checked)
                 pos = positions[idx]
                 ctx = StepContext(pos, pos)
                 out[idx] = block.mixer.mixers[name](x[idx], ctx, view)
@@ -296,10 +302,16 @@ class Engine:
         if plain:
             positions = torch.tensor([[r.processed] for r in plain], device=self.device)
             tokens = torch.tensor([[r.tokens[-1]] for r in plain], device=self.device)
-            logits, _ = self.mixed_forward(tokens, positions, [r.placement for r in plain], [r.slots for r in plain])
-            for row, req in enumerate(plain):
+            logits, _ = self.mixed_forward(
+                tokens,
+                positions,
+                [r.placement for r in plain],
+                [r.slots for r in plain],
+                max_position=max(r.processed for r in plain),
+            )
+            for req, token in zip(plain, self._sample_rows(plain, logits[:, -1]), strict=True):
                 req.processed += 1
-                self._emit(req, [self._sample(req, logits[row, -1])], touched)
+                self._emit(req, [token], touched)
         spec = [r for r in ready if r.draft is not None]
         if spec:
             from .speculative import speculative_round
@@ -313,13 +325,32 @@ class Engine:
         chunk = req.tokens[req.processed : req.processed + n]
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(req.processed, req.processed + n, device=self.device)[None]
-        logits, _ = self.mixed_forward(tokens, positions, [req.placement], [req.slots])
+        last = req.processed + n - 1
+        logits, _ = self.mixed_forward(tokens, positions, [req.placement], [req.slots], max_position=last)
         if req.draft is not None:  # the draft reads the same prompt into its own state
-            self.mixed_forward(tokens, positions, [req.draft], [req.draft_slots])
+            self.mixed_forward(tokens, positions, [req.draft], [req.draft_slots], max_position=last)
             req.draft_processed += n
         req.processed += n
         if req.processed == len(req.tokens):
             self._emit(req, [self._sample(req, logits[0, -1])], touched)
+
+    def _sample_rows(self, reqs: list[Request], logits: Tensor) -> list[int]:
+        """Next tokens of many requests: those sharing sampling settings (and no seed of their own) are drawn in
+        one call and read back at once, so a decode step costs one device sync per group, not one per request."""
+        out = [0] * len(reqs)
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, req in enumerate(reqs):
+            if req.generator is not None:
+                out[i] = self._sample(req, logits[i])
+            else:
+                groups.setdefault((req.params.temperature, req.params.top_k, req.params.top_p), []).append(i)
+        from ..generation import sample_next
+
+        for (temperature, top_k, top_p), rows in groups.items():
+            picked = logits if len(rows) == len(reqs) else logits[torch.tensor(rows, device=logits.device)]
+            for i, token in zip(rows, sample_next(picked, temperature, top_k, top_p).tolist(), strict=True):
+                out[i] = int(token)
+        return out
 
     def _sample(self, req: Request, logits: Tensor) -> int:
         from ..generation import sample_next

@@ -54,8 +54,8 @@ class AttentionPool:
     def nbytes_per_slot(self) -> int:
         return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
 
-    def view(self, slots: Tensor, span: slice | None = None) -> AttentionView:
-        return AttentionView(self, slots, span)
+    def view(self, slots: Tensor, span: slice | None = None, checked: bool = False) -> AttentionView:
+        return AttentionView(self, slots, span, checked)
 
 
 class AttentionView:
@@ -68,9 +68,10 @@ class AttentionView:
 
     exact = False
 
-    def __init__(self, pool: AttentionPool, slots: Tensor, span: slice | None = None) -> None:
+    def __init__(self, pool: AttentionPool, slots: Tensor, span: slice | None = None, checked: bool = False) -> None:
         self.pool, self.slots = pool, slots
         self.read: Tensor | slice = slots if span is None else span
+        self.checked = checked  # the caller bounded the positions on the host: no device sync per write
 
     def update(self, k_new: Tensor, v_new: Tensor, q_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.pool
@@ -93,7 +94,7 @@ class AttentionView:
     def _write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor, length: int) -> None:
         p = self.pool
         where = pos % length if p.window is not None else pos
-        if p.window is None and int(pos.max()) >= length:
+        if p.window is None and not self.checked and int(pos.max()) >= length:
             raise PoolFullError(f"request exceeds the KV capacity of {length} tokens")
         p.k[rows, :, where] = k.permute(0, 2, 1, 3)
         p.v[rows, :, where] = v.permute(0, 2, 1, 3)
