@@ -45,12 +45,15 @@ def fill(engine: Engine, req, context: int) -> None:
 
 
 def decode_rate(engine: Engine, placements: list[str], context: int, steps: int) -> float:
+    """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state."""
     params = SamplingParams(max_tokens=steps + 2, stop_token_ids=())
     reqs = [engine.submit([1, 2], p, params) for p in placements]
     engine._admit()
     for r in reqs:
         fill(engine, r, context)
-    engine.step()  # warm-up
+    engine.step()  # warm-up (with CUDA graphs: eager, compiling the kernels)
+    if engine.cuda_graphs:
+        engine.step()  # the capture, then the first replay
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/engine_mixed.json")
+    ap.add_argument("--graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -84,7 +88,7 @@ def main() -> None:
     presets = {
         name: paper_placement(name, n) for name in ("all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")
     }
-    engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8)
+    engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8, cuda_graphs=args.graphs)
     rows = []
     for name, placement in presets.items():
         rate = decode_rate(engine, [placement] * args.batch, args.context, args.steps)
@@ -102,7 +106,8 @@ def main() -> None:
         f"{'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference {reference:.1f}, "
         f"{100 * (reference / rate - 1):+.1f}%)"
     )
-    write_json(args.out, {"device": device_name(device), "shape": args.shape, "context": args.context, "rows": rows})
+    meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "graphs": engine.cuda_graphs}
+    write_json(args.out, {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #   3. evals      tasks + NIAH of the distilled presets; the teacher through transformers vs the converted
 #                 all-attention supernet (runs after the serving stage: it needs no distillation)
 #   4. serve      self-speculative decoding per draft preset; engine vs HF generate trace throughput
-#   5. 15B shape  H200 cost tables at 4k and 16k; mixed- vs single-preset engine batches at 16k and 32k
+#   5. 15B shape  H200 cost tables at 4k and 16k; mixed- vs single-preset engine batches at 16k and 32k, eager and
+#                 with CUDA graphs (after the engine's graph decode is checked against eager decoding)
 # Each stage logs to RUN/<stage>.log and its line in RUN/stages.log; a failing stage does not stop later ones
 # (stages that need the distilled checkpoint are skipped when the build failed).
 #
@@ -103,7 +104,12 @@ needs_ck=0
 stage evals_teacher python benchmarks/evals_smollm2.py --teacher "$TEACHER" --supernet "$P/supernet" \
   --data-dir "$DATA" --haystack "$HAY" --out "$RUN/evals" "${EVALS[@]}"
 
-# 5. the 15B shape (random weights): cost tables, then mixed-preset engine batches
+# the engine's CUDA-graph decode: token-for-token check against eager decoding, then eager vs graphs speed
+if [ "$TINY" != 1 ]; then
+  stage engine_graphs python benchmarks/engine_graphs.py --model "$P/supernet" --out "$RUN/serve/engine_graphs.json"
+fi
+
+# 5. the 15B shape (random weights): cost tables, then mixed-preset engine batches (eager, then CUDA graphs)
 for ctx in "${CTX[@]}"; do
   if [ "$TINY" = 1 ]; then
     stage "cost15b_$ctx" gs place cost tiny --batch 2 --context "$ctx" --whole-model 3 --steps 3 \
@@ -117,6 +123,10 @@ set -- "${ENGINE[@]}"
 while [ $# -ge 2 ]; do
   stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
     --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
+  if [ "$TINY" != 1 ]; then
+    stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+      --graphs --out "$RUN/shape15b/engine_$1_graphs.json"
+  fi
   shift 2
 done
 echo "[$(date +%T)] all stages done" | tee -a "$RUN/stages.log"

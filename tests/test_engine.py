@@ -224,3 +224,44 @@ def test_batched_sampling_by_groups(model):
     ref = torch.multinomial(logits[1].softmax(-1), 1, generator=torch.Generator().manual_seed(7))
     assert out[0] == int(logits[0].argmax()) and out[1] == int(ref)
     assert out[2:] == [int(logits[2].argmax()), int(logits[3].argmax())]
+
+
+def test_graph_decode_bookkeeping(model, monkeypatch):
+    """The CUDA-graph decode path's control flow on CPU, with a stand-in graph whose replay runs the recorded
+    call eagerly on the static inputs: first sight of a batch composition runs eagerly, the next captures, later
+    steps replay with fresh tokens/positions, and every output equals the plain engine's (compositions change as
+    requests finish, so capture, replay and eviction all happen)."""
+    import types
+
+    from gearshift.serve import engine as engine_mod
+
+    class StandInGraph(engine_mod._DecodeGraph):
+        captured = replays = 0
+
+        def __init__(self, engine, placements, slots):
+            b = len(placements)
+            self.tokens = torch.zeros(b, 1, dtype=torch.long)
+            self.positions = torch.zeros(b, 1, dtype=torch.long)
+            self.plan = engine._plan(placements, slots)
+            self.logits = torch.empty(b, engine.config.vocab_size)
+
+            def replay():
+                StandInGraph.replays += 1
+                out = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0]
+                self.logits.copy_(out[:, -1])
+
+            self.graph = types.SimpleNamespace(replay=replay)
+            StandInGraph.captured += 1
+
+    monkeypatch.setattr(engine_mod, "_DecodeGraph", StandInGraph)
+    lengths = [5, 12, 7, 9, 3]
+    params = [SamplingParams(max_tokens=n, stop_token_ids=()) for n in lengths]
+    plain = Engine(model, max_batch=3, prefill_chunk=4)
+    expected = [plain.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
+    plain.run()
+    graphed = Engine(model, max_batch=3, prefill_chunk=4)
+    graphed.cuda_graphs = True  # forced on a CPU engine: only the stand-in graph is used
+    got = [graphed.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
+    graphed.run()
+    assert [r.output for r in got] == [r.output for r in expected]
+    assert StandInGraph.captured >= 2 and StandInGraph.replays > 2 * StandInGraph.captured

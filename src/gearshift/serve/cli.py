@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        cuda_graphs=args.cuda_graphs,
     )
     app = create_app(engine, tokenizer, name=args.name, quality_floor=args.quality_floor)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -49,5 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefill-chunk", type=int, default=512)
     s.add_argument("--quality-floor", type=float, help="'auto' never picks a preset predicted below this")
     s.add_argument("--device")
+    s.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps from CUDA graphs per batch composition (GPU; check it on yours first with "
+        "benchmarks/engine_graphs.py)",
+    )
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     s.set_defaults(fn=cmd_serve)

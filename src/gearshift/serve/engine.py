@@ -94,6 +94,7 @@ class Engine:
         max_queue: int = 256,
         spec_k_max: int = 8,
         pool_slots: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -119,6 +120,11 @@ class Engine:
         self.tokens_by_placement: dict[str, int] = {}
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
+        # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode). Off by default
+        # until verified against eager decoding on a GPU (benchmarks/engine_graphs.py).
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._last_eager: tuple | None = None
 
     def _make_pool(self, mixer, slots: int):
         c = mixer.cfg
@@ -278,6 +284,41 @@ class Engine:
             h = h + block.mlp(block.post_attention_layernorm(h))
         return model.logits(model.model.norm(h)), views
 
+    def _graph_decode(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        placements: Sequence[Placement],
+        slots: Sequence[dict[tuple[int, str], int]],
+        max_position: int,
+    ) -> Tensor:
+        """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition.
+
+        A composition is captured the second time it is seen in a row: the first step runs eagerly and compiles
+        every kernel it needs (capture only records, so it neither runs nor writes the pools). Graphs keep their
+        plan (index tensors) and static inputs alive; the pools are fixed buffers, positions are device data and
+        capacity is checked here, on the host.
+        """
+        key = self._plan_key(placements, slots)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if self._last_eager != key:
+                self._last_eager = key
+                return self.mixed_forward(tokens, positions, placements, slots, max_position=max_position)[0][:, -1]
+            graph = _DecodeGraph(self, placements, slots)
+            if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = graph
+        if max_position >= self.max_context:
+            raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
+        graph.tokens.copy_(tokens)
+        graph.positions.copy_(positions)
+        graph.graph.replay()
+        return graph.logits
+
+    def _plan_key(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> tuple:
+        return (self.contiguous_reads, tuple(map(tuple, placements)), tuple(tuple(sorted(s.items())) for s in slots))
+
     def _plan(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> list[list[_Group]]:
         """Per layer, the groups of rows that share a mixer, with their row and slot index tensors.
 
@@ -285,7 +326,7 @@ class Engine:
         building index tensors on the host each layer and step costs a host-to-device copy apiece, each of which
         waits for the GPU.
         """
-        key = (self.contiguous_reads, tuple(map(tuple, placements)), tuple(tuple(sorted(s.items())) for s in slots))
+        key = self._plan_key(placements, slots)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -332,14 +373,13 @@ class Engine:
         if plain:
             positions = torch.tensor([[r.processed] for r in plain], device=self.device)
             tokens = torch.tensor([[r.tokens[-1]] for r in plain], device=self.device)
-            logits, _ = self.mixed_forward(
-                tokens,
-                positions,
-                [r.placement for r in plain],
-                [r.slots for r in plain],
-                max_position=max(r.processed for r in plain),
-            )
-            for req, token in zip(plain, self._sample_rows(plain, logits[:, -1]), strict=True):
+            args = (tokens, positions, [r.placement for r in plain], [r.slots for r in plain])
+            last = max(r.processed for r in plain)
+            if self.cuda_graphs:
+                logits = self._graph_decode(*args, last)
+            else:
+                logits = self.mixed_forward(*args, max_position=last)[0][:, -1]
+            for req, token in zip(plain, self._sample_rows(plain, logits), strict=True):
                 req.processed += 1
                 self._emit(req, [token], touched)
         spec = [r for r in ready if r.draft is not None]
@@ -442,6 +482,20 @@ class Engine:
             for pool in layer.values():
                 total += pool.nbytes_per_slot() * pool.alloc.n
         return total
+
+
+class _DecodeGraph:
+    """One decode step of a fixed batch composition, captured: static token/position inputs, static logits."""
+
+    def __init__(self, engine: Engine, placements: Sequence[Placement], slots) -> None:
+        b = len(placements)
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
+        self.plan = engine._plan(placements, slots)  # its index tensors must outlive any eviction from the cache
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            # max_position=0 only marks the positions as checked: the real bound is checked before each replay
+            self.logits = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0][:, -1]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,105 @@
+"""Serving engine on a GPU: decode steps replayed from CUDA graphs vs eager, checked token for token, then timed.
+
+(1) check: random supernets (fp32 and bf16), prompts of mixed lengths under every single-mixer placement and a
+few mixes, greedy, a small max_batch so requests come and go (captures, replays, evictions): the fraction of
+requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted.
+(2) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
+placement and a mix, each row holding --context tokens of state.
+
+    python benchmarks/engine_graphs.py --model runs/pipeline/supernet --out results/engine_graphs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import traceback
+
+import torch
+
+from gearshift.config import SupernetConfig
+from gearshift.model import Supernet
+from gearshift.serve.engine import Engine, SamplingParams
+
+from common import device_name, write_json
+from engine_mixed import decode_rate
+
+
+def check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    cfg = SupernetConfig.tiny(num_layers=6, vocab_size=257, window=12, eos_token_id=None)
+    model = Supernet.random(cfg, seed=seed, std=0.2).to(device=device, dtype=dtype).eval()
+    rng = random.Random(seed)
+    n = cfg.num_layers
+    placements = ["F" * n, "S" * n, "G" * n, "K" * n, "FSGKFS", "GGKKSF", "KFKFKF", "SSGGFF"]
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(2, 40))] for _ in placements]
+    lengths = [rng.randint(8, 48) for _ in placements]
+    outputs = []
+    graph_count = 0
+    for graphs in (False, True):
+        engine = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=graphs)
+        reqs = [
+            engine.submit(p, pl, SamplingParams(max_tokens=m, stop_token_ids=()))
+            for p, pl, m in zip(prompts, placements, lengths, strict=True)
+        ]
+        engine.run()
+        outputs.append([r.output for r in reqs])
+        graph_count = max(graph_count, len(engine._graphs))
+    same = [a == b for a, b in zip(*outputs, strict=True)]
+    return {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
+
+
+def speed(model: Supernet, context: int, batches: list[int], steps: int) -> list[dict]:
+    n = model.config.num_layers
+    mix = ["F" * n, "S" * n, "G" * n, "K" * n]
+    rows = []
+    for batch in batches:
+        cases = (("all-attention", ["F" * n] * batch), ("mix of 4", [mix[i % 4] for i in range(batch)]))
+        for label, placements in cases:
+            row = {"batch": batch, "placements": label}
+            for graphs in (False, True):
+                engine = Engine(model, max_batch=batch, max_context=context + steps + 8, cuda_graphs=graphs)
+                row["graphs" if graphs else "eager"] = decode_rate(engine, placements, context, steps)
+                del engine
+                torch.cuda.empty_cache()
+            row["speedup"] = row["graphs"] / row["eager"]
+            rows.append(row)
+            print(
+                f"batch {batch:>3} {label:<14} eager {row['eager']:9.1f} tok/s  graphs {row['graphs']:9.1f} tok/s  "
+                f"x{row['speedup']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint for the speed part (skipped without it)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/engine_graphs.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("CUDA graphs need a GPU")
+    device = torch.device("cuda")
+    report: dict = {"device": device_name(device), "check": [], "speed": []}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            report["check"].append(check(dtype, device))
+            print(f"check {report['check'][-1]}", flush=True)
+        except Exception:  # noqa: BLE001 - record and go on: this runs unattended
+            report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})
+            print(report["check"][-1]["error"], flush=True)
+        write_json(args.out, report)
+    if args.model:
+        try:
+            model = Supernet.from_pretrained(args.model, device=device, dtype=torch.bfloat16).eval()
+            report["speed"] = speed(model, args.context, args.batches, args.steps)
+        except Exception:  # noqa: BLE001
+            report["speed_error"] = traceback.format_exc()
+            print(report["speed_error"], flush=True)
+    write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
