@@ -91,14 +91,24 @@ def measure(report: dict, rows: list, row: dict, out: str, fn, *args) -> dict:
     return row
 
 
-def run_engine(model, prompts, placement, params, *, batch, draft=None, k=4, warmup=True) -> tuple[dict, list]:
+def run_engine(
+    model, prompts, placement, params, *, batch, draft=None, k=4, warmup=True, graphs=False
+) -> tuple[dict, list]:
     """All prompts through a fresh engine holding ``batch`` requests at a time: (stats row, outputs)."""
     if warmup:  # first calls compile kernels (Triton) and fill the allocator's caches
         short = SamplingParams(**{**vars(params), "max_tokens": min(8, params.max_tokens)})
-        run_engine(model, prompts[:batch], placement, short, batch=batch, draft=draft, k=k, warmup=False)
+        run_engine(model, prompts[:batch], placement, short, batch=batch, draft=draft, k=k, warmup=False, graphs=graphs)
     context = min(max(map(len, prompts)) + params.max_tokens + k + 2, model.config.max_position_embeddings)
     slots = 2 * batch if draft is not None else batch  # a draft may use the same (layer, mixer) pools as its target
-    engine = Engine(model, max_batch=batch, max_context=context, max_queue=len(prompts), spec_k_max=k, pool_slots=slots)
+    engine = Engine(
+        model,
+        max_batch=batch,
+        max_context=context,
+        max_queue=len(prompts),
+        spec_k_max=k,
+        pool_slots=slots,
+        cuda_graphs=graphs,
+    )
     reqs = [engine.submit(p, placement, params, draft=draft, spec_k=k) for p in prompts]
     counts = Counter()  # verify rounds per request: the engine keeps no count, so wrap the function it calls
     original = speculative.speculative_round
@@ -205,9 +215,9 @@ def hf_generate(teacher, pad, prompts, tokens) -> int:
     return out.shape[1] - ids.shape[1]
 
 
-def engine_generate(model, prompts, tokens) -> int:
+def engine_generate(model, prompts, tokens, graphs=False) -> int:
     params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=tokens, stop_token_ids=())  # () = no stops
-    _, outputs = run_engine(model, prompts, "all-attention", params, batch=len(prompts), warmup=False)
+    _, outputs = run_engine(model, prompts, "all-attention", params, batch=len(prompts), warmup=False, graphs=graphs)
     return min(map(len, outputs))
 
 
@@ -286,6 +296,8 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     teacher = load_hf_teacher(model, args, device, dtype, report)
     methods = {"engine": partial(engine_generate, model), "supernet_generate": partial(supernet_generate, model)}
+    if device.type == "cuda":  # the engine's decode steps replayed from CUDA graphs (Engine(cuda_graphs=True))
+        methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
     if teacher is not None:
         methods = {"hf_generate": partial(hf_generate, teacher, pad), **methods}
     rows = report.setdefault("traces", [])
