@@ -15,6 +15,8 @@
 # Knobs: TINY=1 (CPU smoke run: tiny pipeline, few placements, small shapes), DEVICE=cpu, RESUME=1 (skip the
 # stages that already ended well in RUN/stages.log), SKIP="evals_teacher cost15b_4096" (stage names to skip).
 set -u
+{ # the whole script is one compound command: bash reads it completely before running it, so editing the
+  # file under a running driver cannot change what it does
 RUN=$1 TEACHER=$2 DATA=$3 HAY=$4
 MINUTES=${MINUTES:-6}
 TINY=${TINY:-0}
@@ -130,3 +132,5 @@ while [ $# -ge 2 ]; do
   shift 2
 done
 echo "[$(date +%T)] all stages done" | tee -a "$RUN/stages.log"
+exit
+}
