@@ -8,6 +8,8 @@ GDN and KDA), so the mixer modules run unchanged on a group of requests at diffe
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 from torch import Tensor
 
@@ -17,17 +19,20 @@ class PoolFullError(RuntimeError):
 
 
 class SlotAllocator:
+    """Hands out the lowest free slot, so the slots of a steady batch stay a consecutive range (views, not
+    gathers: see AttentionView)."""
+
     def __init__(self, n: int) -> None:
         self.n = n
-        self.free = list(range(n - 1, -1, -1))
+        self.free = list(range(n))  # a heap
 
     def take(self) -> int:
         if not self.free:
             raise PoolFullError("no free slot")
-        return self.free.pop()
+        return heapq.heappop(self.free)
 
     def give(self, slot: int) -> None:
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
     @property
     def available(self) -> int:
