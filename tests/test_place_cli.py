@@ -322,3 +322,28 @@ def test_cli_errors(workdir, tmp_path, capsys):
     MeasurementTable.open(single, {}).append({"placement": "FFFF", "loglik": 1.0})
     code, _, err = run(["place", "stability", table, single], capsys)
     assert code == 2 and "share" in err
+
+
+def test_sharded_measurement_merges_to_the_single_run(workdir, tmp_path, capsys):
+    """Placements measured in two parts (as on two GPUs) and merged equal one process measuring them all."""
+    base = ["place", "measure", workdir / "ckpt", "--data", workdir / "data", "--placements", "stratified:10"]
+    opts = ["--device", "cpu", "--batch-tokens", "64"]
+    assert run(base + ["--out", tmp_path / "all.jsonl"] + opts, capsys)[0] == 0
+    for k in (0, 1):
+        code, out, _ = run(base + ["--out", tmp_path / f"part{k}.jsonl", "--shard", f"{k}/2"] + opts, capsys)
+        assert code == 0 and "measured 5 new placements" in out
+    code, out, _ = run(["place", "merge", tmp_path / "part0.jsonl", tmp_path / "part1.jsonl", "--out",
+                        tmp_path / "merged.jsonl"], capsys)  # fmt: skip
+    assert code == 0 and "10 new placements" in out
+    whole = {r["placement"]: r for r in MeasurementTable.read(tmp_path / "all.jsonl").records}
+    merged = {r["placement"]: r for r in MeasurementTable.read(tmp_path / "merged.jsonl").records}
+    assert merged.keys() == whole.keys()
+    for p, r in whole.items():
+        assert all(merged[p][m] == r[m] for m in ("loglik", "kl", "agreement"))
+    code, _, err = run(base + ["--out", tmp_path / "x.jsonl", "--shard", "2/2"] + opts, capsys)
+    assert code == 2 and "--shard" in err
+    other = ["--device", "cpu", "--batch-tokens", "64", "--max-len", "9"]  # measured differently: refused
+    assert run(base + ["--out", tmp_path / "short.jsonl"] + other, capsys)[0] == 0
+    code, _, err = run(["place", "merge", tmp_path / "all.jsonl", tmp_path / "short.jsonl", "--out",
+                        tmp_path / "bad.jsonl"], capsys)  # fmt: skip
+    assert code == 2 and "cannot be merged" in err

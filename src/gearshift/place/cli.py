@@ -201,6 +201,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
             spec, space, seed=args.seed, n_proposals=args.n_proposals, costs=costs, exclude=sorted(done)
         )
         placements += [(p, source) for p in chosen]
+    if args.shard:
+        index, count = _parse_shard(args.shard)
+        placements = placements[index::count]  # the same list in every process: each takes every count-th
     model = _load_model(args)
     scorer = _scorer(args, model)
     table = MeasurementTable.open(args.out, scorer.header())
@@ -212,6 +215,39 @@ def cmd_measure(args: argparse.Namespace) -> int:
     for source, ps in by_source.items():
         new += measure_placements(scorer, ps, table, source=source, log=_log)
     print(f"measured {len(new)} new placements; {args.out} now holds {len(table.done)}")
+    return 0
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    from .space import PlaceError
+
+    index, slash, count = spec.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise PlaceError(f"--shard {spec!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return int(index), int(count)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Tables measured in parts (``measure --shard K/N`` on several GPUs or machines) into one."""
+    from .table import _MUST_MATCH, MeasurementTable, TableError
+
+    parts = [MeasurementTable.read(p) for p in args.tables]
+    first = parts[0]
+    for part in parts[1:]:
+        for key in _MUST_MATCH:
+            if part.header.get(key) != first.header.get(key):
+                raise TableError(
+                    f"{part.path} was measured with {key}={part.header.get(key)!r}, {first.path} with "
+                    f"{first.header.get(key)!r}: they cannot be merged"
+                )
+    out = MeasurementTable.open(args.out, {k: v for k, v in first.header.items() if k != "format"})
+    added = 0
+    for part in parts:
+        for record in part.records:
+            if record["placement"] not in out.done:
+                out.append(record)
+                added += 1
+    print(f"merged {len(parts)} tables: {added} new placements; {args.out} now holds {len(out.done)}")
     return 0
 
 
@@ -532,8 +568,16 @@ def register(subparsers: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n-proposals", type=int, default=8, help="uncertain placements per proposals: spec")
     s.add_argument("--costs", help="with proposals: also propose points along the predicted frontier")
+    s.add_argument(
+        "--shard", metavar="K/N", help="measure only every N-th selected placement from the K-th (one part per GPU)"
+    )
     s.set_defaults(fn=cmd_measure, batch=1, context=4096)
     _add_scoring(s)
+
+    s = sub.add_parser("merge", help="merge tables measured in parts (measure --shard) into one")
+    s.add_argument("tables", nargs="+", help="measurement tables measured the same way")
+    s.add_argument("--out", required=True, help="merged table (created, or appended to)")
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("fit", help="fit the cluster-expansion surrogate to a table; effects table and heatmap")
     s.add_argument("table")

@@ -336,6 +336,7 @@ class Trainer:
             row["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
             if self.device.type == "cuda":
                 row["mfu"] = row["tokens_per_s"] * self.flops_per_token() / (BF16_PEAK_FLOPS * self.world)
+                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9  # this rank's GPU
             if self.step % cfg.log_every == 0 or self.step == o.steps:
                 self._metrics(row)
             if bar is not None:
