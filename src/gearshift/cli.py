@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, load_tokenizer, read_presets, save, thi
 from .config import ConfigError, SupernetConfig
 from .placement import PlacementError, placement_letters
 
-SHAPES = {"tiny": SupernetConfig.tiny, "apriel-15b": SupernetConfig.apriel_15b}
+SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
 # Stage modules that add their own sub-commands through ``register(subparsers)``.
 EXTENSIONS = ("gearshift.train.cli", "gearshift.place.cli", "gearshift.serve.cli", "gearshift.evals.cli")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -246,6 +246,23 @@ class SupernetConfig:
             rope_theta=1e6,
         )
 
+    @classmethod
+    def small_1b(cls, window: int = 512) -> SupernetConfig:
+        """A ~1B-parameter supernet (0.8B active per placement) for multi-GPU runs with random weights; its
+        vocabulary is SmolLM2's, so that teacher's traces are valid data for it."""
+        return cls.uniform(
+            num_layers=16,
+            hidden_size=2048,
+            vocab_size=49152,
+            heads=16,
+            kv_heads=4,
+            head_dim=128,
+            intermediate_size=5632,
+            window=window,
+            max_position_embeddings=8192,
+            rope_theta=1e5,
+        )
+
 
 def _positive(obj: object, *names: str) -> None:
     for name in names:

@@ -220,6 +220,7 @@ class Trainer:
         for i, ((tokens, mask), placement) in enumerate(passes):
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             weight = float(mask.sum()) * scale_base / len(placements)
+            share = float(mask.sum()) / len(placements)  # this pass's tokens: logged stats are token-weighted
             with torch.no_grad(), self.autocast():
                 t_acts: list[torch.Tensor] = []
                 t_logits = (
@@ -235,19 +236,26 @@ class Trainer:
                     if lw.activation and t_logits is not None:
                         acts = activation_terms(s_acts, t_acts, mask)
                         loss = loss + lw.activation * acts.mean()
-                        layer_act += acts.detach() / len(passes)
-                        stats["act"] += float(acts.detach().mean()) / len(passes)
+                        layer_act += acts.detach() * share
+                        stats["act"] += float(acts.detach().mean()) * share
                     if (lw.forward_kl or lw.reverse_kl) and t_logits is not None:
                         fkl, rkl = kl_terms(s_logits, t_logits, mask, lw.temperature)
                         loss = loss + lw.forward_kl * fkl + lw.reverse_kl * rkl
-                        stats["fkl"] += float(fkl.detach()) / len(passes)
-                        stats["rkl"] += float(rkl.detach()) / len(passes)
+                        stats["fkl"] += float(fkl.detach()) * share
+                        stats["rkl"] += float(rkl.detach()) * share
                     if lw.cross_entropy:
                         ce = cross_entropy(s_logits, targets, mask)
                         loss = loss + lw.cross_entropy * ce
-                        stats["ce"] += float(ce.detach()) / len(passes)
+                        stats["ce"] += float(ce.detach()) * share
                 (loss * weight).backward()
-            stats["loss"] += float(loss.detach()) / len(passes)
+            stats["loss"] += float(loss.detach()) * share
+        # logged values are means over the step's tokens on every rank (what the gradient optimises), not rank 0's
+        sums = torch.cat([torch.tensor(list(stats.values()), device=self.device), layer_act])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        sums = sums / max(float(total), 1.0)
+        stats = dict(zip(stats, sums[: len(stats)].tolist(), strict=True))
+        layer_act = sums[len(stats) :]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), o.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
