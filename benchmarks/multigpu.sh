@@ -76,15 +76,15 @@ wait
 log "end   measure_${N}gpu"
 run merge python -m gearshift place merge "$RUN"/measure_part*.jsonl --out "$RUN/measure_${N}gpu.jsonl"
 
-python - "$RUN" "$N" <<'EOF'
+python - "$RUN" "$N" $MODELS <<'EOF'
 import json, sys
 from pathlib import Path
-run, n = Path(sys.argv[1]), int(sys.argv[2])
+run, n, models = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 def rows(name):
     path = run / name / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x] if path.exists() else []
 report = {"gpus": n, "distill": {}, "measure": {}}
-for model in ("smollm2", "small-1b"):
+for model in models:
     one, many = rows(f"{model}_1gpu"), rows(f"{model}_{n}gpu")
     if not (one and many):
         report["distill"][model] = {"error": "a run did not finish (see its log)"}
