@@ -265,3 +265,18 @@ def test_graph_decode_bookkeeping(model, monkeypatch):
     graphed.run()
     assert [r.output for r in got] == [r.output for r in expected]
     assert StandInGraph.captured >= 2 and StandInGraph.replays > 2 * StandInGraph.captured
+
+
+def test_prompts_of_equal_length_prefill_in_one_forward(model):
+    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_tokens=16)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4], [1, 1, 2, 3, 5, 8], [2, 7, 1, 8, 2, 8], [5, 5, 5]]
+    params = SamplingParams(max_tokens=5, stop_token_ids=())
+    reqs = [engine.submit(p, pl, params) for p, pl in zip(prompts, PLACEMENTS, strict=True)]
+    calls = []
+    forward = engine.mixed_forward
+    engine.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
+    engine.step()  # 4 admitted; their 6-token prompts go 2 per forward (prefill_tokens=16), then all 4 decode
+    assert calls == [(2, 6), (2, 6), (4, 1)]
+    engine.run()
+    for r, p, pl in zip(reqs, prompts, PLACEMENTS, strict=True):
+        assert r.output == alone(model, p, pl, 5)

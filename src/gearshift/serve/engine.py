@@ -91,6 +91,7 @@ class Engine:
         max_batch: int = 16,
         max_context: int | None = None,
         prefill_chunk: int = 256,
+        prefill_tokens: int | None = None,
         max_queue: int = 256,
         spec_k_max: int = 8,
         pool_slots: int | None = None,
@@ -103,6 +104,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens or 8 * prefill_chunk  # prompt tokens of one batched prefill forward
         self.max_queue = max_queue
         self.spec_k_max = spec_k_max
         slots = pool_slots or max_batch
@@ -252,12 +254,13 @@ class Engine:
         slots: Sequence[dict[tuple[int, str], int]],
         rollback: int = 0,
         max_position: int | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
-        own (synchronising) capacity checks.
+        own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
         """
         if max_position is not None and max_position >= self.max_context:
             raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
@@ -282,6 +285,8 @@ class Engine:
                     out[g.rows] = block.mixer.mixers[g.name](x[g.rows], StepContext(pos, pos), view)
             h = h + out
             h = h + block.mlp(block.post_attention_layernorm(h))
+        if last_only:
+            h = h[:, -1:]
         return model.logits(model.model.norm(h)), views
 
     def _graph_decode(
@@ -364,10 +369,16 @@ class Engine:
         touched: list[Request] = []
         for req in running:
             req.new_tokens = []
-        # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state)
+        # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state),
+        # requests whose chunks have the same length in one forward
+        by_length: dict[int, list[Request]] = {}
         for req in running:
             if len(req.tokens) - req.processed > 1:
-                self._prefill_chunk(req, touched)
+                by_length.setdefault(min(self.prefill_chunk, len(req.tokens) - req.processed), []).append(req)
+        for n, group in by_length.items():
+            rows = max(1, self.prefill_tokens // n)
+            for start in range(0, len(group), rows):
+                self._prefill_chunks(group[start : start + rows], n, touched)
         ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
         plain = [r for r in ready if r.draft is None]
         if plain:
@@ -390,19 +401,35 @@ class Engine:
                 speculative_round(self, group, touched)
         return touched
 
-    def _prefill_chunk(self, req: Request, touched: list[Request]) -> None:
-        n = min(self.prefill_chunk, len(req.tokens) - req.processed)
-        chunk = req.tokens[req.processed : req.processed + n]
-        tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(req.processed, req.processed + n, device=self.device)[None]
-        last = req.processed + n - 1
-        logits, _ = self.mixed_forward(tokens, positions, [req.placement], [req.slots], max_position=last)
-        if req.draft is not None:  # the draft reads the same prompt into its own state
-            self.mixed_forward(tokens, positions, [req.draft], [req.draft_slots], max_position=last)
-            req.draft_processed += n
-        req.processed += n
-        if req.processed == len(req.tokens):
-            self._emit(req, [self._sample(req, logits[0, -1])], touched)
+    def _prefill_chunks(self, reqs: list[Request], n: int, touched: list[Request]) -> None:
+        """The next ``n`` prompt tokens of each request, in one forward (rows at their own positions)."""
+        tokens = torch.tensor([r.tokens[r.processed : r.processed + n] for r in reqs], device=self.device)
+        starts = torch.tensor([[r.processed] for r in reqs], device=self.device)
+        positions = starts + torch.arange(n, device=self.device)
+        last = max(r.processed for r in reqs) + n - 1
+        logits, _ = self.mixed_forward(
+            tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs], max_position=last, last_only=True
+        )
+        drafting = [i for i, r in enumerate(reqs) if r.draft is not None]
+        if drafting:  # the draft reads the same prompt into its own state
+            rows = torch.tensor(drafting, device=self.device)
+            self.mixed_forward(
+                tokens[rows],
+                positions[rows],
+                [reqs[i].draft for i in drafting],
+                [reqs[i].draft_slots for i in drafting],
+                max_position=last,
+                last_only=True,
+            )
+            for i in drafting:
+                reqs[i].draft_processed += n
+        for req in reqs:
+            req.processed += n
+        done = [i for i, r in enumerate(reqs) if r.processed == len(r.tokens)]
+        if done:
+            picked = logits[torch.tensor(done, device=self.device), -1] if len(done) < len(reqs) else logits[:, -1]
+            for i, token in zip(done, self._sample_rows([reqs[i] for i in done], picked), strict=True):
+                self._emit(reqs[i], [token], touched)
 
     def _sample_rows(self, reqs: list[Request], logits: Tensor) -> list[int]:
         """Next tokens of many requests: those sharing sampling settings (and no seed of their own) are drawn in
