@@ -374,4 +374,5 @@ class Trainer:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while a peer still talks over them (gloo aborts)
             dist.destroy_process_group()
