@@ -75,6 +75,9 @@ def test_speculative_with_itself_accepts_everything(model):
     engine.run()
     assert r.accepted == r.proposed and r.spec_k > 2  # k grew with perfect acceptance
     assert r.output == alone(model, PROMPTS[0], "FSGK", 16)
+    # each verify round emits its accepted tokens + 1 (the first token comes from the prefill; max_tokens may cut
+    # the last round short)
+    assert r.rounds >= 1 and r.accepted + r.rounds - r.spec_k <= len(r.output) - 1 <= r.accepted + r.rounds
 
 
 def test_speculative_sampling_preserves_the_target_distribution():

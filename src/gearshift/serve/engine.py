@@ -69,6 +69,7 @@ class Request:
     cancelled: bool = False
     proposed: int = 0
     accepted: int = 0
+    rounds: int = 0  # speculative verify rounds (each emits accepted + 1 tokens)
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None

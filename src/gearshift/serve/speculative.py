@@ -123,6 +123,7 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         r.draft_processed += min(n, k - 1) + 1
         r.proposed += k
         r.accepted += n
+        r.rounds += 1
         if n == k:
             r.spec_k = min(engine.spec_k_max, r.spec_k + 1)
         elif n < k // 2:
