@@ -14,6 +14,14 @@ from gearshift.timing import device_name  # noqa: E402, F401 - re-exported for t
 from gearshift.timing import median_seconds as time_it  # noqa: E402, F401 - re-exported for the scripts
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a wall-clock timer sees it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from gearshift.report import paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
 
-from common import device_name, write_json
+from common import device_name, sync, write_json
 
 
 def fill(engine: Engine, req, context: int) -> None:
@@ -54,13 +54,11 @@ def decode_rate(engine: Engine, placements: list[str], context: int, steps: int)
     engine.step()  # warm-up (with CUDA graphs: eager, compiling the kernels)
     if engine.cuda_graphs:
         engine.step()  # the capture, then the first replay
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(engine.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(engine.device)
     seconds = time.perf_counter() - t0
     for r in reqs:
         engine.cancel(r)

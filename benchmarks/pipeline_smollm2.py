@@ -30,7 +30,7 @@ from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, generate_traces
 from gearshift.train.trainer import Trainer
 
-from common import device_name, write_json
+from common import device_name, sync, write_json
 
 TOPICS = [
     "photosynthesis",
@@ -186,23 +186,18 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def hf_generate_speed(teacher, tokenizer, texts, batch, new_tokens, device) -> float:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(texts[:batch], return_tensors="pt", padding=True).to(device)
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = teacher.generate(
             **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.95
         )
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    sync(device)
     return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / (time.perf_counter() - t0)
 
 

@@ -41,7 +41,7 @@ from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, encode_prompt, read_prompts
 
-from common import device_name, write_json
+from common import device_name, sync, write_json
 
 PROMPTS = [
     "Write a short paragraph about photosynthesis.",
@@ -61,11 +61,6 @@ PROMPTS = [
     "Explain what inflation is in simple words.",
     "Give step-by-step instructions for planting tomatoes.",
 ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def save(out: str, report: dict) -> None:

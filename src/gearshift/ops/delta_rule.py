@@ -25,6 +25,11 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 
+def wants_grad(*tensors: Tensor) -> bool:
+    """Whether this call is part of training: autograd is on and some input needs a gradient."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 def _expand_heads(q: Tensor, k: Tensor, hv: int) -> tuple[Tensor, Tensor]:
     h = q.shape[2]
     if hv == h:
@@ -121,7 +126,7 @@ def chunk_delta_rule(
     eye = torch.eye(c, device=q.device)
     # per-channel decay builds [B,HV,C,C,K] ratios per chunk: kept for the backward pass over a whole sequence
     # they would cost T*C*K floats per head (~14 GB a layer at 16x1024 tokens), so each chunk is recomputed
-    recompute = per_channel and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
+    recompute = per_channel and wants_grad(q, k, v, g, beta)
     outs = []
     for i in range(n):
         args = (qc[:, :, i], kc[:, :, i], vc[:, :, i], gc[:, :, i], bc[:, :, i], state, incl, eye)

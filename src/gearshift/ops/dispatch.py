@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .delta_rule import chunk_delta_rule, recurrent_delta_rule
+from .delta_rule import chunk_delta_rule, recurrent_delta_rule, wants_grad
 
 _forced: list[str] = []
 BACKENDS = ("auto", "torch", "fla")
@@ -141,7 +141,7 @@ def delta_rule(
         return o, state, torch.cat([mid[:, None], states], dim=1)
     if t == 0:
         raise ValueError("empty input")
-    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta))
+    training = wants_grad(q, k, v, g, beta)
     if backend_for(q.device, training) == "fla" and not (training and g.dim() == 3 and _gdn_backward_broken(q)):
         o, state = _fla_delta_rule(q, k, v, g, beta, scale, initial_state)
         return o, state, None

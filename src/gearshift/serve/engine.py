@@ -263,8 +263,8 @@ class Engine:
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
         """
-        if max_position is not None and max_position >= self.max_context:
-            raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
+        if max_position is not None:
+            self._check_context(max_position)
         checked = max_position is not None
         model = self.model
         h = model.model.embed_tokens(tokens)
@@ -315,12 +315,15 @@ class Engine:
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = graph
-        if max_position >= self.max_context:
-            raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
+        self._check_context(max_position)
         graph.tokens.copy_(tokens)
         graph.positions.copy_(positions)
         graph.graph.replay()
         return graph.logits
+
+    def _check_context(self, max_position: int) -> None:
+        if max_position >= self.max_context:
+            raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
 
     def _plan_key(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> tuple:
         return (self.contiguous_reads, tuple(map(tuple, placements)), tuple(tuple(sorted(s.items())) for s in slots))
@@ -383,17 +386,7 @@ class Engine:
         ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
         plain = [r for r in ready if r.draft is None]
         if plain:
-            positions = torch.tensor([[r.processed] for r in plain], device=self.device)
-            tokens = torch.tensor([[r.tokens[-1]] for r in plain], device=self.device)
-            args = (tokens, positions, [r.placement for r in plain], [r.slots for r in plain])
-            last = max(r.processed for r in plain)
-            if self.cuda_graphs:
-                logits = self._graph_decode(*args, last)
-            else:
-                logits = self.mixed_forward(*args, max_position=last)[0][:, -1]
-            for req, token in zip(plain, self._sample_rows(plain, logits), strict=True):
-                req.processed += 1
-                self._emit(req, [token], touched)
+            self._decode(plain, touched)
         spec = [r for r in ready if r.draft is not None]
         if spec:
             from .speculative import speculative_round
@@ -401,6 +394,20 @@ class Engine:
             for group in _group_by(spec, lambda r: r.spec_k):
                 speculative_round(self, group, touched)
         return touched
+
+    def _decode(self, reqs: list[Request], touched: list[Request]) -> None:
+        """One plain decode step of these requests (from a CUDA graph of their composition when enabled)."""
+        positions = torch.tensor([[r.processed] for r in reqs], device=self.device)
+        tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
+        args = (tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
+        last = max(r.processed for r in reqs)
+        if self.cuda_graphs:
+            logits = self._graph_decode(*args, last)
+        else:
+            logits = self.mixed_forward(*args, max_position=last)[0][:, -1]
+        for req, token in zip(reqs, self._sample_rows(reqs, logits), strict=True):
+            req.processed += 1
+            self._emit(req, [token], touched)
 
     def _prefill_chunks(self, reqs: list[Request], n: int, touched: list[Request]) -> None:
         """The next ``n`` prompt tokens of each request, in one forward (rows at their own positions)."""

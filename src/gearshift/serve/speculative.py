@@ -36,12 +36,7 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     room = min(engine.max_context - len(r.tokens) for r in reqs)
     k = min(reqs[0].spec_k, room - 1)
     if k < 1:  # too close to the context end to speculate: one plain target step
-        positions = torch.tensor([[r.processed] for r in reqs], device=device)
-        tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=device)
-        logits, _ = engine.mixed_forward(tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
-        for row, r in enumerate(reqs):
-            r.processed += 1
-            engine._emit(r, [engine._sample(r, logits[row, -1])], touched)
+        engine._decode(reqs, touched)
         return
     # 1) the draft catches up with tokens it has not read (the last token of a fully accepted round)
     for r in reqs:
