@@ -53,7 +53,7 @@ else
   PIPE=(--minutes "$MINUTES")
   N_PLACE=300 SEQS=64 MAXLEN=768 LIMIT=1000 LENGTHS=(1024 2048 4096 8000) SHAPE=apriel-15b CTX=(4096 16384)
   ENGINE=(16384 16 32768 8)
-  SERVE=()
+  SERVE=(--trace-batches 64 256 512 --profile)
   SPEC=(--prompts 6 --max-tokens 96)
   COST=(--batch 128 --context 8192 --whole-model 8)
   EVALS=()

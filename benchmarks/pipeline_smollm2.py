@@ -22,6 +22,7 @@ import torch
 
 from gearshift.data.tokens import TokenShards
 from gearshift.model import Supernet
+from gearshift.ops.dispatch import kernel_gradient_checks
 from gearshift.report import paper_placement
 from gearshift.train.config import config_from_dict
 from gearshift.train.convert import convert_teacher
@@ -175,6 +176,7 @@ def preflight(model: Supernet, device: torch.device) -> dict:
                 probe.zero_grad(set_to_none=True)
         result["seconds"][name] = time.perf_counter() - t0
     result["train_backend"] = os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto")
+    result["kernel_gradient_cosines"] = kernel_gradient_checks()  # fla vs the reference, checked on first use
     del probe
     release(device)
     return result

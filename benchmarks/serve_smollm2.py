@@ -296,7 +296,43 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
             shown = f"{row['tokens_per_s']:9.1f} tok/s" if "error" not in row else f"ERROR {row['error']}"
             ratio = f"  {row['vs_hf']:.2f}x HF" if "vs_hf" in row else ""
             print(f"traces batch {batch:<4} x {args.trace_tokens} tokens  {method:<18} {shown}{ratio}", flush=True)
+    if args.profile and device.type == "cuda":  # where a decode step's time goes (top kernels), once
+        measure(
+            report,
+            report.setdefault("profile", []),
+            {"batch": max(args.trace_batches)},
+            args.out,
+            profile,
+            methods["supernet_generate"],
+            list(islice(cycle(prompts), max(args.trace_batches))),
+            32,
+        )
     save(args.out, report)
+
+
+def profile(fn, prompts, tokens) -> dict:
+    """The top CUDA kernels of one generate call by total device time (ms), and the call's wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn(prompts, 4)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn(prompts, tokens)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: -e.device_time_total)
+    top = [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:15]]
+    for row in top:
+        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}x  {row['kernel']}", flush=True)
+    return {
+        "tokens": tokens,
+        "wall_ms": wall * 1e3,
+        "kernels_ms": sum(e.device_time_total for e in events) / 1e3,
+        "top": top,
+    }
 
 
 def main() -> None:
@@ -324,6 +360,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--trace-batches", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--trace-tokens", type=int, default=128)
+    ap.add_argument(
+        "--profile", action="store_true", help="CUDA: top kernels of Supernet.generate at the largest batch"
+    )
     ap.add_argument("--skip-spec", action="store_true")
     ap.add_argument("--skip-traces", action="store_true")
     args = ap.parse_args()

@@ -98,3 +98,23 @@ def test_training_backend_override(monkeypatch):
         backend_for(cpu, training=True)
     monkeypatch.setenv("GEARSHIFT_TRAIN_BACKEND", "torch")
     assert backend_for(cpu, training=True) == "torch"
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_gradient_check_tells_right_from_wrong_kernels(per_channel):
+    """The check run before training on a kernel: the recurrent form agrees with the chunked one; a form with the
+    right forward but a sign-flipped key gradient (a silently wrong backward, like fla #640) is caught."""
+    from gearshift.ops.dispatch import delta_rule_gradients_agree
+
+    def recurrent(q, k, v, g, beta, scale, state):
+        return recurrent_delta_rule(q, k, v, g, beta, scale, state)
+
+    def wrong_backward(q, k, v, g, beta, scale, state):
+        k = k.detach() - (k - k.detach())  # same values, gradient negated
+        return chunk_delta_rule(q, k, v, g, beta, scale, state)
+
+    shape = (1, 40, 2, 8)
+    agree, cosine = delta_rule_gradients_agree(recurrent, chunk_delta_rule, per_channel, shape=shape)
+    assert agree and cosine > 0.9999
+    agree, cosine = delta_rule_gradients_agree(wrong_backward, chunk_delta_rule, per_channel, shape=shape)
+    assert not agree and cosine < 0

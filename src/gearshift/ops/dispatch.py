@@ -78,10 +78,6 @@ def gated_backward_broken(capability: tuple[int, int], triton_version: str | Non
     return capability[0] == 9 and (3, 4, 0) <= version < (3, 7, 1)
 
 
-def _gdn_backward_broken(q: Tensor) -> bool:
-    return _gdn_backward_broken_on(q.device.index if q.device.index is not None else torch.cuda.current_device())
-
-
 @functools.cache
 def _gdn_backward_broken_on(index: int) -> bool:
     try:
@@ -142,7 +138,7 @@ def delta_rule(
     if t == 0:
         raise ValueError("empty input")
     training = wants_grad(q, k, v, g, beta)
-    if backend_for(q.device, training) == "fla" and not (training and g.dim() == 3 and _gdn_backward_broken(q)):
+    if backend_for(q.device, training) == "fla" and not (training and not _fla_trainable(q, g.dim() == 4)):
         o, state = _fla_delta_rule(q, k, v, g, beta, scale, initial_state)
         return o, state, None
     if t == 1 or (t <= 16 and not torch.is_grad_enabled()):
@@ -150,6 +146,88 @@ def delta_rule(
     else:
         o, state = chunk_delta_rule(q, k, v, g, beta, scale, initial_state)
     return o, state, None
+
+
+def delta_rule_gradients_agree(
+    fn,
+    reference,
+    per_channel: bool,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shape: tuple[int, int, int, int] = (2, 192, 2, 64),
+    min_cosine: float = 0.99,
+) -> tuple[bool, float]:
+    """Whether ``fn``'s gradients (inputs in ``dtype``) point where the fp32 ``reference``'s do, on random
+    delta-rule inputs shaped like a layer's: (agree, lowest cosine over q, k, v, g, beta and the output).
+
+    A kernel can run and still return wrong gradients (fla #640 did, on one GPU and Triton range): training on
+    it would silently not learn, so its gradients are checked once before the first training step uses it."""
+    b, t, h, d = shape
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*size: int) -> Tensor:
+        return torch.randn(*size, generator=gen).to(device)
+
+    q = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
+    k = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
+    v, beta = rand(b, t, h, d), torch.sigmoid(rand(b, t, h))
+    g = (
+        torch.nn.functional.logsigmoid(rand(b, t, h, d) + 4)
+        if per_channel
+        else -torch.rand(b, t, h, generator=gen).to(device)
+    )
+    weight = rand(b, t, h, d)
+    results = []
+    for impl, kind in ((reference, torch.float32), (fn, dtype)):
+        leaves = [
+            x.to(kind if i < 3 else torch.float32).clone().requires_grad_() for i, x in enumerate((q, k, v, g, beta))
+        ]
+        with torch.autocast(torch.device(device).type, enabled=False), torch.enable_grad():
+            o, _ = impl(*leaves, d**-0.5, None)
+            (o.float() * weight).sum().backward()
+        results.append([o.detach().float()] + [x.grad.float() for x in leaves])
+    cosines = [
+        torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        for a, b in zip(*results, strict=True)
+    ]
+    worst = min(cosines)
+    return worst >= min_cosine, worst
+
+
+def _fla_trainable(q: Tensor, per_channel: bool) -> bool:
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return not (not per_channel and _gdn_backward_broken_on(index)) and _fla_gradients_check(index, per_channel)[0]
+
+
+def kernel_gradient_checks() -> dict[str, float]:
+    """The fla gradient checks run so far in this process: {'kda@cuda:0': lowest cosine, ...}."""
+    return {
+        f"{'kda' if per_channel else 'gdn'}@cuda:{index}": _fla_gradients_check(index, per_channel)[1]
+        for index, per_channel in _checked
+    }
+
+
+_checked: list[tuple[int, bool]] = []
+
+
+@functools.cache
+def _fla_gradients_check(index: int, per_channel: bool) -> tuple[bool, float]:
+    device = torch.device("cuda", index)
+    try:
+        agree, cosine = delta_rule_gradients_agree(
+            _fla_delta_rule, chunk_delta_rule, per_channel, device, torch.bfloat16
+        )
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run its backward here is not used to train
+        warnings.warn(f"fla's backward failed on {device} ({exc})", stacklevel=3)
+        agree, cosine = False, float("nan")
+    if not agree:
+        warnings.warn(
+            f"fla's {'KDA' if per_channel else 'GDN'} chunk backward disagrees with the reference on this GPU "
+            f"(gradient cosine {cosine:.3f}): these layers train on the pure-PyTorch path (inference keeps fla)",
+            stacklevel=3,
+        )
+    _checked.append((index, per_channel))
+    return agree, cosine
 
 
 def _fla_delta_rule(q, k, v, g, beta, scale, initial_state):
