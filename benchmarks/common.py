@@ -27,3 +27,44 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"date": date.today().isoformat(), "command": " ".join(sys.argv), **payload}
     path.write_text(json.dumps(payload, indent=2))
+
+
+def profile_cuda(fn, top: int = 15) -> dict:
+    """Run ``fn()`` once under the profiler: wall ms, total kernel ms (a wall far above it means the GPU
+    waits for the host: launches, syncs), the top kernels by device time and the top host ops by self time."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync("cuda" if cuda else "cpu")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync("cuda" if cuda else "cpu")
+        wall = time.perf_counter() - t0
+    stats = prof.key_averages()
+    kernels = sorted((e for e in stats if e.device_type.name == "CUDA"), key=lambda e: -e.device_time_total)
+    host = sorted((e for e in stats if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
+    result = {
+        "wall_ms": wall * 1e3,
+        "kernels_ms": sum(e.device_time_total for e in kernels) / 1e3,
+        "kernel_launches": sum(e.count for e in kernels),
+        "top_kernels": [
+            {"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3} for e in kernels[:top]
+        ],
+        "top_host_ops": [
+            {"op": e.key[:80], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in host[:top]
+        ],
+    }
+    print(
+        f"profile: wall {result['wall_ms']:.1f} ms, kernels {result['kernels_ms']:.1f} ms, "
+        f"{result['kernel_launches']} launches",
+        flush=True,
+    )
+    for row in result["top_kernels"]:
+        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}x  {row['kernel']}", flush=True)
+    for row in result["top_host_ops"]:
+        print(f"  host {row['self_ms']:9.2f} ms {row['calls']:6d}x  {row['op']}", flush=True)
+    return result

@@ -31,7 +31,7 @@ from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, generate_traces
 from gearshift.train.trainer import Trainer
 
-from common import device_name, sync, write_json
+from common import device_name, profile_cuda, sync, write_json
 
 TOPICS = [
     "photosynthesis",
@@ -325,8 +325,10 @@ def main() -> None:
             probe.train_step()
         sync(device)
         step_s = (time.perf_counter() - t0) / 5
-        steps = max(50, int(0.97 * 60 * args.minutes / step_s))
         report["calibrated_step_seconds"] = step_s
+        if device.type == "cuda":  # where a training step's time goes: kernels, launches, host ops
+            report["train_step_profile"] = profile_cuda(probe.train_step)
+        steps = max(50, int(0.97 * 60 * args.minutes / step_s))
         del probe
         release(device)
     report["planned_steps"] = steps

@@ -41,7 +41,7 @@ from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, encode_prompt, read_prompts
 
-from common import device_name, sync, write_json
+from common import device_name, profile_cuda, sync, write_json
 
 PROMPTS = [
     "Write a short paragraph about photosynthesis.",
@@ -311,28 +311,9 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
 
 
 def profile(fn, prompts, tokens) -> dict:
-    """The top CUDA kernels of one generate call by total device time (ms), and the call's wall time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
+    """Where one generate call's time goes (top kernels, host ops), after a warm-up call."""
     fn(prompts, 4)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        fn(prompts, tokens)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
-    events.sort(key=lambda e: -e.device_time_total)
-    top = [{"kernel": e.key[:120], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:15]]
-    for row in top:
-        print(f"  {row['ms']:9.2f} ms {row['calls']:6d}x  {row['kernel']}", flush=True)
-    return {
-        "tokens": tokens,
-        "wall_ms": wall * 1e3,
-        "kernels_ms": sum(e.device_time_total for e in events) / 1e3,
-        "top": top,
-    }
+    return {"tokens": tokens, **profile_cuda(lambda: fn(prompts, tokens))}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gearshift.ops import delta_rule as delta_rule_module
 from gearshift.ops.delta_rule import chunk_delta_rule, recurrent_delta_rule
 
 from naive import delta_rule_literal
@@ -21,9 +22,17 @@ def inputs(per_channel, t=19, b=2, h=2, hv=4, dk=8, dv=6, seed=0):
     return q, k, v, g, beta, s0
 
 
+@pytest.fixture(params=["one_block", "many_blocks"])
+def kda_blocks(request, monkeypatch):
+    """KDA's chunks go through the chunked form in blocks sized by memory: one block, or a block per 2 chunks."""
+    if request.param == "many_blocks":
+        monkeypatch.setattr(delta_rule_module, "PER_CHANNEL_BLOCK_ELEMENTS", 2 * 2 * 4 * 4 * 4 * 8)
+    return request.param
+
+
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_forms_match_literal_recurrence(per_channel, with_state):
+def test_forms_match_literal_recurrence(per_channel, with_state, kda_blocks):
     q, k, v, g, beta, s0 = inputs(per_channel)
     s0 = s0 if with_state else None
     ratio = v.shape[2] // q.shape[2]
@@ -40,7 +49,7 @@ def test_forms_match_literal_recurrence(per_channel, with_state):
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
-def test_chunked_gradients_match_recurrent(per_channel):
+def test_chunked_gradients_match_recurrent(per_channel, kda_blocks):
     base = inputs(per_channel, t=11, seed=1)
     grads = []
     for fn in (recurrent_delta_rule, lambda *a: chunk_delta_rule(*a, chunk_size=4)):

@@ -241,11 +241,11 @@ def test_graph_decode_bookkeeping(model, monkeypatch):
     class StandInGraph(engine_mod._DecodeGraph):
         captured = replays = 0
 
-        def __init__(self, engine, placements, slots):
+        def __init__(self, engine, placements, slots, codes=None):
             b = len(placements)
             self.tokens = torch.zeros(b, 1, dtype=torch.long)
             self.positions = torch.zeros(b, 1, dtype=torch.long)
-            self.plan = engine._plan(placements, slots)
+            self.plan = engine._plan(placements, slots, codes)
             self.logits = torch.empty(b, engine.config.vocab_size)
 
             def replay():
@@ -283,3 +283,22 @@ def test_prompts_of_equal_length_prefill_in_one_forward(model):
     engine.run()
     for r, p, pl in zip(reqs, prompts, PLACEMENTS, strict=True):
         assert r.output == alone(model, p, pl, 5)
+
+
+def test_composition_codes_follow_contents(model):
+    """Requests get the same code exactly when placement and slots are equal, so a request that replaces another
+    in the same slots reuses the batch's plan (and CUDA graph); touched requests are reported once per step."""
+    engine = Engine(model, max_batch=2)
+    params = SamplingParams(max_tokens=3, stop_token_ids=())
+    a, b = engine.submit([1, 2], "all-attention", params), engine.submit([3, 4], "all-gdn", params)
+    engine._admit()
+    assert a.code != b.code
+    engine.cancel(a)
+    touched = engine.step()  # a's slots are freed, b decodes
+    assert touched == [b]
+    c = engine.submit([5, 6, 7], "all-attention", params)
+    engine._admit()
+    assert c.code == a.code  # the slots a freed (lowest free first), the same placement
+    d = engine.submit([5], "all-kda", params)
+    engine.run()
+    assert d.code not in (a.code, b.code) and all(r.finished for r in (b, c, d))

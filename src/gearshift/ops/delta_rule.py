@@ -124,36 +124,44 @@ def chunk_delta_rule(
     )
     incl = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     eye = torch.eye(c, device=q.device)
-    # per-channel decay builds [B,HV,C,C,K] ratios per chunk: kept for the backward pass over a whole sequence
-    # they would cost T*C*K floats per head (~14 GB a layer at 16x1024 tokens), so each chunk is recomputed
+    # Everything inside a chunk is computed for many chunks at once; only the state recurrence between chunks runs
+    # chunk by chunk (a few small products each): on a GPU this path is bound by kernel launches, not FLOPs.
+    # Per-channel decay builds [B,HV,M,C,C,K] ratios for M chunks, so KDA takes blocks of chunks sized to
+    # PER_CHANNEL_BLOCK_ELEMENTS, and when training recomputes each block in the backward pass instead of keeping
+    # its ratios (over a whole sequence they cost T*C*K floats per head: ~14 GB a layer at 16x1024 tokens).
+    block = max(1, PER_CHANNEL_BLOCK_ELEMENTS // (b * hv * c * c * dk)) if per_channel else n
     recompute = per_channel and wants_grad(q, k, v, g, beta)
     outs = []
-    for i in range(n):
-        args = (qc[:, :, i], kc[:, :, i], vc[:, :, i], gc[:, :, i], bc[:, :, i], state, incl, eye)
+    for s in range(0, n, block):
+        part = slice(s, s + block)
+        args = (qc[:, :, part], kc[:, :, part], vc[:, :, part], gc[:, :, part], bc[:, :, part], state, incl, eye)
         if recompute:
-            o_i, state = torch.utils.checkpoint.checkpoint(_chunk_step, *args, use_reentrant=False)
+            o_i, state = torch.utils.checkpoint.checkpoint(_chunk_block, *args, use_reentrant=False)
         else:
-            o_i, state = _chunk_step(*args)
+            o_i, state = _chunk_block(*args)
         outs.append(o_i)
-    o = torch.stack(outs, dim=2).reshape(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
+    o = torch.cat(outs, dim=2).reshape(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
     return o.to(v.dtype), state
 
 
-def _chunk_step(
+PER_CHANNEL_BLOCK_ELEMENTS = 1 << 25  # [B,HV,M,C,C,K] decay ratios of one block of KDA chunks (128 MiB in fp32)
+
+
+def _chunk_block(
     qi: Tensor, ki: Tensor, vi: Tensor, gi: Tensor, bi: Tensor, state: Tensor, incl: Tensor, eye: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One chunk of the chunked form: its outputs and the state after it (see the module docstring)."""
+    """M consecutive chunks ([B,HV,M,C,...]): their outputs and the state after the last (module docstring)."""
     dv = vi.shape[-1]
-    cum = gi.cumsum(dim=2)  # [B,HV,C] or [B,HV,C,K]
-    if cum.dim() == 4:  # per-channel decay (KDA)
-        diff = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).masked_fill(~incl[..., None], float("-inf"))
-        ratio = diff.exp()  # [B,HV,C,C,K], exp(G_i - G_j) for j <= i, else 0
-        kk = torch.einsum("bhik,bhjk,bhijk->bhij", ki, ki, ratio)
-        qk = torch.einsum("bhik,bhjk,bhijk->bhij", qi, ki, ratio)
+    cum = gi.cumsum(dim=3)  # [B,HV,M,C] or [B,HV,M,C,K]
+    if cum.dim() == 5:  # per-channel decay (KDA)
+        diff = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~incl[..., None], float("-inf"))
+        ratio = diff.exp()  # [B,HV,M,C,C,K], exp(G_i - G_j) for j <= i, else 0
+        kk = torch.einsum("bhmik,bhmjk,bhmijk->bhmij", ki, ki, ratio)
+        qk = torch.einsum("bhmik,bhmjk,bhmijk->bhmij", qi, ki, ratio)
         k_start = cum.exp() * ki
         q_start = cum.exp() * qi
-        k_end = (cum[:, :, -1:] - cum).exp() * ki
-        chunk_decay = cum[:, :, -1].exp()[..., None]  # [B,HV,K,1]
+        k_end = (cum[..., -1:, :] - cum).exp() * ki
+        chunk_decay = cum[..., -1, :].exp()[..., None]  # [B,HV,M,K,1]
     else:
         ratio = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, float("-inf")).exp()
         kk = (ki @ ki.transpose(-1, -2)) * ratio
@@ -161,9 +169,14 @@ def _chunk_step(
         k_start = cum.exp()[..., None] * ki
         q_start = cum.exp()[..., None] * qi
         k_end = (cum[..., -1:] - cum).exp()[..., None] * ki
-        chunk_decay = cum[..., -1].exp()[..., None, None]
+        chunk_decay = cum[..., -1].exp()[..., None, None]  # [B,HV,M,1,1]
     a = (bi[..., None] * kk).tril(-1)
     rhs = torch.cat([bi[..., None] * vi, bi[..., None] * k_start], dim=-1)
     sol = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-    u = sol[..., :dv] - sol[..., dv:] @ state
-    return q_start @ state + qk @ u, chunk_decay * state + k_end.transpose(-1, -2) @ u
+    sol_v, sol_k = sol[..., :dv], sol[..., dv:]
+    outs = []
+    for m in range(qi.shape[2]):
+        u = sol_v[:, :, m] - sol_k[:, :, m] @ state
+        outs.append(q_start[:, :, m] @ state + qk[:, :, m] @ u)
+        state = chunk_decay[:, :, m] * state + k_end[:, :, m].transpose(-1, -2) @ u
+    return torch.stack(outs, dim=2), state

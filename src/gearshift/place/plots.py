@@ -104,9 +104,29 @@ def plot_frontier(
                     xytext=(3, -8),
                     textcoords="offset points",
                 )
-    for name, c, q in _presets(presets):
-        ax.scatter([c], [q], marker="*", s=140, color="tab:red", edgecolor="k", lw=0.5, zorder=5)
-        ax.annotate(name, (c, q), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    chosen = sorted(_presets(presets), key=lambda p: p[1])
+    for i, (name, c, q) in enumerate(chosen):
+        ax.scatter(
+            [c],
+            [q],
+            marker="*",
+            s=140,
+            color="tab:red",
+            edgecolor="k",
+            lw=0.5,
+            zorder=5,
+            label="preset" if not i else None,
+        )
+        # presets crowd together near the cheap end: labels climb a ladder, each tied to its star by a line
+        ax.annotate(
+            name,
+            (c, q),
+            xytext=(12, -10 - 13 * i) if len(chosen) > 1 else (5, 5),
+            textcoords="offset points",
+            fontsize=8,
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.3"} if len(chosen) > 1 else None,
+            zorder=6,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

@@ -50,7 +50,7 @@ class SamplingParams:
             )
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are looked up in lists every step (value equality is O(fields))
 class Request:
     id: int
     prompt: list[int]
@@ -74,6 +74,8 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
+    label: str = ""  # the placement as letters (metrics), set on submission
+    code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
 
     @property
     def output(self) -> list[int]:
@@ -123,6 +125,7 @@ class Engine:
         self.tokens_by_placement: dict[str, int] = {}
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
+        self._codes: dict[tuple, int] = {}  # (placement, slots) of a request -> a small int (see _code)
         # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode). Off by default
         # until verified against eager decoding on a GPU (benchmarks/engine_graphs.py).
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -188,6 +191,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
             req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
+            req.label = placement_letters(target, self.config)
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
             self.waiting.append(req)
@@ -228,7 +232,18 @@ class Engine:
             if req.draft is not None:
                 for i, name in enumerate(req.draft):
                     req.draft_slots[(i, name)] = self._take(i, name)
+            req.code = self._code(req.placement, req.slots)
             self.running.append(req)
+
+    def _code(self, placement: Placement, slots: dict[tuple[int, str], int]) -> int:
+        """A request's placement and slots as an int, so the key of a batch of B requests is B ints (hashed each
+        step) instead of B x layers pairs. Equal contents get equal codes, so a request that replaces another in
+        the same slots with the same placement still finds its plan and CUDA graph."""
+        if len(self._codes) > 100_000:
+            self._codes.clear()
+            self._plans.clear()
+            self._graphs.clear()
+        return self._codes.setdefault((tuple(placement), tuple(sorted(slots.items()))), len(self._codes))
 
     def _take(self, layer: int, name: str) -> int:
         pool = self.pools[layer][name]
@@ -256,12 +271,14 @@ class Engine:
         rollback: int = 0,
         max_position: int | None = None,
         last_only: bool = False,
+        codes: tuple[int, ...] | None = None,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
+        ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan).
         """
         if max_position is not None:
             self._check_context(max_position)
@@ -269,7 +286,10 @@ class Engine:
         model = self.model
         h = model.model.embed_tokens(tokens)
         views: list[RecurrentView] = []
-        for i, (block, groups) in enumerate(zip(model.blocks, self._plan(placements, slots), strict=True)):
+        # one context per set of rows, shared by the layers where that set forms a group: positions are gathered
+        # and rotary tables computed once per call, not once per layer (the plan shares equal row tensors)
+        contexts: dict[int, StepContext] = {}
+        for i, (block, groups) in enumerate(zip(model.blocks, self._plan(placements, slots, codes), strict=True)):
             x = block.input_layernorm(h)
             out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(x)
             for g in groups:
@@ -279,11 +299,14 @@ class Engine:
                     views.append(view)
                 else:
                     view = pool.view(g.slots, g.span, checked)
+                ctx = contexts.get(id(g.rows))
+                if ctx is None:
+                    pos = positions if g.rows is None else positions[g.rows]
+                    ctx = contexts[id(g.rows)] = StepContext(pos, pos)
                 if g.rows is None:  # every row uses this mixer here: no gather, no scatter
-                    out = block.mixer.mixers[g.name](x, StepContext(positions, positions), view)
+                    out = block.mixer.mixers[g.name](x, ctx, view)
                 else:
-                    pos = positions[g.rows]
-                    out[g.rows] = block.mixer.mixers[g.name](x[g.rows], StepContext(pos, pos), view)
+                    out[g.rows] = block.mixer.mixers[g.name](x[g.rows], ctx, view)
             h = h + out
             h = h + block.mlp(block.post_attention_layernorm(h))
         if last_only:
@@ -297,6 +320,7 @@ class Engine:
         placements: Sequence[Placement],
         slots: Sequence[dict[tuple[int, str], int]],
         max_position: int,
+        codes: tuple[int, ...] | None = None,
     ) -> Tensor:
         """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition.
 
@@ -305,13 +329,15 @@ class Engine:
         plan (index tensors) and static inputs alive; the pools are fixed buffers, positions are device data and
         capacity is checked here, on the host.
         """
-        key = self._plan_key(placements, slots)
+        key = self._plan_key(placements, slots, codes)
         graph = self._graphs.get(key)
         if graph is None:
             if self._last_eager != key:
                 self._last_eager = key
-                return self.mixed_forward(tokens, positions, placements, slots, max_position=max_position)[0][:, -1]
-            graph = _DecodeGraph(self, placements, slots)
+                return self.mixed_forward(tokens, positions, placements, slots, max_position=max_position, codes=codes)[
+                    0
+                ][:, -1]
+            graph = _DecodeGraph(self, placements, slots, codes)
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = graph
@@ -325,21 +351,34 @@ class Engine:
         if max_position >= self.max_context:
             raise PoolFullError(f"position {max_position} is beyond the engine's context of {self.max_context}")
 
-    def _plan_key(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> tuple:
+    def _plan_key(
+        self,
+        placements: Sequence[Placement],
+        slots: Sequence[dict[tuple[int, str], int]],
+        codes: tuple[int, ...] | None = None,
+    ) -> tuple:
+        if codes is not None:
+            return (self.contiguous_reads, "codes", codes)
         return (self.contiguous_reads, tuple(map(tuple, placements)), tuple(tuple(sorted(s.items())) for s in slots))
 
-    def _plan(self, placements: Sequence[Placement], slots: Sequence[dict[tuple[int, str], int]]) -> list[list[_Group]]:
+    def _plan(
+        self,
+        placements: Sequence[Placement],
+        slots: Sequence[dict[tuple[int, str], int]],
+        codes: tuple[int, ...] | None = None,
+    ) -> list[list[_Group]]:
         """Per layer, the groups of rows that share a mixer, with their row and slot index tensors.
 
         Kept for the batch's composition (placements and slots), which a steady decode batch repeats every step:
         building index tensors on the host each layer and step costs a host-to-device copy apiece, each of which
         waits for the GPU.
         """
-        key = self._plan_key(placements, slots)
+        key = self._plan_key(placements, slots, codes)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         plan = []
+        row_tensors: dict[tuple[int, ...], Tensor] = {}  # equal row sets share one tensor (and one StepContext)
         for i in range(len(self.model.blocks)):
             by_mixer: dict[str, list[int]] = {}
             for row, placement in enumerate(placements):
@@ -350,7 +389,9 @@ class Engine:
                 layer.append(
                     _Group(
                         name,
-                        None if len(by_mixer) == 1 else torch.tensor(rows, device=self.device),
+                        None
+                        if len(by_mixer) == 1
+                        else row_tensors.setdefault(tuple(rows), torch.tensor(rows, device=self.device)),
                         torch.tensor(slot_list, device=self.device),
                         _span(slot_list) if self.contiguous_reads else None,
                     )
@@ -400,11 +441,11 @@ class Engine:
         positions = torch.tensor([[r.processed] for r in reqs], device=self.device)
         tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         args = (tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
-        last = max(r.processed for r in reqs)
+        last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
         if self.cuda_graphs:
-            logits = self._graph_decode(*args, last)
+            logits = self._graph_decode(*args, last, codes)
         else:
-            logits = self.mixed_forward(*args, max_position=last)[0][:, -1]
+            logits = self.mixed_forward(*args, max_position=last, codes=codes)[0][:, -1]
         for req, token in zip(reqs, self._sample_rows(reqs, logits), strict=True):
             req.processed += 1
             self._emit(req, [token], touched)
@@ -469,11 +510,12 @@ class Engine:
             req.first_token_at = time.perf_counter()
         stops = req.params.stop_token_ids if req.params.stop_token_ids is not None else tuple(self.config.eos_ids())
         reason = None
+        if not req.new_tokens:  # its first tokens this step (step() empties new_tokens): O(1), not a list search
+            touched.append(req)
         for tok in new:
             req.tokens.append(tok)
             req.new_tokens.append(tok)
-            key = placement_letters(req.placement, self.config)
-            self.tokens_by_placement[key] = self.tokens_by_placement.get(key, 0) + 1
+            self.tokens_by_placement[req.label] = self.tokens_by_placement.get(req.label, 0) + 1
             if tok in stops:
                 reason = "stop"
             elif len(req.output) >= req.params.max_tokens:
@@ -482,8 +524,6 @@ class Engine:
                 reason = "context"
             if reason:
                 break
-        if req not in touched:
-            touched.append(req)
         if reason:
             with self.lock:
                 self._finish(req, reason)
@@ -522,15 +562,17 @@ class Engine:
 class _DecodeGraph:
     """One decode step of a fixed batch composition, captured: static token/position inputs, static logits."""
 
-    def __init__(self, engine: Engine, placements: Sequence[Placement], slots) -> None:
+    def __init__(self, engine: Engine, placements: Sequence[Placement], slots, codes=None) -> None:
         b = len(placements)
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
-        self.plan = engine._plan(placements, slots)  # its index tensors must outlive any eviction from the cache
+        self.plan = engine._plan(placements, slots, codes)  # index tensors must outlive any eviction from the cache
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
             # max_position=0 only marks the positions as checked: the real bound is checked before each replay
-            self.logits = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0][:, -1]
+            self.logits = engine.mixed_forward(
+                self.tokens, self.positions, placements, slots, max_position=0, codes=codes
+            )[0][:, -1]
 
 
 @dataclass(frozen=True)
