@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global batch)")
-    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (activation memory / N)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (activation memory / N)")
     ap.add_argument("--new-tokens", type=int, default=384)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--trace-rounds", type=int, default=3, help="teacher samples per training prompt")
