@@ -120,6 +120,26 @@ def test_sampling_distribution(tiny_model):
     torch.testing.assert_close(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("candidates", [3, 1024], ids=["nucleus_wider_than_candidates", "all_candidates"])
+def test_sampling_matches_the_filtered_distribution(monkeypatch, candidates):
+    """sample_next draws from filter_logits' distribution for every top-k / top-p / temperature setting, also
+    when a row's nucleus is wider than the candidates it selects first (those rows take the full sort)."""
+    from gearshift import generation
+
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", candidates)
+    rows = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.03, 0.02], [0.2, 0.18, 0.17, 0.16, 0.15, 0.14]]))
+    n = 20000
+    logits = rows.repeat_interleave(n, 0)
+    for temperature, top_k, top_p in [(1.0, 0, 0.85), (0.7, 0, 0.9), (1.0, 3, 1.0), (1.3, 4, 0.6), (1.0, 0, 1.0)]:
+        gen = torch.Generator().manual_seed(1)
+        drawn = sample_next(logits, temperature, top_k, top_p, gen).view(2, n)
+        expected = filter_logits(rows, temperature, top_k, top_p).softmax(-1)
+        for r in range(2):
+            freq = torch.bincount(drawn[r], minlength=6).float() / n
+            assert set(drawn[r].unique().tolist()) <= set(expected[r].nonzero().squeeze(1).tolist())
+            torch.testing.assert_close(freq, expected[r], atol=0.012, rtol=0)
+
+
 def test_context_limit_errors(tiny_model):
     limit = tiny_model.config.max_position_embeddings
     with pytest.raises(ValueError, match="context"):

@@ -45,6 +45,12 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: flo
     return logits
 
 
+# top-k / top-p sampling draws from the highest logits only: a partial selection of this many candidates per row
+# (sorting a whole vocabulary row is the slowest part of a large-batch decode step on a GPU); rows whose nucleus
+# does not fit among them fall back to the full sort, so the result is exact either way
+NUCLEUS_CANDIDATES = 1024
+
+
 def sample_next(
     logits: Tensor,
     temperature: float = 0.0,
@@ -52,13 +58,38 @@ def sample_next(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy."""
+    """Next token ids [B] from logits [B, vocab]; temperature 0 means greedy.
+
+    Samples from the distribution of ``filter_logits`` (temperature, then top-k, then top-p)."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    vocab = logits.shape[-1]
+    if (not top_k or top_k >= vocab) and top_p >= 1.0:
+        return torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator).squeeze(-1)
+    scaled = logits.float() / temperature
+    k = min(vocab, top_k or NUCLEUS_CANDIDATES)
+    values, ids = torch.topk(scaled, k, dim=-1)  # descending
+    # candidate probabilities under the distribution being filtered: top-k's own softmax, else the full one
+    total = torch.logsumexp(values if top_k else scaled, dim=-1, keepdim=True)
+    probs = (values - total).exp()
+    if top_p < 1.0:
+        before = probs.cumsum(-1) - probs  # mass strictly before each candidate (the top one always stays)
+        probs = probs.masked_fill(before >= top_p, 0.0)
+        if not top_k and k < vocab:
+            missed = before[:, -1] + probs[:, -1] < top_p  # nucleus wider than the candidates: sort those rows
+            if bool(missed.any()):
+                out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+                rows = missed.nonzero().squeeze(1)
+                full = filter_logits(logits[rows], temperature, 0, top_p).softmax(-1)
+                out[rows] = torch.multinomial(full, 1, generator=generator).squeeze(-1)
+                keep = (~missed).nonzero().squeeze(1)
+                if keep.numel():
+                    pick = torch.multinomial(probs[keep], 1, generator=generator)
+                    out[keep] = ids[keep].gather(-1, pick).squeeze(-1)
+                return out
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
 @torch.no_grad()
