@@ -144,7 +144,7 @@ def chunk_delta_rule(
     return o.to(v.dtype), state
 
 
-PER_CHANNEL_BLOCK_ELEMENTS = 1 << 25  # [B,HV,M,C,C,K] decay ratios of one block of KDA chunks (128 MiB in fp32)
+PER_CHANNEL_BLOCK_ELEMENTS = 1 << 27  # [B,HV,M,C,C,K] decay ratios of one block of KDA chunks (512 MiB in fp32)
 
 
 def _chunk_block(
