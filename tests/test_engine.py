@@ -302,3 +302,17 @@ def test_composition_codes_follow_contents(model):
     d = engine.submit([5], "all-kda", params)
     engine.run()
     assert d.code not in (a.code, b.code) and all(r.finished for r in (b, c, d))
+
+
+def test_composition_codes_start_over_without_collisions(model, monkeypatch):
+    """When the code table is cleared (bounded memory), running requests are re-coded, so no new request can
+    share a code (and a plan) with a running one of different placement or slots; outputs stay exact."""
+    engine = Engine(model, max_batch=2)
+    params = SamplingParams(max_tokens=6, stop_token_ids=())
+    a = engine.submit([1, 2, 3], "all-gdn", params)
+    engine.step()
+    engine._codes.update({("filler", i): 1000 + i for i in range(100_001)})  # as if many compositions came by
+    b = engine.submit([4, 5], "all-attention", params)
+    engine.run()
+    assert len(engine._codes) == 2 and a.code != b.code
+    assert a.output == alone(model, [1, 2, 3], "all-gdn", 6) and b.output == alone(model, [4, 5], "all-attention", 6)

@@ -239,10 +239,13 @@ class Engine:
         """A request's placement and slots as an int, so the key of a batch of B requests is B ints (hashed each
         step) instead of B x layers pairs. Equal contents get equal codes, so a request that replaces another in
         the same slots with the same placement still finds its plan and CUDA graph."""
-        if len(self._codes) > 100_000:
+        if len(self._codes) > 100_000:  # bounded memory: start over, re-coding the running requests
             self._codes.clear()
             self._plans.clear()
             self._graphs.clear()
+            self._last_eager = None
+            for req in self.running:
+                req.code = self._code(req.placement, req.slots)
         return self._codes.setdefault((tuple(placement), tuple(sorted(slots.items()))), len(self._codes))
 
     def _take(self, layer: int, name: str) -> int:
