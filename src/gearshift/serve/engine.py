@@ -337,9 +337,10 @@ class Engine:
         if graph is None:
             if self._last_eager != key:
                 self._last_eager = key
-                return self.mixed_forward(tokens, positions, placements, slots, max_position=max_position, codes=codes)[
-                    0
-                ][:, -1]
+                logits, _ = self.mixed_forward(
+                    tokens, positions, placements, slots, max_position=max_position, codes=codes
+                )
+                return logits[:, -1]
             graph = _DecodeGraph(self, placements, slots, codes)
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
                 self._graphs.pop(next(iter(self._graphs)))
