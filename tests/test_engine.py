@@ -263,6 +263,7 @@ def test_graph_decode_bookkeeping(model, monkeypatch):
     expected = [plain.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
     plain.run()
     graphed = Engine(model, max_batch=3, prefill_chunk=4)
+    assert not graphed.cuda_graphs  # on by default, but only where CUDA is
     graphed.cuda_graphs = True  # forced on a CPU engine: only the stand-in graph is used
     got = [graphed.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
     graphed.run()

@@ -76,11 +76,45 @@ def test_distillation_lowers_each_mixers_kl_and_trains_only_mixers(workdir, tmp_
     assert rows[-1]["step"] == 20 and "act_by_mixer" in rows[-1] and len(rows[-1]["layer_act"]) == 2
 
 
-def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
-    straight = Trainer(config(workdir, tmp_path / "a"), device="cpu")
+def test_align_lowers_each_mixers_error_and_kl_on_teacher_inputs(workdir, tmp_path):
+    """Layer-local alignment: every mixer of every layer learns at every step, on the teacher's own inputs."""
+    cfg = config(
+        workdir, tmp_path, mode="align", optim__steps=40, optim__lr=3e-2, data__seq_len=24, optim__frozen_mixers=[]
+    )
+    trainer = Trainer(cfg, device="cpu")
+    assert trainer.align_mixers == [["attention", "sliding_window", "gdn", "kda"]] * 2
+    seen = PackedRows(trainer.rows.tokens[:32], trainer.rows.mask[:32])
+    # the teacher's own attention on the teacher's own inputs: zero error, so the inputs are the right ones
+    err0 = trainer.align_error(seen)
+    assert err0["attention"]["mse"] < 1e-10 and all(err0[m]["relative"] > 0.05 for m in ("gdn", "kda")), err0
+    assert err0["gdn"]["relative"] == pytest.approx(1.0)  # DIL's z = 0 gate: GDN starts as a zero output
+    placements = ["all-gdn", "all-kda"]
+    before = trainer.evaluate(placements, rows=seen)
+    shared = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if ".mixers." not in n}
+    trainer.run()
+    err1 = trainer.align_error(seen)
+    for m in ("sliding_window", "gdn", "kda"):
+        assert err1[m]["mse"] < 0.85 * err0[m]["mse"], (m, err0, err1)
+    after = trainer.evaluate(placements, rows=seen)
+    for p in placements:
+        assert after[p]["kl"] < 0.95 * before[p]["kl"], (p, before[p], after[p])
+    for name, p in trainer.student.named_parameters():
+        if name in shared:
+            assert torch.equal(p, shared[name]), name
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 40 and len(rows[-1]["layer_act"]) == 2 and set(rows[-1]["act_by_mixer"]) == set(err0)
+    only = Trainer(config(workdir, tmp_path / "g", mode="align", sampler={"kind": "uniform", "mixers": ["gdn"]}))
+    assert only.align_mixers == [["gdn"]] * 2
+    with pytest.raises(TrainConfigError, match="align trains mixers only"):
+        config(workdir, tmp_path, mode="align", optim__train="all")
+
+
+@pytest.mark.parametrize("mode", ["distill", "align"])
+def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch, mode):
+    straight = Trainer(config(workdir, tmp_path / "a", mode=mode), device="cpu")
     straight.run()
     # the same run killed in the middle of step 5 (its step-3 checkpoint survives, steps 4-5 are lost) ...
-    doomed = Trainer(config(workdir, tmp_path / "b"), device="cpu")
+    doomed = Trainer(config(workdir, tmp_path / "b", mode=mode), device="cpu")
     real_step = Trainer.train_step
 
     def dying_step(self):
@@ -94,7 +128,7 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", real_step)
     # ... with a half-written temporary file beside it, as a kill during a checkpoint write would leave
     (tmp_path / "b" / "checkpoints" / ".step-0000006.pt.tmp").write_bytes(b"partial")
-    resumed = Trainer(config(workdir, tmp_path / "b"), device="cpu")
+    resumed = Trainer(config(workdir, tmp_path / "b", mode=mode), device="cpu")
     assert resumed.step == 3
     resumed.run()
     for name, p in straight.trainable.items():
@@ -134,9 +168,11 @@ def test_full_options_run(workdir, tmp_path):
     assert any("eval" in r for r in rows) and all(r.get("ce", 1) > 0 for r in rows if "ce" in r)
 
 
-def test_two_processes_match_one(workdir, tmp_path):
+@pytest.mark.parametrize("mode", ["distill", "align"])
+def test_two_processes_match_one(workdir, tmp_path, mode):
     base = {
         "model": str(workdir / "supernet"),
+        "mode": mode,
         "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
         "optim": {"steps": 3, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
         "eval": {"every": 0},
@@ -153,7 +189,7 @@ def test_two_processes_match_one(workdir, tmp_path):
         done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    run("-m", "gearshift.cli", "distill", str(one), "--device", "cpu")
+    run("-m", "gearshift.cli", mode, str(one), "--device", "cpu")
     port = str(_free_port())
     run(
         "-m",
@@ -164,7 +200,7 @@ def test_two_processes_match_one(workdir, tmp_path):
         port,
         "-m",
         "gearshift.cli",
-        "distill",
+        mode,
         str(two),
         "--device",
         "cpu",

@@ -197,6 +197,7 @@ class Supernet(nn.Module):
         attention_mask: Tensor | None = None,
         cache: SupernetCache | None = None,
         mixer_outputs: list[Tensor] | None = None,
+        mixer_inputs: list[Tensor] | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
     ) -> Tensor:
@@ -205,7 +206,8 @@ class Supernet(nn.Module):
         ``attention_mask`` [B, T] marks real tokens (1) and padding (0). Without a cache any padding works (right
         padding for training, left padding for scoring); with a cache, pad on the left. Passing a cache continues
         its sequences and advances it; its placement is the one it was created with. ``mixer_outputs``, when a
-        list, receives each layer's mixer output (for activation-matching distillation). ``last_only`` computes
+        list, receives each layer's mixer output (for activation-matching distillation), ``mixer_inputs`` each
+        layer's normed mixer input (for layer-local alignment; recomputed, so no-grad use). ``last_only`` computes
         logits for the last position only (prefill: the full [T, vocab] tensor can dwarf everything else).
         """
         if input_ids.dim() != 2:
@@ -220,6 +222,8 @@ class Supernet(nn.Module):
         h = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, (block, name) in enumerate(zip(self.blocks, placement, strict=True)):
+            if mixer_inputs is not None:
+                mixer_inputs.append(block.input_layernorm(h))
             if recompute:
                 h, m = checkpoint(block, h, name, ctx, None, use_reentrant=False)
             else:
@@ -240,6 +244,10 @@ class Supernet(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
+
+    def step_context(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> StepContext:
+        """The positions and masks a mixer needs to run on its own over ``input_ids`` (no cache)."""
+        return self._context(input_ids, attention_mask, None)
 
     def _context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: SupernetCache | None) -> StepContext:
         b, t = input_ids.shape

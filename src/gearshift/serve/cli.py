@@ -52,9 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device")
     s.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="replay decode steps from CUDA graphs per batch composition (GPU; check it on yours first with "
-        "benchmarks/engine_graphs.py)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs per batch composition (GPU only; on by default, checked "
+        "against eager decoding by benchmarks/engine_graphs.py)",
     )
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     s.set_defaults(fn=cmd_serve)

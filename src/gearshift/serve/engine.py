@@ -98,7 +98,7 @@ class Engine:
         max_queue: int = 256,
         spec_k_max: int = 8,
         pool_slots: int | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -126,8 +126,8 @@ class Engine:
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
         self._codes: dict[tuple, int] = {}  # (placement, slots) of a request -> a small int (see _code)
-        # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode). Off by default
-        # until verified against eager decoding on a GPU (benchmarks/engine_graphs.py).
+        # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode), on CUDA only;
+        # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _DecodeGraph] = {}
         self._last_eager: tuple | None = None

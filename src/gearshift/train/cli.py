@@ -1,4 +1,4 @@
-"""Sub-commands of the build stage: convert, traces, distill, sft."""
+"""Sub-commands of the build stage: convert, traces, align, distill, sft."""
 
 from __future__ import annotations
 
@@ -107,12 +107,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device")
     s.set_defaults(fn=cmd_traces)
 
-    for mode in ("distill", "sft"):
-        s = sub.add_parser(
-            mode,
-            help=f"{'stochastic distillation' if mode == 'distill' else 'targeted SFT'} "
-            "from a YAML/TOML config (torchrun for several processes)",
-        )
+    helps = {
+        "align": "layer-local alignment: every mixer of every layer learns the teacher's attention output on the "
+        "teacher's inputs (a fast first stage before distill)",
+        "distill": "stochastic distillation",
+        "sft": "targeted SFT",
+    }
+    for mode, what in helps.items():
+        s = sub.add_parser(mode, help=f"{what} from a YAML/TOML config (torchrun for several processes)")
         s.add_argument("config")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
         s.add_argument("--device")

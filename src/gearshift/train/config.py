@@ -84,7 +84,7 @@ class CheckpointConfig:
 class TrainConfig:
     model: str = ""  # supernet checkpoint directory (from `gearshift convert`)
     output: str = "runs/train"
-    mode: str = "distill"  # distill | sft
+    mode: str = "distill"  # distill | sft | align (layer-local activation matching, a first stage)
     teacher: str = ""  # default: the model's own all-attention path, frozen
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -98,8 +98,10 @@ class TrainConfig:
         problems = []
         if not self.model:
             problems.append("model: a supernet checkpoint directory is required")
-        if self.mode not in ("distill", "sft"):
-            problems.append(f"mode: {self.mode!r} is not distill or sft")
+        if self.mode not in ("distill", "sft", "align"):
+            problems.append(f"mode: {self.mode!r} is not distill, sft or align")
+        if self.mode == "align" and self.optim.train != "mixers":
+            problems.append("optim.train: align trains mixers only (layer-local losses reach no other parameter)")
         if not self.data.train:
             problems.append("data.train: at least one token-shard directory or text file is required")
         if self.sampler.kind not in ("uniform", "full_layout", "predefined"):

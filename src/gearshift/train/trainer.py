@@ -1,8 +1,10 @@
-"""Stochastic distillation and targeted SFT of a supernet, on one process or many (torch.distributed DDP).
+"""Layer-local alignment, stochastic distillation and targeted SFT of a supernet, on one process or many.
 
-Each step draws one placement (the same on every rank, from (seed, step)), runs the frozen teacher — the
-supernet's own all-attention path, thinned to attention — and the student under that placement, and trains
-the mixers on: per-layer activation matching, forward/reverse KL of the logits, and (SFT) cross-entropy.
+Distillation: each step draws one placement (the same on every rank, from (seed, step)), runs the frozen
+teacher — the supernet's own all-attention path, thinned to attention — and the student under that placement,
+and trains the mixers on: per-layer activation matching, forward/reverse KL of the logits, and (SFT)
+cross-entropy. Alignment (mode ``align``), the first stage: every mixer of every layer learns the teacher's
+attention output from the teacher's own layer input, all at once and without gradients across layers.
 
 Data parallelism is DDP: the trainable mixers of the models we distil fit on one GPU, DDP keeps the exact
 semantics of one large batch, and `find_unused_parameters` copes with the mixers a step leaves out. Losses are
@@ -121,7 +123,11 @@ class Trainer:
         self.sampler = build_sampler(cfg.sampler, self.student.config, o.seed, self.student.presets)
         self.cheapest = cheapest_placement(self.student.config)
         self.model = self.student
-        if self.world > 1:
+        # align calls each layer's mixers directly, outside the model's forward, where DDP's hooks never run: its
+        # gradients are averaged by hand (_all_reduce_grads)
+        self.align_mixers = self._align_mixers() if cfg.mode == "align" else []
+        self.align_kinds = list(dict.fromkeys(n for names in self.align_mixers for n in names))
+        if self.world > 1 and cfg.mode != "align":
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=ids, find_unused_parameters=True
@@ -200,6 +206,8 @@ class Trainer:
         return all(name in layer.mixers for layer in self.student.config.layers)
 
     def train_step(self) -> dict[str, Any]:
+        if self.cfg.mode == "align":
+            return self._align_step()
         o, lw = self.cfg.optim, self.cfg.loss
         placements = self.placements_for(self.step)
         micro_rows = [
@@ -278,6 +286,136 @@ class Trainer:
         row["act_by_mixer"] = {k: sum(v) / len(v) for k, v in by_mixer.items()}
         return row
 
+    # ------------------------------------------------------------------ layer-local alignment
+    def _align_mixers(self) -> list[list[str]]:
+        """Per layer, the mixers align trains: those with a trainable parameter (and in sampler.mixers if set)."""
+        allowed = set(self.cfg.sampler.mixers)
+        names = [
+            [n for n in layer.mixers if (not allowed or n in allowed) and self._trains_mixer(i, n)]
+            for i, layer in enumerate(self.student.config.layers)
+        ]
+        if not any(names):
+            raise ValueError("align: no layer holds a trainable mixer (check optim.frozen_mixers and sampler.mixers)")
+        return names
+
+    def _trains_mixer(self, layer: int, name: str) -> bool:
+        return f"model.decoder.blocks.{layer}.mixer.mixers.{name}." in self._keys
+
+    def _align_pass(self, tokens: torch.Tensor, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Summed per-token squared errors [layers, kinds] of every aligned mixer on the teacher's inputs, plus
+        the teacher outputs' summed squares in an extra last column (for the relative error). With ``scale``, each
+        layer's loss (times scale) is backpropagated as soon as it is computed, so one layer's graph is alive."""
+        inputs = tokens[:, :-1]
+        with torch.no_grad(), self.autocast():
+            xs: list[torch.Tensor] = []
+            ys: list[torch.Tensor] = []
+            self.teacher(inputs, "all-attention", mixer_outputs=ys, mixer_inputs=xs, return_hidden=True)
+        ctx = self.student.step_context(inputs)
+        m = mask.to(torch.float32)
+        sums = torch.zeros(len(self.align_mixers), len(self.align_kinds) + 1, device=self.device)
+        for i, block in enumerate(self.student.blocks):
+            if not self.align_mixers[i]:
+                continue
+            target = ys[i].float()
+            sums[i, -1] = (target.pow(2).mean(-1) * m).sum()
+            loss = torch.zeros((), device=self.device)
+            for name in self.align_mixers[i]:
+                with torch.set_grad_enabled(scale is not None), self.autocast():
+                    out = block.mixer.mixers[name](xs[i], ctx)
+                err = ((out.float() - target).pow(2).mean(-1) * m).sum()
+                loss = loss + err
+                sums[i, self.align_kinds.index(name)] = err.detach()
+            if scale is not None:
+                (loss * scale).backward()
+        return sums
+
+    def _align_step(self) -> dict[str, Any]:
+        """One step of layer-local alignment: the frozen teacher runs once and records, per layer, its normed
+        mixer input and its attention output; every trained mixer of every layer then maps that same input and
+        is pulled towards that output (mean squared error per token). No gradient crosses layers, so each layer
+        is backpropagated and freed on its own, and every mixer of every layer learns at every step: the cheap,
+        well-conditioned first stage before stochastic distillation repairs what compounds across layers."""
+        o = self.cfg.optim
+        micro_rows = [
+            step_rows(len(self.rows), self.step, m, self.rank, self.world, o.batch_size, o.grad_accum, o.seed)
+            for m in range(o.grad_accum)
+        ]
+        batches = [self.rows.batch(r, self.device) for r in micro_rows]
+        total = torch.tensor(float(sum(int(mask.sum()) for _, mask in batches)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        pairs = sum(len(names) for names in self.align_mixers)
+        scale = 1.0 / (max(float(total), 1.0) * pairs)  # loss = mean over tokens and (layer, mixer) pairs
+        sums = sum(self._align_pass(tokens, mask, scale) for tokens, mask in batches)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            self._all_reduce_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), o.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        per_pair = sums[:, :-1] / max(float(total), 1.0)  # [layers, kinds]: per-token MSE
+        loss = float(per_pair.sum()) / pairs
+        return {
+            "step": self.step,
+            "lr": self.scheduler.get_last_lr()[-1],
+            "loss": loss,
+            "act": loss,
+            "grad_norm": float(grad_norm),
+            "tokens": int(total),
+            "layer_act": [round(float(x), 6) for x in per_pair.sum(1) / self._align_counts().sum(1).clamp(min=1)],
+            "act_by_mixer": self._by_kind(per_pair),
+        }
+
+    def _align_counts(self) -> torch.Tensor:
+        counts = torch.zeros(len(self.align_mixers), len(self.align_kinds), device=self.device)
+        for i, names in enumerate(self.align_mixers):
+            for name in names:
+                counts[i, self.align_kinds.index(name)] = 1
+        return counts
+
+    def _by_kind(self, per_layer: torch.Tensor) -> dict[str, float]:
+        """Mean over the layers that align a kind, per kind."""
+        counts = self._align_counts()
+        return {k: float(per_layer[:, j].sum() / counts[:, j].sum()) for j, k in enumerate(self.align_kinds)}
+
+    @torch.no_grad()
+    def align_error(self, rows: PackedRows | None = None) -> dict[str, dict[str, float]]:
+        """Held-out layer-local error per mixer kind, on the teacher's inputs: per-token MSE and the relative
+        error (MSE / the teacher output's mean square), each averaged over layers; sharded over ranks."""
+        if not self.align_mixers:  # usable after any mode: align every trainable mixer
+            self.align_mixers = self._align_mixers()
+            self.align_kinds = list(dict.fromkeys(n for names in self.align_mixers for n in names))
+        rows = rows or self.eval_rows
+        mine = list(range(self.rank, len(rows), self.world))
+        bs = self.cfg.optim.batch_size
+        sums = torch.zeros(len(self.align_mixers), len(self.align_kinds) + 1, device=self.device)
+        n = torch.zeros((), device=self.device)
+        for s in range(0, len(mine), bs):
+            tokens, mask = rows.batch(mine[s : s + bs], self.device)
+            sums += self._align_pass(tokens, mask, None)
+            n += mask.sum()
+        if self.world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(n)
+        mse = self._by_kind(sums[:, :-1] / n.clamp(min=1))
+        rel = self._by_kind(sums[:, :-1] / sums[:, -1:].clamp(min=1e-12))
+        return {k: {"mse": mse[k], "relative": rel[k]} for k in self.align_kinds}
+
+    def _all_reduce_grads(self) -> None:
+        """Sum the trained gradients over ranks in one flat buffer (each rank's loss is already scaled by the
+        global token count, so the sum is the gradient of the global mean)."""
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def _needs_teacher(self) -> bool:
         lw = self.cfg.loss
         return bool(lw.activation or lw.forward_kl or lw.reverse_kl)
@@ -317,8 +455,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def flops_per_token(self) -> float:
-        """Model FLOPs per trained token: student forward+backward (6N) + teacher forward (2N), N active."""
-        n_student = self.student.num_parameters(self.sampler.sample(0))
+        """Model FLOPs per trained token: student forward+backward (6N) + teacher forward (2N), N active (align:
+        N is every trained mixer, each of which runs on every token)."""
+        if self.cfg.mode == "align":
+            mixers = [
+                self.student.blocks[i].mixer.mixers[name] for i, names in enumerate(self.align_mixers) for name in names
+            ]
+            n_student = sum(p.numel() for m in mixers for p in m.parameters())
+        else:
+            n_student = self.student.num_parameters(self.sampler.sample(0))
         n_teacher = self.teacher.num_parameters("all-attention")
         return 6 * n_student + 2 * n_teacher
 
