@@ -205,20 +205,25 @@ class Trainer:
     def _all_have(self, name: str) -> bool:
         return all(name in layer.mixers for layer in self.student.config.layers)
 
-    def train_step(self) -> dict[str, Any]:
-        if self.cfg.mode == "align":
-            return self._align_step()
-        o, lw = self.cfg.optim, self.cfg.loss
-        placements = self.placements_for(self.step)
+    def _step_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """This rank's micro-batches of the step (tokens, loss mask) and the step's token count over all ranks."""
+        o = self.cfg.optim
         micro_rows = [
             step_rows(len(self.rows), self.step, m, self.rank, self.world, o.batch_size, o.grad_accum, o.seed)
             for m in range(o.grad_accum)
         ]
         batches = [self.rows.batch(r, self.device) for r in micro_rows]
-        local_tokens = sum(int(mask.sum()) for _, mask in batches)
-        total = torch.tensor(float(local_tokens), device=self.device)
+        total = torch.tensor(float(sum(int(mask.sum()) for _, mask in batches)), device=self.device)
         if self.world > 1:
             dist.all_reduce(total)
+        return batches, total
+
+    def train_step(self) -> dict[str, Any]:
+        if self.cfg.mode == "align":
+            return self._align_step()
+        o, lw = self.cfg.optim, self.cfg.loss
+        placements = self.placements_for(self.step)
+        batches, total = self._step_batches()
         # each micro-batch contributes sum(loss) / global tokens; DDP averages over ranks, so scale by world
         scale_base = self.world / max(float(total), 1.0)
         n_layers = self.student.config.num_layers
@@ -336,14 +341,7 @@ class Trainer:
         is backpropagated and freed on its own, and every mixer of every layer learns at every step: the cheap,
         well-conditioned first stage before stochastic distillation repairs what compounds across layers."""
         o = self.cfg.optim
-        micro_rows = [
-            step_rows(len(self.rows), self.step, m, self.rank, self.world, o.batch_size, o.grad_accum, o.seed)
-            for m in range(o.grad_accum)
-        ]
-        batches = [self.rows.batch(r, self.device) for r in micro_rows]
-        total = torch.tensor(float(sum(int(mask.sum()) for _, mask in batches)), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(total)
+        batches, total = self._step_batches()
         pairs = sum(len(names) for names in self.align_mixers)
         scale = 1.0 / (max(float(total), 1.0) * pairs)  # loss = mean over tokens and (layer, mixer) pairs
         sums = sum(self._align_pass(tokens, mask, scale) for tokens, mask in batches)
