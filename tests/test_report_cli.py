@@ -48,7 +48,7 @@ def test_spread_placement_and_paper_presets():
 
 
 def test_cli_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "6"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--steps", "6", "--align-steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed: True" in out
     summary = json.loads((tmp_path / "summary.json").read_text())

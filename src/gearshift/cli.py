@@ -30,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The product end to end on an embedded tiny teacher (see ``gearshift.demo``)."""
     from .demo import run
 
-    return 0 if run(args.out, steps=args.steps) else 1
+    return 0 if run(args.out, steps=args.steps, align_steps=args.align_steps) else 1
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="end-to-end run on an embedded tiny teacher (no downloads, ~1 min on a CPU)")
     s.add_argument("--out", default="demo-out")
     s.add_argument("--steps", type=int, default=120, help="distillation steps")
+    s.add_argument("--align-steps", type=int, default=60, help="alignment steps (before distillation)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("init", help="write a randomly initialised supernet checkpoint")
