@@ -156,8 +156,11 @@ def _chunk_block(
     if cum.dim() == 5:  # per-channel decay (KDA)
         diff = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~incl[..., None], float("-inf"))
         ratio = diff.exp()  # [B,HV,M,C,C,K], exp(G_i - G_j) for j <= i, else 0
-        kk = torch.einsum("bhmik,bhmjk,bhmijk->bhmij", ki, ki, ratio)
-        qk = torch.einsum("bhmik,bhmjk,bhmijk->bhmij", qi, ki, ratio)
+        # sum_k x_ik k_jk ratio_ijk as a product and a reduction over the contiguous K axis: the same sum written
+        # as a three-operand einsum becomes a batched matmul of 1xK by Kx1 per (i, j), i.e. millions of GEMVs
+        kr = ki[..., None, :, :] * ratio  # [B,HV,M,C,C,K]: k_jk ratio_ijk
+        kk = (ki[..., :, None, :] * kr).sum(-1)
+        qk = (qi[..., :, None, :] * kr).sum(-1)
         k_start = cum.exp() * ki
         q_start = cum.exp() * qi
         k_end = (cum[..., -1:, :] - cum).exp() * ki
