@@ -2,7 +2,8 @@
 
 (1) check: random supernets (fp32 and bf16), prompts of mixed lengths under every single-mixer placement and a
 few mixes, greedy, a small max_batch so requests come and go (captures, replays, evictions): the fraction of
-requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted.
+requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted; then
+the same with split-KV decode attention in the graphs (fp32 must match exactly; bf16 may differ at near-ties).
 (2) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
 placement and a mix, each row holding --context tokens of state.
 
@@ -19,13 +20,16 @@ import torch
 
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
+from gearshift.ops import attention as attention_ops
 from gearshift.serve.engine import Engine, SamplingParams
 
 from common import device_name, write_json
 from engine_mixed import decode_rate
 
 
-def check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int = 0) -> dict:
+    """Fraction of requests whose graph-replayed output equals eager decoding's (``split_kv``: the graphs run
+    split-KV decode attention over chunks of that many keys, the eager reference the fused path)."""
     cfg = SupernetConfig.tiny(num_layers=6, vocab_size=257, window=12, eos_token_id=None)
     model = Supernet.random(cfg, seed=seed, std=0.2).to(device=device, dtype=dtype).eval()
     rng = random.Random(seed)
@@ -36,6 +40,7 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     outputs = []
     graph_count = 0
     for graphs in (False, True):
+        attention_ops.SPLIT_KV_CHUNK = split_kv if graphs else 0
         engine = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=graphs)
         reqs = [
             engine.submit(p, pl, SamplingParams(max_tokens=m, stop_token_ids=()))
@@ -44,8 +49,10 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
         engine.run()
         outputs.append([r.output for r in reqs])
         graph_count = max(graph_count, len(engine._graphs))
+    attention_ops.SPLIT_KV_CHUNK = 0
     same = [a == b for a, b in zip(*outputs, strict=True)]
-    return {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
+    row = {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
+    return row | ({"split_kv": split_kv} if split_kv else {})
 
 
 def speed(model: Supernet, context: int, batches: list[int], steps: int) -> list[dict]:
@@ -83,14 +90,15 @@ def main() -> None:
         raise SystemExit("CUDA graphs need a GPU")
     device = torch.device("cuda")
     report: dict = {"device": device_name(device), "check": [], "speed": []}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, split_kv in ((torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 8), (torch.bfloat16, 8)):
         try:
-            report["check"].append(check(dtype, device))
+            report["check"].append(check(dtype, device, split_kv=split_kv))
             print(f"check {report['check'][-1]}", flush=True)
         except Exception:  # noqa: BLE001 - record and go on: this runs unattended
             report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})
             print(report["check"][-1]["error"], flush=True)
         write_json(args.out, report)
+    attention_ops.SPLIT_KV_CHUNK = 0  # the speed part times the default path
     if args.model:
         try:
             model = Supernet.from_pretrained(args.model, device=device, dtype=torch.bfloat16).eval()

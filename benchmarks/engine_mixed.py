@@ -7,6 +7,7 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
 
     python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
     python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run
+    python benchmarks/engine_mixed.py --graphs --split-kv 512 ...   # split-KV decode attention (off by default)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
+from gearshift.ops import attention as attention_ops
 from gearshift.report import paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
@@ -75,7 +77,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/engine_mixed.json")
     ap.add_argument("--graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
+    ap.add_argument("--split-kv", type=int, default=0, help="split-KV decode attention over chunks of N keys (0: off)")
     args = ap.parse_args()
+    attention_ops.SPLIT_KV_CHUNK = args.split_kv
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny CPU shapes: threads cost more than they give
@@ -104,7 +108,13 @@ def main() -> None:
         f"{'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference {reference:.1f}, "
         f"{100 * (reference / rate - 1):+.1f}%)"
     )
-    meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "graphs": engine.cuda_graphs}
+    meta = {
+        "device": device_name(device),
+        "shape": args.shape,
+        "context": args.context,
+        "graphs": engine.cuda_graphs,
+        "split_kv": args.split_kv,
+    }
     write_json(args.out, {**meta, "rows": rows})
 
 

@@ -3,7 +3,7 @@
 # wanted first (a hold that runs out of time loses the tail):
 #   1. build      SmolLM2-135M-Instruct -> supernet -> teacher traces -> alignment -> distillation -> KL per stage
 #   2. engine     CUDA-graph decode checked token for token against eager, then eager vs graphs speed; mixed- vs
-#                 single-preset engine batches of the 15B shape at 16k and 32k, with graphs and eager
+#                 single-preset engine batches of the 15B shape at 16k and 32k: graphs, graphs + split-KV, eager
 #   3. evals      tasks + NIAH + retention report of the distilled presets
 #   4. serve      self-speculative decoding per draft preset
 #   5. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
@@ -82,6 +82,8 @@ while [ $# -ge 2 ]; do
   if [ "$TINY" != 1 ]; then
     stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
       --graphs --out "$RUN/shape15b/engine_$1_graphs.json"
+    stage "engine_$1_graphs_splitkv" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" \
+      --batch "$2" --graphs --split-kv 512 --out "$RUN/shape15b/engine_$1_graphs_splitkv.json"
   fi
   stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
     --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}

@@ -31,6 +31,21 @@ def test_mixed_batch_equals_each_request_alone(model, chunk, contiguous):
         assert out == alone(model, prompt, placement, 12), placement
 
 
+def test_split_kv_decode_equals_each_request_alone(model, monkeypatch):
+    """Engine decode through split-KV attention (chunks of 4 keys) gives the tokens of the fused path."""
+    from gearshift.ops import attention as ops
+
+    calls = []
+    real = ops.split_kv_attention
+    monkeypatch.setattr(ops, "split_kv_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", 4)
+    engine = Engine(model, max_batch=8, max_context=64)
+    outs = engine.generate(PROMPTS, PLACEMENTS, SamplingParams(max_tokens=12, stop_token_ids=()))
+    for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):
+        assert out == alone(model, prompt, placement, 12), placement
+    assert calls
+
+
 def test_continuous_batching_with_a_small_batch(model):
     engine = Engine(model, max_batch=2, prefill_chunk=4)
     reqs = [

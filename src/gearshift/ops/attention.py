@@ -8,6 +8,7 @@ a query at index i sees a key at index j when j <= i, i - j < window, and j is a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,11 @@ from ..config import RopeConfig
 
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
 MAX_MASK_ELEMENTS = 1 << 24
+# Engine decode (per-row positions, a few queries) over at least two chunks of this many keys uses split-KV
+# attention (split_kv_attention); 0 = off. Off by default until timed on a GPU (benchmarks/engine_mixed.py
+# --split-kv); the environment variable GEARSHIFT_SPLIT_KV sets it.
+SPLIT_KV_CHUNK = int(os.environ.get("GEARSHIFT_SPLIT_KV", "0"))
+SPLIT_KV_MAX_QUERIES = 16
 
 
 def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
@@ -94,6 +100,9 @@ def attend(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if tq == 1 and keys_exact:
             return _masked_sdpa(q, k, v, None, scale)
+    chunk = SPLIT_KV_CHUNK
+    if chunk and q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES and k.shape[2] >= 2 * chunk:
+        return split_kv_attention(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale, chunk)
     tile = max(1, MAX_MASK_ELEMENTS // max(1, b * k.shape[2]))
     if tq <= tile or q_index.dim() == 2:  # per-row indices come from engines, with short query chunks
         return _masked_sdpa(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale)
@@ -122,6 +131,50 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
         mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int) -> Tensor:
+    """Masked GQA attention of a few queries over many keys, split along the keys ("flash decoding").
+
+    q [B, H, Tq, D], k/v [B, Hkv, Tk, D], mask [B, 1, Tq, Tk] -> [B, H, Tq, D]. A fused attention kernel gives
+    each (row, KV head) one work item that scans every key, so a decode step over few rows leaves most of the GPU
+    idle and takes as long as one over many rows. Here every chunk of keys is its own small matmul: the work
+    spreads over rows x heads x chunks, and each chunk's partial softmax (its max and sum) is merged exactly.
+    Scores are accumulated and kept in fp32.
+    """
+    b, h, t, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    r = (h // hkv) * t  # the query heads sharing a KV head become rows of that head (as in _masked_sdpa)
+    n = -(-tk // chunk)
+    pad = n * chunk - tk
+    m = mask[:, :, None].expand(mask.shape[0], 1, h // hkv, t, tk).reshape(mask.shape[0], 1, r, tk)
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        m = F.pad(m, (0, pad), value=False)
+    ks = k.reshape(b * hkv * n, chunk, d)
+    vs = v.reshape(b * hkv * n, chunk, d)
+    qs = q.reshape(b, hkv, 1, r, d).expand(b, hkv, n, r, d).reshape(b * hkv * n, r, d)
+    visible = m.expand(b, hkv, r, n * chunk).reshape(b, hkv, r, n, chunk).transpose(2, 3).reshape(-1, r, chunk)
+    scores = _bmm_fp32(qs, ks.transpose(1, 2)) * scale  # [B*Hkv*N, R, C]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    peak = scores.amax(-1, keepdim=True)  # -inf where a chunk has no visible key
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    p = torch.exp(scores - peak)
+    total = p.sum(-1, keepdim=True)
+    part = _bmm_fp32(p.to(v.dtype), vs)  # [B*Hkv*N, R, D]: unnormalised
+    # merge the chunks: weights exp(peak_n - max_n peak_n), zero for chunks with nothing visible
+    peak = peak.view(b, hkv, n, r, 1).masked_fill(total.view(b, hkv, n, r, 1) == 0, float("-inf"))
+    top = peak.amax(2, keepdim=True)
+    w = torch.exp(peak - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    out = (w * part.view(b, hkv, n, r, d)).sum(2) / (w * total.view(b, hkv, n, r, 1)).sum(2)
+    return out.reshape(b, h, t, d).to(q.dtype)
+
+
+def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """Batched matmul with an fp32 result: half-precision inputs accumulate and return fp32 on CUDA."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

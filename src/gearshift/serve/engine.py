@@ -572,7 +572,9 @@ class _DecodeGraph:
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
         self.plan = engine._plan(placements, slots, codes)  # index tensors must outlive any eviction from the cache
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        # thread_local: the server's event-loop thread may make CUDA calls (a seeded request's generator) while
+        # the engine's worker thread captures; under the default "global" mode such calls fail during a capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
             # max_position=0 only marks the positions as checked: the real bound is checked before each replay
             self.logits = engine.mixed_forward(
                 self.tokens, self.positions, placements, slots, max_position=0, codes=codes

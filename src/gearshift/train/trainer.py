@@ -14,6 +14,7 @@ batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -517,5 +518,9 @@ class Trainer:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            # drop the DDP wrapper first: its reducer holds the process group, which would otherwise outlive
+            # destroy_process_group and be torn down at interpreter exit, where gloo's threads can abort the process
+            self.model = self.student
+            gc.collect()
             dist.barrier()  # no rank tears its connections down while a peer still talks over them (gloo aborts)
             dist.destroy_process_group()
