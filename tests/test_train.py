@@ -138,6 +138,12 @@ def test_resume_is_bit_identical(workdir, tmp_path, monkeypatch, mode):
     assert all(torch.equal(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"]) for i in a)
 
 
+def test_resume_refuses_a_checkpoint_of_another_configuration(workdir, tmp_path):
+    Trainer(config(workdir, tmp_path, optim__steps=3), device="cpu").run()
+    with pytest.raises(ValueError, match="another configuration.*new output directory"):
+        Trainer(config(workdir, tmp_path, optim__steps=3, optim__mixer_lr={"gdn": 2.0}), device="cpu")
+
+
 def test_time_budget_stops_and_saves(workdir, tmp_path):
     trainer = Trainer(config(workdir, tmp_path, optim__steps=50, optim__max_minutes=1e-6), device="cpu")
     trainer.run()

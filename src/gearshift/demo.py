@@ -177,7 +177,7 @@ def run(out: str | Path, *, steps: int = 120, align_steps: int = 60) -> bool:
         engine.submit(p, preset, params)
         for p, preset in zip(prompts_ids, ["quality", "balanced", "fast", "all-kda"], strict=True)
     ]
-    spec = engine.submit(prompts_ids[0], "quality", params, draft="fast", spec_k=3)
+    spec = engine.submit(prompts_ids[0], "quality", params, draft="balanced", spec_k=3)
     engine.run()
     mixed_ok = all(
         r.output
@@ -186,7 +186,7 @@ def run(out: str | Path, *, steps: int = 120, align_steps: int = 60) -> bool:
     )
     print(
         f"\n6. engine: one batch mixing 4 presets, each request identical to running alone: {mixed_ok}; "
-        f"speculative (quality verifies, fast drafts) identical to plain: {spec.output == reqs[0].output}, "
+        f"speculative (quality verifies, balanced drafts) identical to plain: {spec.output == reqs[0].output}, "
         f"acceptance {spec.acceptance:.2f}"
     )
 

@@ -156,10 +156,16 @@ class Trainer:
         missing = set(self.trainable) - set(state["trainable"])
         if missing:
             raise ValueError(f"{path}: checkpoint lacks trainable tensors, e.g. {sorted(missing)[:3]}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # e.g. other parameter groups: another mode, mixer_lr or set of frozen mixers
+            raise ValueError(
+                f"{path}: this checkpoint was written by a run with another configuration ({exc}); resume with "
+                f"that configuration, or start in a new output directory (or remove {self.out / 'checkpoints'})"
+            ) from None
         with torch.no_grad():
             for name, p in self.trainable.items():
                 p.copy_(state["trainable"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
