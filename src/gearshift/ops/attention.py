@@ -173,7 +173,10 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
 def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
     """Batched matmul with an fp32 result: half-precision inputs accumulate and return fp32 on CUDA."""
     if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
-        return torch.bmm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without the out_dtype overload: upcast (raised before any kernel runs)
+            pass
     return torch.bmm(a.float(), b.float())
 
 
