@@ -352,7 +352,9 @@ def main() -> None:
         if before_key:
             report[before_key] = trainer.evaluate(placements, rows)
             print(json.dumps(report[before_key], indent=1), flush=True)
-        report[mode]["error_before"] = trainer.align_error(rows)  # layer-local, per mixer kind
+        # layer-local error per mixer kind; after alignment, distillation starts from the weights just measured
+        previous = report.get("align", {}).get("error_after")
+        report[mode]["error_before"] = previous if previous is not None else trainer.align_error(rows)
         t0 = time.perf_counter()
         last = trainer.run()
         report[mode].update(seconds=time.perf_counter() - t0, steps=trainer.step, last_step=last)

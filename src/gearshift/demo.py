@@ -138,13 +138,12 @@ def run(out: str | Path, *, steps: int = 120, align_steps: int = 60) -> bool:
         }
 
     # alignment first (every mixer of every layer learns its layer's teacher output), then stochastic distillation
-    aligner = Trainer(config_from_dict(train_config("align", out / "supernet", align_steps, 1e-2)), device="cpu")
-    aligner.log = lambda *a, **k: None
+    quiet = dict(device="cpu", log=lambda *a, **k: None)
+    aligner = Trainer(config_from_dict(train_config("align", out / "supernet", align_steps, 1e-2)), **quiet)
     before = aligner.evaluate()
     aligner.run()
     aligned = aligner.evaluate()
-    trainer = Trainer(config_from_dict(train_config("distill", out / "align" / "final", steps, 3e-3)), device="cpu")
-    trainer.log = lambda *a, **k: None
+    trainer = Trainer(config_from_dict(train_config("distill", out / "align" / "final", steps, 3e-3)), **quiet)
     trainer.run()
     after = trainer.evaluate()
     print(

@@ -127,10 +127,15 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     g = h // hkv
     qf = q.reshape(b, hkv, g * t, d)  # head h = kv * g + j (the repeat_interleave convention)
-    if mask is not None:
-        mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)
+    mask = None if mask is None else _fold_groups(mask, g)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def _fold_groups(mask: Tensor, g: int) -> Tensor:
+    """mask [B, 1, T, Tk] -> [B, 1, g*T, Tk], the rows of query heads folded onto their shared KV head."""
+    n, _, t, tk = mask.shape
+    return mask[:, :, None].expand(n, 1, g, t, tk).reshape(n, 1, g * t, tk)
 
 
 def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, chunk: int) -> Tensor:
@@ -147,7 +152,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     r = (h // hkv) * t  # the query heads sharing a KV head become rows of that head (as in _masked_sdpa)
     n = -(-tk // chunk)
     pad = n * chunk - tk
-    m = mask[:, :, None].expand(mask.shape[0], 1, h // hkv, t, tk).reshape(mask.shape[0], 1, r, tk)
+    m = _fold_groups(mask, h // hkv)
     if pad:
         k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
         m = F.pad(m, (0, pad), value=False)

@@ -126,8 +126,9 @@ class Trainer:
         self.model = self.student
         # align calls each layer's mixers directly, outside the model's forward, where DDP's hooks never run: its
         # gradients are averaged by hand (_all_reduce_grads)
-        self.align_mixers = self._align_mixers() if cfg.mode == "align" else []
-        self.align_kinds = list(dict.fromkeys(n for names in self.align_mixers for n in names))
+        self.align_mixers: list[list[str]] = []
+        if cfg.mode == "align":
+            self._set_align_mixers()
         if self.world > 1 and cfg.mode != "align":
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -207,7 +208,7 @@ class Trainer:
         """Whether a placement's path holds a trainable parameter (a frozen all-attention path does not)."""
         if self.cfg.optim.train == "all":
             return True
-        return any(f"blocks.{i}.mixer.mixers.{name}." in key for i, name in enumerate(placement) for key in self._keys)
+        return any(self._trains_mixer(i, name) for i, name in enumerate(placement))
 
     def _all_have(self, name: str) -> bool:
         return all(name in layer.mixers for layer in self.student.config.layers)
@@ -299,8 +300,9 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ layer-local alignment
-    def _align_mixers(self) -> list[list[str]]:
-        """Per layer, the mixers align trains: those with a trainable parameter (and in sampler.mixers if set)."""
+    def _set_align_mixers(self) -> None:
+        """Per layer, the mixers align trains (those with a trainable parameter, and in sampler.mixers if set);
+        their kinds in order of appearance; and align_counts [layers, kinds], 1 where a layer aligns a kind."""
         allowed = set(self.cfg.sampler.mixers)
         names = [
             [n for n in layer.mixers if (not allowed or n in allowed) and self._trains_mixer(i, n)]
@@ -308,7 +310,12 @@ class Trainer:
         ]
         if not any(names):
             raise ValueError("align: no layer holds a trainable mixer (check optim.frozen_mixers and sampler.mixers)")
-        return names
+        self.align_mixers = names
+        self.align_kinds = list(dict.fromkeys(n for layer in names for n in layer))
+        self.align_counts = torch.zeros(len(names), len(self.align_kinds), device=self.device)
+        for i, layer in enumerate(names):
+            for name in layer:
+                self.align_counts[i, self.align_kinds.index(name)] = 1
 
     def _trains_mixer(self, layer: int, name: str) -> bool:
         return f"model.decoder.blocks.{layer}.mixer.mixers.{name}." in self._keys
@@ -369,20 +376,13 @@ class Trainer:
             "act": loss,
             "grad_norm": float(grad_norm),
             "tokens": int(total),
-            "layer_act": [round(float(x), 6) for x in per_pair.sum(1) / self._align_counts().sum(1).clamp(min=1)],
+            "layer_act": [round(float(x), 6) for x in per_pair.sum(1) / self.align_counts.sum(1).clamp(min=1)],
             "act_by_mixer": self._by_kind(per_pair),
         }
 
-    def _align_counts(self) -> torch.Tensor:
-        counts = torch.zeros(len(self.align_mixers), len(self.align_kinds), device=self.device)
-        for i, names in enumerate(self.align_mixers):
-            for name in names:
-                counts[i, self.align_kinds.index(name)] = 1
-        return counts
-
     def _by_kind(self, per_layer: torch.Tensor) -> dict[str, float]:
         """Mean over the layers that align a kind, per kind."""
-        counts = self._align_counts()
+        counts = self.align_counts
         return {k: float(per_layer[:, j].sum() / counts[:, j].sum()) for j, k in enumerate(self.align_kinds)}
 
     @torch.no_grad()
@@ -390,8 +390,7 @@ class Trainer:
         """Held-out layer-local error per mixer kind, on the teacher's inputs: per-token MSE and the relative
         error (MSE / the teacher output's mean square), each averaged over layers; sharded over ranks."""
         if not self.align_mixers:  # usable after any mode: align every trainable mixer
-            self.align_mixers = self._align_mixers()
-            self.align_kinds = list(dict.fromkeys(n for names in self.align_mixers for n in names))
+            self._set_align_mixers()
         rows = rows or self.eval_rows
         mine = list(range(self.rank, len(rows), self.world))
         bs = self.cfg.optim.batch_size
