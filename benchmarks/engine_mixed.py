@@ -7,7 +7,7 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
 
     python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
     python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run
-    python benchmarks/engine_mixed.py --graphs --split-kv 512 ...   # split-KV decode attention (off by default)
+    python benchmarks/engine_mixed.py --graphs --split-kv 0 -1 ...   # fused vs auto split-KV attention, one run
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gearshift.report import paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
 
-from common import device_name, sync, write_json
+from common import device_name, profile_cuda, sync, write_json
 
 
 def fill(engine: Engine, req, context: int) -> None:
@@ -46,9 +46,10 @@ def fill(engine: Engine, req, context: int) -> None:
     req.processed = context - 1
 
 
-def decode_rate(engine: Engine, placements: list[str], context: int, steps: int) -> float:
-    """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state."""
-    params = SamplingParams(max_tokens=steps + 2, stop_token_ids=())
+def decode_rate(engine: Engine, placements: list[str], context: int, steps: int, profile: bool = False) -> tuple:
+    """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state; with
+    ``profile``, also where one eager step's device time goes (the kernels a graph replays are the same)."""
+    params = SamplingParams(max_tokens=steps + 4, stop_token_ids=())  # warm-up, capture, profile
     reqs = [engine.submit([1, 2], p, params) for p in placements]
     engine._admit()
     for r in reqs:
@@ -62,10 +63,15 @@ def decode_rate(engine: Engine, placements: list[str], context: int, steps: int)
         engine.step()
     sync(engine.device)
     seconds = time.perf_counter() - t0
+    prof = None
+    if profile:
+        graphs, engine.cuda_graphs = engine.cuda_graphs, False
+        prof = profile_cuda(engine.step)
+        engine.cuda_graphs = graphs
     for r in reqs:
         engine.cancel(r)
     engine.step()
-    return len(reqs) * steps / seconds
+    return len(reqs) * steps / seconds, prof
 
 
 def main() -> None:
@@ -77,9 +83,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/engine_mixed.json")
     ap.add_argument("--graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
-    ap.add_argument("--split-kv", type=int, default=0, help="split-KV decode attention over chunks of N keys (0: off)")
+    ap.add_argument(
+        "--split-kv",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="decode attention: 0 fused (masked SDPA), N split-KV "
+        "over chunks of N keys; several values are measured one after the other",
+    )
+    ap.add_argument("--profile", action="store_true", help="profile one step of all-attention and of the mix")
     args = ap.parse_args()
-    attention_ops.SPLIT_KV_CHUNK = args.split_kv
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny CPU shapes: threads cost more than they give
@@ -90,32 +103,36 @@ def main() -> None:
     presets = {
         name: paper_placement(name, n) for name in ("all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")
     }
-    engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8, cuda_graphs=args.graphs)
-    rows = []
-    for name, placement in presets.items():
-        rate = decode_rate(engine, [placement] * args.batch, args.context, args.steps)
-        rows.append({"batch": name, "tokens_per_s": rate})
-        print(f"{name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
-    mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
-    rate = decode_rate(engine, mix, args.context, args.steps)
-    # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
-    singles = {r["batch"]: r["tokens_per_s"] for r in rows}
-    reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(args.batch // len(presets)))
-    rows.append(
-        {"batch": "mixed", "tokens_per_s": rate, "single_preset_reference": reference, "slowdown": reference / rate - 1}
-    )
-    print(
-        f"{'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference {reference:.1f}, "
-        f"{100 * (reference / rate - 1):+.1f}%)"
-    )
-    meta = {
-        "device": device_name(device),
-        "shape": args.shape,
-        "context": args.context,
-        "graphs": engine.cuda_graphs,
-        "split_kv": args.split_kv,
-    }
-    write_json(args.out, {**meta, "rows": rows})
+    runs = []
+    for chunk in args.split_kv:
+        attention_ops.SPLIT_KV_CHUNK = chunk
+        engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8, cuda_graphs=args.graphs)
+        rows = []
+        for name, placement in presets.items():
+            rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
+            rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
+            print(f"split-KV {chunk:<5} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
+        mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
+        rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
+        # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
+        singles = {r["batch"]: r["tokens_per_s"] for r in rows}
+        reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(args.batch // len(presets)))
+        rows.append(
+            {"batch": "mixed", "tokens_per_s": rate, "single_preset_reference": reference,
+             "slowdown": reference / rate - 1} | ({"profile": prof} if prof else {})
+        )  # fmt: skip
+        print(
+            f"split-KV {chunk:<5} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference "
+            f"{reference:.1f}, {100 * (reference / rate - 1):+.1f}%)",
+            flush=True,
+        )
+        runs.append({"split_kv": chunk, "graphs": engine.cuda_graphs, "rows": rows})
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "batch": args.batch}
+    # one setting: the flat layout of earlier results (rows at the top level)
+    write_json(args.out, meta | (runs[0] if len(runs) == 1 else {"runs": runs}))
 
 
 if __name__ == "__main__":

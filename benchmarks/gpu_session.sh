@@ -2,9 +2,10 @@
 # One unattended GPU session for every measurement that needs a trained supernet or the 15B shape, most
 # wanted first (a hold that runs out of time loses the tail):
 #   1. build      SmolLM2-135M-Instruct -> supernet -> teacher traces -> alignment -> distillation -> KL per stage
-#   2. engine     CUDA-graph decode checked token for token against eager, then eager vs graphs speed; mixed- vs
-#                 single-preset engine batches of the 15B shape at 16k and 32k: graphs, graphs + split-KV, eager
-#   3. evals      tasks + NIAH + retention report of the distilled presets
+#   2. evals      tasks + NIAH + retention report of the distilled presets
+#   3. engine     CUDA-graph decode checked token for token against eager, then eager vs graphs speed; mixed- vs
+#                 single-preset engine batches of the 15B shape at 16k and 32k: graphs (fused decode attention and
+#                 the default, split-KV where it is faster, profiled), eager
 #   4. serve      self-speculative decoding per draft preset
 #   5. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
 #   6. traces     engine vs HF generate trace throughput; then the teacher through transformers vs the converted
@@ -70,27 +71,7 @@ CK_OK=1
 [ -f "$CK/config.json" ] || CK_OK=0  # no distilled checkpoint: its stages are skipped, the independent ones run
 needs_ck=1
 
-# 2. the engine's CUDA-graph decode (needs no distillation): token-for-token check against eager decoding and
-#    eager vs graphs speed on the converted supernet, then mixed- vs single-preset batches of the 15B shape
-#    (random weights) with graphs, then eager
-needs_ck=0
-if [ "$TINY" != 1 ]; then
-  stage engine_graphs python benchmarks/engine_graphs.py --model "$P/supernet" --out "$RUN/serve/engine_graphs.json"
-fi
-set -- "${ENGINE[@]}"
-while [ $# -ge 2 ]; do
-  if [ "$TINY" != 1 ]; then
-    stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
-      --graphs --out "$RUN/shape15b/engine_$1_graphs.json"
-    stage "engine_$1_graphs_splitkv" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" \
-      --batch "$2" --graphs --split-kv 512 --out "$RUN/shape15b/engine_$1_graphs_splitkv.json"
-  fi
-  stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
-    --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
-  shift 2
-done
-
-# 3. evals of the distilled presets (the pipeline stores the paper's three mixes as reg-26/18/10, + all-X):
+# 2. evals of the distilled presets (the pipeline stores the paper's three mixes as reg-26/18/10, + all-X):
 #    tasks + NIAH + the retention report
 needs_ck=1
 PRESETS=()
@@ -106,11 +87,32 @@ stage evals_niah gs eval niah "$CK" "${PRESETS[@]}" --lengths "${LENGTHS[@]}" --
 stage evals_report gs eval report "$CK" --results "$RUN/evals/distilled/tasks.json" "$RUN/evals/distilled/niah.json" \
   --out "$RUN/evals/distilled"
 
+# 3. the engine's CUDA-graph decode (needs no distillation): token-for-token check against eager decoding and
+#    eager vs graphs speed on the converted supernet, then mixed- vs single-preset batches of the 15B shape
+#    (random weights) with graphs (fused and default decode attention), then eager
+needs_ck=0
+if [ "$TINY" != 1 ]; then
+  stage engine_graphs python benchmarks/engine_graphs.py --model "$P/supernet" --out "$RUN/serve/engine_graphs.json"
+fi
+set -- "${ENGINE[@]}"
+while [ $# -ge 2 ]; do
+  if [ "$TINY" != 1 ]; then  # the fused decode attention, then the default (split-KV where it is faster)
+    stage "engine_$1_graphs" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+      --graphs --split-kv 0 -1 --profile --out "$RUN/shape15b/engine_$1_graphs.json"
+  fi
+  stage "engine_$1" python benchmarks/engine_mixed.py --shape "$SHAPE" --context "$1" --batch "$2" \
+    --out "$RUN/shape15b/engine_$1.json" ${DEVICE:+--device "$DEVICE"}
+  shift 2
+done
+
 # 4. serve: self-speculative decoding per draft (GDN, KDA, the presets), on the distilled supernet
 DRAFTS=(all-gdn all-kda half-gdn)
 for ((i = 1; i < ${#PRESETS[@]} - 6; i += 2)); do DRAFTS+=("${PRESETS[$i]}"); done
 stage serve_spec python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts "${DRAFTS[@]}" \
   --out "$RUN/serve/spec.json" "${SERVE[@]}" "${SPEC[@]}"
+# fp32: are the bf16 batch-N differences from plain decoding numerical near-ties?
+stage serve_spec_fp32 python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts half-gdn reg-18 \
+  --dtype float32 --out "$RUN/serve/spec_fp32.json" "${SERVE[@]}" "${SPEC[@]}"
 
 # 5. place (quality measured on the held-out teacher traces): DP presets of the distilled supernet
 T=$RUN/place/table.jsonl

@@ -6,15 +6,19 @@ import torch
 from gearshift.ops import attention as ops
 
 
-@pytest.mark.parametrize("tq,window,chunk", [(1, None, 16), (3, None, 7), (1, 20, 16), (4, 9, 32)])
-def test_split_kv_attention_equals_masked_sdpa(tq, window, chunk):
+@pytest.mark.parametrize(
+    "tq,window,chunk,tk", [(1, None, 16, 100), (3, None, 7, 100), (1, 20, 16, 100), (4, 9, 32, 100), (1, None, 16, 97)]
+)
+def test_split_kv_attention_equals_masked_sdpa(tq, window, chunk, tk):
+    """100 keys are split by a view into chunks that divide them; 97 (prime) needs the padded copy."""
     gen = torch.Generator().manual_seed(tq + chunk)
-    b, h, hkv, d, tk = 3, 6, 2, 8, 100
+    b, h, hkv, d = 3, 6, 2, 8
     q, k, v = (torch.randn(*shape, generator=gen) for shape in ((b, h, tq, d), (b, hkv, tk, d), (b, hkv, tk, d)))
     # rows at different positions; empty slots (-1) and a row whose keys are mostly empty
     q_index = torch.tensor([[start + i for i in range(tq)] for start in (60, 100 - tq, 5)])
     k_index = torch.arange(tk).repeat(b, 1)
     k_index[0, 70:] = -1
+    k_index[1, 95:] = torch.arange(95, tk)
     k_index[2, 5 + tq :] = -1
     valid = torch.ones(b, tk, dtype=torch.bool)
     valid[1, :30] = False  # left padding of row 1
@@ -37,3 +41,18 @@ def test_attend_takes_the_split_path_only_for_engine_decode(monkeypatch):
     ops.attend(q, k, v, torch.tensor([31]), torch.arange(32), None, None, 0.5)  # shared positions: not split
     ops.attend(q, k[:, :, :12], v[:, :, :12], torch.tensor([[11], [5]]), idx[:, :12], None, None, 0.5)  # < 2 chunks
     assert calls == [q.shape]
+
+
+def test_chunks_divide_the_keys_when_they_can():
+    assert ops._dividing_chunk(16640, 1024) == 832  # 20 chunks of a 16k pool (a multiple of 256 long)
+    assert ops._dividing_chunk(100, 16) == 10
+    assert ops._dividing_chunk(97, 16) == 16  # prime: padded
+
+
+def test_auto_split_only_where_the_fused_kernel_leaves_the_gpu_idle(monkeypatch):
+    assert ops.auto_split_chunk(4 * 8, 16384, 132) == ops.SPLIT_KV_AUTO_CHUNK  # 4 rows x 8 KV heads
+    assert ops.auto_split_chunk(8 * 8, 16384, 132) == ops.SPLIT_KV_AUTO_CHUNK
+    assert ops.auto_split_chunk(16 * 8, 16384, 132) == 0  # fills the GPU: the fused kernel
+    assert ops.auto_split_chunk(8, 1024, 132) == 0  # short context
+    monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", -1)
+    assert ops._split_kv_chunk(torch.zeros(1, 8, 8192, 4)) == 0  # auto: never on CPU

@@ -32,3 +32,34 @@ def test_stages_named_in_benchmarks_exist():
 def test_driver_needs_its_arguments(tmp_path):
     out = subprocess.run(["bash", str(DRIVER)], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "unbound variable" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        (
+            "engine_mixed.py",
+            ["--shape", "tiny", "--context", "48", "--batch", "4", "--steps", "2", "--split-kv", "0", "8"],
+        ),
+        ("decode_attention.py", ["--contexts", "100", "--rows", "1", "3", "--chunks", "16", "--reps", "1"]),
+    ],
+)
+def test_decode_benchmarks_run_on_cpu(tmp_path, script, args):
+    """The decode benchmarks' CPU smoke runs: every setting ends in the JSON (split-KV included)."""
+    import json
+    import os
+    import sys
+
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out), *args],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    if script == "engine_mixed.py":
+        assert [run["split_kv"] for run in report["runs"]] == [0, 8]
+        assert all(row["tokens_per_s"] > 0 for run in report["runs"] for row in run["rows"])
+    else:
+        assert {row["method"] for row in report["rows"]} == {"fused", "split-16"}
+        assert max(row["max_abs_diff"] for row in report["rows"]) < 1e-5

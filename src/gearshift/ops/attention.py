@@ -7,6 +7,7 @@ a query at index i sees a key at index j when j <= i, i - j < window, and j is a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -18,10 +19,16 @@ from ..config import RopeConfig
 
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
 MAX_MASK_ELEMENTS = 1 << 24
-# Engine decode (per-row positions, a few queries) over at least two chunks of this many keys uses split-KV
-# attention (split_kv_attention); 0 = off. Off by default until timed on a GPU (benchmarks/engine_mixed.py
-# --split-kv); the environment variable GEARSHIFT_SPLIT_KV sets it.
-SPLIT_KV_CHUNK = int(os.environ.get("GEARSHIFT_SPLIT_KV", "0"))
+# Engine decode (per-row positions, a few queries) can use split-KV attention (split_kv_attention) over chunks of
+# this many keys. -1 = auto (the default): on CUDA, when the fused kernel's work items (rows x KV heads) are
+# at most half the GPU's multiprocessors and there are at least SPLIT_KV_AUTO_KEYS keys. On the H200 (15B shape,
+# benchmarks/decode_attention.py) the fused kernel takes the same ~365 us at 16k keys for 1 to 16 rows, split-KV
+# 110 us for 1 row and 290 us for 8, 480 us for 16. 0 = never, N > 0 = always where it applies (chunks of N).
+# The environment variable GEARSHIFT_SPLIT_KV sets it ("auto", "0", "512", ...).
+_split_env = os.environ.get("GEARSHIFT_SPLIT_KV", "auto")
+SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
+SPLIT_KV_AUTO_CHUNK = 1024
+SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
 
 
@@ -100,8 +107,8 @@ def attend(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if tq == 1 and keys_exact:
             return _masked_sdpa(q, k, v, None, scale)
-    chunk = SPLIT_KV_CHUNK
-    if chunk and q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES and k.shape[2] >= 2 * chunk:
+    chunk = _split_kv_chunk(k) if q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES else 0
+    if chunk:
         return split_kv_attention(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale, chunk)
     tile = max(1, MAX_MASK_ELEMENTS // max(1, b * k.shape[2]))
     if tq <= tile or q_index.dim() == 2:  # per-row indices come from engines, with short query chunks
@@ -116,6 +123,27 @@ def attend(
         mask = attention_mask(qi, k_index[sel], valid, window)
         outs.append(_masked_sdpa(q[:, :, s : s + tile], k[:, :, sel], v[:, :, sel], mask, scale))
     return torch.cat(outs, dim=2)
+
+
+def _split_kv_chunk(k: Tensor) -> int:
+    """The split-KV chunk for a decode over keys k [B, Hkv, Tk, D], or 0 for the fused kernel (SPLIT_KV_CHUNK)."""
+    chunk, tk = SPLIT_KV_CHUNK, k.shape[2]
+    if chunk < 0:
+        if not k.is_cuda:
+            return 0
+        chunk = auto_split_chunk(k.shape[0] * k.shape[1], tk, _multiprocessors(k.device))
+    return chunk if chunk and tk >= 2 * chunk else 0
+
+
+def auto_split_chunk(work_items: int, keys: int, multiprocessors: int) -> int:
+    """Split when the fused kernel's (row, KV head) work items fill at most half the GPU's multiprocessors and
+    the keys are many (measured crossover on the H200: 8 rows x 8 KV heads split faster, 16 x 8 fused)."""
+    return SPLIT_KV_AUTO_CHUNK if 2 * work_items <= multiprocessors and keys >= SPLIT_KV_AUTO_KEYS else 0
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -145,11 +173,13 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     each (row, KV head) one work item that scans every key, so a decode step over few rows leaves most of the GPU
     idle and takes as long as one over many rows. Here every chunk of keys is its own small matmul: the work
     spreads over rows x heads x chunks, and each chunk's partial softmax (its max and sum) is merged exactly.
-    Scores are accumulated and kept in fp32.
+    Scores are accumulated and kept in fp32. The chunk is adjusted to divide Tk when it can (the engine's pools
+    have lengths in multiples of 256), so the keys are split by a view; otherwise they are padded (a copy).
     """
     b, h, t, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     r = (h // hkv) * t  # the query heads sharing a KV head become rows of that head (as in _masked_sdpa)
+    chunk = _dividing_chunk(tk, chunk)
     n = -(-tk // chunk)
     pad = n * chunk - tk
     m = _fold_groups(mask, h // hkv)
@@ -159,20 +189,29 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     ks = k.reshape(b * hkv * n, chunk, d)
     vs = v.reshape(b * hkv * n, chunk, d)
     qs = q.reshape(b, hkv, 1, r, d).expand(b, hkv, n, r, d).reshape(b * hkv * n, r, d)
-    visible = m.expand(b, hkv, r, n * chunk).reshape(b, hkv, r, n, chunk).transpose(2, 3).reshape(-1, r, chunk)
-    scores = _bmm_fp32(qs, ks.transpose(1, 2)) * scale  # [B*Hkv*N, R, C]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = _bmm_fp32(qs, ks.transpose(1, 2)).view(b, hkv, n, r, chunk).mul_(scale)  # fp32, in place below
+    hidden = ~m.reshape(b, 1, r, n, chunk).transpose(2, 3)  # [B, 1, N, R, C], broadcast over KV heads
+    scores.masked_fill_(hidden, float("-inf"))
     peak = scores.amax(-1, keepdim=True)  # -inf where a chunk has no visible key
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    p = torch.exp(scores - peak)
-    total = p.sum(-1, keepdim=True)
-    part = _bmm_fp32(p.to(v.dtype), vs)  # [B*Hkv*N, R, D]: unnormalised
+    p = scores.sub_(peak).exp_()
+    total = p.sum(-1, keepdim=True)  # [B, Hkv, N, R, 1]
+    part = _bmm_fp32(p.view(-1, r, chunk).to(v.dtype), vs).view(b, hkv, n, r, d)  # unnormalised
     # merge the chunks: weights exp(peak_n - max_n peak_n), zero for chunks with nothing visible
-    peak = peak.view(b, hkv, n, r, 1).masked_fill(total.view(b, hkv, n, r, 1) == 0, float("-inf"))
+    peak = peak.masked_fill(total == 0, float("-inf"))
     top = peak.amax(2, keepdim=True)
     w = torch.exp(peak - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-    out = (w * part.view(b, hkv, n, r, d)).sum(2) / (w * total.view(b, hkv, n, r, 1)).sum(2)
+    out = (w * part).sum(2) / (w * total).sum(2)
     return out.reshape(b, h, t, d).to(q.dtype)
+
+
+def _dividing_chunk(tk: int, chunk: int) -> int:
+    """A chunk length near ``chunk`` (at most 2x smaller) that divides ``tk``, or ``chunk`` if there is none."""
+    n = -(-tk // chunk)
+    for count in range(n, 2 * n + 1):
+        if tk % count == 0:
+            return tk // count
+    return chunk
 
 
 def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:

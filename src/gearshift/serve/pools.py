@@ -13,6 +13,8 @@ import heapq
 import torch
 from torch import Tensor
 
+LENGTH_ALIGN = 256
+
 
 class PoolFullError(RuntimeError):
     """No free slot in a pool (admission control should have prevented this)."""
@@ -47,6 +49,8 @@ class AttentionPool:
     ) -> None:
         self.window = window
         length = capacity if window is None else window + spare
+        if length > 4 * LENGTH_ALIGN:  # long pools in whole multiples: split-KV decoding chunks them by a view
+            length = -(-length // LENGTH_ALIGN) * LENGTH_ALIGN
         self.k = torch.zeros(slots, heads, length, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         # token index held by each position of each slot (-1 empty); full attention stores token i at i

@@ -1,0 +1,97 @@
+"""Decode attention alone: the fused masked SDPA call vs split-KV, by number of rows and context (15B shape).
+
+One decode step's attention in one layer, [rows, 32 query heads, 1, 128] over [rows, 8 KV heads, context, 128]
+in bf16, with the boolean mask the engine builds, replayed from a CUDA graph (the engine decodes from graphs, so
+launch gaps are not counted). Prints microseconds, the KV bytes read per microsecond (GB/s) and the largest
+difference from the fused result; writes JSON.
+
+    python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
+    python benchmarks/decode_attention.py --device cpu --contexts 512 --rows 1 4 --chunks 64   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gearshift.ops import attention as ops
+
+from common import device_name, sync, write_json
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """Seconds per call: from a CUDA graph of ``reps`` calls on GPU, plain calls on CPU."""
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        sync(device)
+        t0 = time.perf_counter()
+        graph.replay()
+        sync(device)
+        return (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads, kv_heads, d = 32, 8, 128
+    scale = d**-0.5
+    results = []
+    for context in args.contexts:
+        length = -(-(context + 16) // 256) * 256  # as the engine's pools: a little room, whole multiples of 256
+        for rows in args.rows:
+            gen = torch.Generator(device=device).manual_seed(rows)
+            q = torch.randn(rows, heads, 1, d, device=device, dtype=dtype, generator=gen)
+            k = torch.randn(rows, kv_heads, length, d, device=device, dtype=dtype, generator=gen)
+            v = torch.randn(rows, kv_heads, length, d, device=device, dtype=dtype, generator=gen)
+            held = torch.randint(context - 64, context, (rows, 1), device=device, generator=gen)
+            k_index = torch.arange(length, device=device)[None].expand(rows, -1)
+            k_index = torch.where(k_index <= held, k_index, torch.full_like(k_index, -1))  # -1: empty positions
+            methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: ops.attend(q, k, v, h, i, None, None, scale)}
+            for chunk in args.chunks:
+                methods[f"split-{chunk}"] = lambda q=q, k=k, v=v, i=k_index, h=held, c=chunk: ops.split_kv_attention(
+                    q, k, v, ops.attention_mask(h, i, None, None), scale, c
+                )
+            kv_bytes = 2 * k.numel() * k.element_size()
+            reference = methods["fused"]()
+            for name, fn in methods.items():
+                seconds = timed(fn, device, args.reps)
+                diff = float((fn().float() - reference.float()).abs().max())
+                row = {"context": context, "rows": rows, "method": name, "us": seconds * 1e6}
+                row |= {"kv_gb_per_s": kv_bytes / seconds / 1e9, "max_abs_diff": diff}
+                results.append(row)
+                print(
+                    f"ctx {context:>6} rows {rows:>3} {name:<11} {row['us']:9.1f} us {row['kv_gb_per_s']:8.0f} GB/s"
+                    f"  max|d| {diff:.1e}",
+                    flush=True,
+                )
+            del q, k, v
+    write_json(args.out, {"device": device_name(device), "dtype": str(dtype), "rows": results})
+
+
+if __name__ == "__main__":
+    main()
