@@ -87,9 +87,9 @@ def main() -> None:
         "--split-kv",
         type=int,
         nargs="+",
-        default=[0],
-        help="decode attention: 0 fused (masked SDPA), N split-KV "
-        "over chunks of N keys; several values are measured one after the other",
+        default=[-1],
+        help="decode attention: -1 auto (the engine's default: split-KV where the fused kernel leaves the GPU "
+        "idle), 0 fused (masked SDPA), N split-KV over chunks of N keys; several values run one after the other",
     )
     ap.add_argument("--profile", action="store_true", help="profile one step of all-attention and of the mix")
     args = ap.parse_args()
