@@ -52,6 +52,11 @@ def decode_rate(engine: Engine, placements: list[str], context: int, steps: int,
     params = SamplingParams(max_tokens=steps + 4, stop_token_ids=())  # warm-up, capture, profile
     reqs = [engine.submit([1, 2], p, params) for p in placements]
     engine._admit()
+    if len(engine.running) != len(reqs):
+        raise SystemExit(
+            f"only {len(engine.running)} of {len(reqs)} requests fit the state budget "
+            f"({engine.full_attention_slots} full-attention slots): lower --batch or --context"
+        )
     for r in reqs:
         fill(engine, r, context)
     engine.step()  # warm-up (with CUDA graphs: eager, compiling the kernels)

@@ -332,3 +332,39 @@ def test_composition_codes_start_over_without_collisions(model, monkeypatch):
     engine.run()
     assert len(engine._codes) == 2 and a.code != b.code
     assert a.output == alone(model, [1, 2, 3], "all-gdn", 6) and b.output == alone(model, [4, 5], "all-attention", 6)
+
+
+def test_state_budget_shrinks_only_the_full_attention_pools(model):
+    """Pools sized to a memory budget: FA pools (which grow with the context) get 2 slots of 4, the others 4.
+    A third all-FA request waits while all-GDN requests behind it start; a mix that needs FA does not pass the
+    waiting one (no starvation). Every output equals the request run alone."""
+    full = Engine(model, max_batch=4, max_context=40)
+    per_fa = sum(pool.nbytes_per_slot() for layer in full.pools for name, pool in layer.items() if name == "attention")
+    budget = full.memory_bytes() - 2 * per_fa  # room for 2 of the 4 FA slots
+    engine = Engine(model, max_batch=4, max_context=40, state_memory=budget)
+    assert engine.full_attention_slots == 2 and engine.memory_bytes() <= budget
+    assert all(layer["gdn"].alloc.n == 4 and layer["sliding_window"].alloc.n == 4 for layer in engine.pools)
+    order = ["FFFF", "FFFF", "FFFF", "FSGK", "GGGG", "GGGG"]
+    params = SamplingParams(max_tokens=8, stop_token_ids=())
+    reqs = [engine.submit(PROMPTS[i % len(PROMPTS)], pl, params) for i, pl in enumerate(order)]
+    engine.step()
+    assert [r.label for r in engine.running] == ["FFFF", "FFFF", "GGGG", "GGGG"]
+    started, step = {}, 1
+    while engine.has_work():
+        engine.step()
+        step += 1
+        started.update({r.id: step for r in engine.running if r.id not in started})
+    assert started[reqs[2].id] <= started[reqs[3].id]  # the waiting all-FA request is not passed by the mix
+    for i, (pl, r) in enumerate(zip(order, reqs, strict=True)):
+        assert r.output == alone(model, PROMPTS[i % len(PROMPTS)], pl, 8), pl
+
+
+def test_state_budget_errors(model):
+    with pytest.raises(ValueError, match="decoding state does not fit"):
+        Engine(model, max_batch=4, max_context=40, state_memory=1000)
+    full = Engine(model, max_batch=2, max_context=40)
+    per_fa = sum(pool.nbytes_per_slot() for layer in full.pools for name, pool in layer.items() if name == "attention")
+    engine = Engine(model, max_batch=2, max_context=40, state_memory=full.memory_bytes() - per_fa)
+    assert engine.full_attention_slots == 1
+    with pytest.raises(RequestError, match="needs 2 slots"):  # target and draft both FA: can never start
+        engine.submit([1, 2], "FFFF", SamplingParams(max_tokens=2), draft="FFGG")

@@ -196,3 +196,26 @@ def test_auto_policy_walks_up_the_speed_ladder_with_load():
     assert AutoPolicy(infos).choose(5.0) == "x"
     with pytest.raises(ValueError, match="floor"):
         AutoPolicy(infos, quality_floor=0.95)
+
+
+def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, capsys):
+    """`gearshift serve` builds the engine with the state budget and says how many requests may use full
+    attention at once; an impossible budget is a clear error before the server starts."""
+    from gearshift.cli import main
+
+    path = fx.supernet_dir(tmp_path / "sn")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = ["serve", str(path), "--device", "cpu", "--max-batch", "4", "--max-context", "64"]
+    assert main(args) == 0 and apps
+    full = apps[0].state.engine
+    assert full.full_attention_slots == 4 and "4 of them with full-attention layers" in capsys.readouterr().out
+    per_fa = sum(p.nbytes_per_slot() for layer in full.pools for n, p in layer.items() if n == "attention")
+    budget_gb = (full.memory_bytes() - 3 * per_fa) / 2**30
+    assert main([*args, "--state-memory-gb", f"{budget_gb:.12f}"]) == 0
+    assert apps[1].state.engine.full_attention_slots == 1
+    assert "1 of them with full-attention layers at once" in capsys.readouterr().out
+    assert main([*args, "--state-memory-gb", "1e-9"]) != 0
+    assert "decoding state does not fit" in capsys.readouterr().err
+    for app in apps:
+        app.state.worker.stop()

@@ -32,6 +32,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         cuda_graphs=args.cuda_graphs,
+        state_memory=None if args.state_memory_gb is None else int(args.state_memory_gb * 2**30),
+    )
+    print(
+        f"decoding state: {engine.memory_bytes() / 2**20:.1f} MiB of pools; up to {engine.max_batch} requests, "
+        f"{engine.full_attention_slots} of them with full-attention layers at once (context {engine.max_context})",
+        flush=True,
     )
     app = create_app(engine, tokenizer, name=args.name, quality_floor=args.quality_floor)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
@@ -58,4 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "against eager decoding by benchmarks/engine_graphs.py)",
     )
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    s.add_argument(
+        "--state-memory-gb",
+        type=float,
+        help="memory for all decoding state (KV, windows, recurrent state); when the pools of --max-batch requests "
+        "need more, fewer requests may use full-attention layers at once (default: 85%% of free GPU memory; "
+        "no limit on CPU)",
+    )
     s.set_defaults(fn=cmd_serve)

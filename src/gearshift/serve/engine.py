@@ -24,6 +24,21 @@ from ..model import Supernet
 from ..placement import Placement, PlacementSpec, placement_letters
 from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
 
+AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
+ADMIT_LOOKAHEAD = 256  # waiting requests considered per admission pass
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _grows(cls: type, settings: dict) -> bool:
+    """Full-attention pools: the only ones whose size grows with the context."""
+    return cls is AttentionPool and settings["window"] is None
+
 
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is at its bound; the caller should retry later (HTTP 429)."""
@@ -76,6 +91,7 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
     label: str = ""  # the placement as letters (metrics), set on submission
     code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
+    needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
 
     @property
     def output(self) -> list[int]:
@@ -99,7 +115,12 @@ class Engine:
         spec_k_max: int = 8,
         pool_slots: int | None = None,
         cuda_graphs: bool = True,
+        state_memory: int | None = None,
     ) -> None:
+        """``pool_slots``: slots per pool (default ``max_batch``; speculative requests hold draft slots too).
+        ``state_memory``: bytes for all decoding state. When the pools of ``pool_slots`` requests exceed it, the
+        full-attention pools (the only ones that grow with the context) get fewer slots, and requests that need
+        them wait while others run. Default: no limit on CPU, 85% of the free memory on CUDA."""
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -111,12 +132,21 @@ class Engine:
         self.max_queue = max_queue
         self.spec_k_max = spec_k_max
         slots = pool_slots or max_batch
-        self.pools: list[dict[str, AttentionPool | RecurrentPool]] = []
-        for block in model.blocks:
-            layer = {}
-            for name, mixer in block.mixer.mixers.items():
-                layer[name] = self._make_pool(mixer, slots)
-            self.pools.append(layer)
+        specs = [{name: self._pool_spec(mixer) for name, mixer in block.mixer.mixers.items()} for block in model.blocks]
+        self.state_budget = state_memory
+        if state_memory is None and self.device.type == "cuda":  # free memory, counting torch's unused cache
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            self.state_budget = int(AUTO_STATE_FRACTION * (torch.cuda.mem_get_info(self.device)[0] + cached))
+        self.full_attention_slots = self._full_attention_slots(specs, slots, self.state_budget)
+        self.pools: list[dict[str, AttentionPool | RecurrentPool]] = [
+            {
+                name: cls(
+                    self.full_attention_slots if _grows(cls, kw) else slots, **kw, device=self.device, dtype=self.dtype
+                )
+                for name, (cls, kw) in layer.items()
+            }
+            for layer in specs
+        ]
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -132,33 +162,53 @@ class Engine:
         self._graphs: dict[tuple, _DecodeGraph] = {}
         self._last_eager: tuple | None = None
 
-    def _make_pool(self, mixer, slots: int):
+    def _pool_spec(self, mixer) -> tuple[type, dict]:
+        """The pool class and its settings (all but slots, device and dtype) for one mixer's decoding state."""
         c = mixer.cfg
         if mixer.kind in ("attention", "sliding_window"):
-            return AttentionPool(
-                slots,
-                c.head_groups,
-                c.head_size,
-                self.max_context,
-                c.window_size,
-                self.spec_k_max + 1,
-                self.device,
-                self.dtype,
+            return AttentionPool, dict(
+                heads=c.head_groups,
+                head_size=c.head_size,
+                capacity=self.max_context,
+                window=c.window_size,
+                spare=self.spec_k_max + 1,
             )
         if mixer.kind == "gdn":
-            return RecurrentPool(
-                slots,
-                c.value_heads,
-                c.key_head_dim,
-                c.value_head_dim,
-                [2 * mixer.key_dim + mixer.value_dim],
-                c.conv_kernel,
-                self.device,
-                self.dtype,
+            channels = [2 * mixer.key_dim + mixer.value_dim]
+            return RecurrentPool, dict(
+                heads=c.value_heads,
+                dk=c.key_head_dim,
+                dv=c.value_head_dim,
+                conv_channels=channels,
+                kernel=c.conv_kernel,
             )
-        return RecurrentPool(
-            slots, c.heads, c.head_dim, c.head_dim, [c.heads * c.head_dim] * 3, c.conv_kernel, self.device, self.dtype
+        channels = [c.heads * c.head_dim] * 3
+        return RecurrentPool, dict(
+            heads=c.heads, dk=c.head_dim, dv=c.head_dim, conv_channels=channels, kernel=c.conv_kernel
         )
+
+    def _full_attention_slots(self, specs: list[dict[str, tuple[type, dict]]], slots: int, budget: int | None) -> int:
+        """Slots of each full-attention pool: ``slots`` when every pool fits the state budget, else as many as fit
+        beside ``slots`` of every other pool (their size does not depend on the context)."""
+        grows = fixed = 0
+        for layer in specs:
+            for cls, kw in layer.values():
+                size = cls.slot_bytes(**kw, dtype=self.dtype)
+                if _grows(cls, kw):
+                    grows += size
+                else:
+                    fixed += size
+        if budget is None or (grows + fixed) * slots <= budget:
+            return slots
+        fit = (budget - fixed * slots) // grows if grows else 0
+        if fit < 1:
+            raise ValueError(
+                f"decoding state does not fit: {slots} requests' recurrent and window state ({_size(fixed * slots)}) "
+                f"plus one request's full-attention KV at a context of {self.max_context} tokens ({_size(grows)}) "
+                f"need {_size(fixed * slots + grows)}, over the state budget of {_size(budget)}; lower the context "
+                "or the batch, or raise the budget"
+            )
+        return int(min(slots, fit))
 
     # ------------------------------------------------------------------ requests
     def submit(
@@ -187,10 +237,18 @@ class Engine:
             raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}")
         if not 1 <= spec_k <= self.spec_k_max:
             raise RequestError(f"spec_k must lie in [1, {self.spec_k_max}]")
+        for (i, name), count in self._needs(target, draft_p).items():
+            if count > self.pools[i][name].alloc.n:
+                raise RequestError(
+                    f"the request needs {count} slots of layer {i}'s {name} pool, which has "
+                    f"{self.pools[i][name].alloc.n} (the state budget allows {self.full_attention_slots} "
+                    "full-attention requests)"
+                )
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
             req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
+            req.needs = self._needs(target, draft_p)
             req.label = placement_letters(target, self.config)
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -212,21 +270,30 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
-    def _needs(self, req: Request) -> list[tuple[int, str]]:
-        need = [(i, name) for i, name in enumerate(req.placement)]
-        if req.draft is not None:
-            need += [(i, name) for i, name in enumerate(req.draft)]
-        return need
-
-    def _can_admit(self, req: Request) -> bool:
-        counts: dict[tuple[int, str], int] = {}
-        for key in self._needs(req):
-            counts[key] = counts.get(key, 0) + 1
-        return all(self.pools[i][n].alloc.available >= c for (i, n), c in counts.items())
+    @staticmethod
+    def _needs(target: Placement, draft: Placement | None) -> dict[tuple[int, str], int]:
+        """Slots a request holds per (layer, mixer) pool: its placement's, plus its draft's."""
+        needs: dict[tuple[int, str], int] = {}
+        for placement in (target, draft) if draft is not None else (target,):
+            for key in enumerate(placement):
+                needs[key] = needs.get(key, 0) + 1
+        return needs
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch and self._can_admit(self.waiting[0]):
-            req = self.waiting.popleft()
+        """Start waiting requests in arrival order while the batch has room. A request that finds a pool full
+        waits, and reserves that pool: later requests may pass it only if they need none of the reserved pools,
+        so it is not starved. Meanwhile, with the full-attention pools taken, requests of presets without full
+        attention still start."""
+        blocked: set[tuple[int, str]] = set()  # pools reserved by waiting requests ahead
+        pools = self.pools
+        for req in list(itertools.islice(self.waiting, ADMIT_LOOKAHEAD)):
+            if len(self.running) >= self.max_batch:
+                return
+            short = {key for key, c in req.needs.items() if key in blocked or pools[key[0]][key[1]].alloc.available < c}
+            if short:
+                blocked |= short
+                continue
+            self.waiting.remove(req)
             for i, name in enumerate(req.placement):
                 req.slots[(i, name)] = self._take(i, name)
             if req.draft is not None:

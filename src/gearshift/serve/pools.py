@@ -41,6 +41,13 @@ class SlotAllocator:
         return len(self.free)
 
 
+def attention_length(capacity: int, window: int | None, spare: int) -> int:
+    """Positions per slot: the context (FA) or the window plus room for a chunk (SWA ring). Long pools come in
+    whole multiples of LENGTH_ALIGN, so split-KV decoding chunks them by a view."""
+    length = capacity if window is None else window + spare
+    return -(-length // LENGTH_ALIGN) * LENGTH_ALIGN if length > 4 * LENGTH_ALIGN else length
+
+
 class AttentionPool:
     """Full KV [slots, Hkv, capacity, D] (FA) or a ring [slots, Hkv, window + spare, D] with slot indices (SWA)."""
 
@@ -48,9 +55,7 @@ class AttentionPool:
         self, slots: int, heads: int, head_size: int, capacity: int, window: int | None, spare: int, device, dtype
     ) -> None:
         self.window = window
-        length = capacity if window is None else window + spare
-        if length > 4 * LENGTH_ALIGN:  # long pools in whole multiples: split-KV decoding chunks them by a view
-            length = -(-length // LENGTH_ALIGN) * LENGTH_ALIGN
+        length = attention_length(capacity, window, spare)
         self.k = torch.zeros(slots, heads, length, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         # token index held by each position of each slot (-1 empty); full attention stores token i at i
@@ -62,6 +67,12 @@ class AttentionPool:
 
     def nbytes_per_slot(self) -> int:
         return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
+
+    @staticmethod
+    def slot_bytes(heads: int, head_size: int, capacity: int, window: int | None, spare: int, dtype) -> int:
+        """``nbytes_per_slot`` of a pool with these settings, before allocating it."""
+        length = attention_length(capacity, window, spare)
+        return 2 * heads * length * head_size * torch.empty((), dtype=dtype).element_size() + length * 8
 
     def view(self, slots: Tensor, span: slice | None = None, checked: bool = False) -> AttentionView:
         return AttentionView(self, slots, span, checked)
@@ -127,6 +138,11 @@ class RecurrentPool:
 
     def nbytes_per_slot(self) -> int:
         return self.state[0].numel() * 4 + sum(c[0].numel() * c.element_size() for c in self.conv)
+
+    @staticmethod
+    def slot_bytes(heads: int, dk: int, dv: int, conv_channels: list[int], kernel: int, dtype) -> int:
+        """``nbytes_per_slot`` of a pool with these settings, before allocating it."""
+        return heads * dk * dv * 4 + sum(conv_channels) * (kernel - 1) * torch.empty((), dtype=dtype).element_size()
 
     def view(self, slots: Tensor, rollback: int = 0) -> RecurrentView:
         return RecurrentView(self, slots, rollback)
