@@ -152,6 +152,7 @@ class Engine:
         self._ids = itertools.count()
         self.lock = threading.RLock()  # the server submits from its event loop while a worker thread steps
         self.finished_count = 0
+        self._admit_idle: tuple | None = None  # see _admit
         self.tokens_by_placement: dict[str, int] = {}
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
@@ -284,15 +285,23 @@ class Engine:
         waits, and reserves that pool: later requests may pass it only if they need none of the reserved pools,
         so it is not starved. Meanwhile, with the full-attention pools taken, requests of presets without full
         attention still start."""
+        if not self.waiting or len(self.running) >= self.max_batch:
+            return
+        # nothing freed and nothing new since a pass that started no one: this pass would start no one either
+        state = (self.finished_count, self.waiting[-1].id, len(self.waiting))
+        if state == self._admit_idle:
+            return
         blocked: set[tuple[int, str]] = set()  # pools reserved by waiting requests ahead
         pools = self.pools
+        started = 0
         for req in list(itertools.islice(self.waiting, ADMIT_LOOKAHEAD)):
             if len(self.running) >= self.max_batch:
-                return
+                break
             short = {key for key, c in req.needs.items() if key in blocked or pools[key[0]][key[1]].alloc.available < c}
             if short:
                 blocked |= short
                 continue
+            started += 1
             self.waiting.remove(req)
             for i, name in enumerate(req.placement):
                 req.slots[(i, name)] = self._take(i, name)
@@ -301,6 +310,7 @@ class Engine:
                     req.draft_slots[(i, name)] = self._take(i, name)
             req.code = self._code(req.placement, req.slots)
             self.running.append(req)
+        self._admit_idle = None if started else state
 
     def _code(self, placement: Placement, slots: dict[tuple[int, str], int]) -> int:
         """A request's placement and slots as an int, so the key of a batch of B requests is B ints (hashed each
