@@ -8,8 +8,10 @@
 #                 the default, split-KV where it is faster, profiled), eager
 #   4. serve      self-speculative decoding per draft preset
 #   5. place      300 stratified placements measured, surrogate fits (r=1, r=2), costs, exact DP presets + regret
-#   6. traces     engine vs HF generate trace throughput; then the teacher through transformers vs the converted
-#                 all-attention supernet, and the 15B-shape cost tables at 4k and 16k
+#   6. traces     engine vs HF generate trace throughput (converted weights); then the teacher through
+#                 transformers vs the converted all-attention supernet, and the 15B-shape cost tables
+# With SKIP="pipeline ...", a `convert` stage makes the converted supernet (about a minute) for the stages that
+# need no training: engine_graphs, serve_traces, evals_teacher. at 4k and 16k
 # Each stage logs to RUN/<stage>.log and its line in RUN/stages.log; a failing stage does not stop later ones
 # (stages that need the distilled checkpoint are skipped when the build failed).
 #
@@ -69,7 +71,10 @@ stage pipeline python benchmarks/pipeline_smollm2.py --teacher "$TEACHER" --out 
 CK=$P/run/final
 CK_OK=1
 [ -f "$CK/config.json" ] || CK_OK=0  # no distilled checkpoint: its stages are skipped, the independent ones run
-needs_ck=1
+# the converted supernet (graph checks, trace speed: no training needed), when the pipeline was skipped
+if [ ! -f "$P/supernet/config.json" ]; then
+  stage convert gs convert "$TEACHER" "$P/supernet" --window 256
+fi
 
 # 2. evals of the distilled presets (the pipeline stores the paper's three mixes as reg-26/18/10, + all-X):
 #    tasks + NIAH + the retention report
@@ -106,6 +111,7 @@ while [ $# -ge 2 ]; do
 done
 
 # 4. serve: self-speculative decoding per draft (GDN, KDA, the presets), on the distilled supernet
+needs_ck=1
 DRAFTS=(all-gdn all-kda half-gdn)
 for ((i = 1; i < ${#PRESETS[@]} - 6; i += 2)); do DRAFTS+=("${PRESETS[$i]}"); done
 stage serve_spec python benchmarks/serve_smollm2.py "$CK" --skip-traces --ks 4 --drafts "${DRAFTS[@]}" \
@@ -126,8 +132,9 @@ stage place_fit_r2 gs place fit "$T" --model "$CK" --metric loglik --r 2 --out "
 stage place_optimize gs place optimize "$CK" --fit "$RUN/place/fit_r1.json" "${COSTS[@]}" --presets 4 --table "$T" \
   --data "$P/eval_traces" "${SCORE[@]}" --out "$RUN/place/search" --write
 
-# 6. trace throughput, engine vs HF generate
-stage serve_traces python benchmarks/serve_smollm2.py "$CK" --teacher "$TEACHER" --skip-spec \
+# 6. trace throughput, engine vs HF generate (speed only: the converted weights do, no distillation needed)
+needs_ck=0
+stage serve_traces python benchmarks/serve_smollm2.py "$P/supernet" --teacher "$TEACHER" --skip-spec \
   --out "$RUN/serve/traces.json" "${SERVE[@]}"
 
 # independent of the distillation: the teacher through transformers vs the converted all-attention supernet,
