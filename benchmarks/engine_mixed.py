@@ -20,7 +20,7 @@ import torch
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import attention as attention_ops
-from gearshift.report import paper_placement
+from gearshift.report import batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
 
@@ -108,6 +108,11 @@ def main() -> None:
     presets = {
         name: paper_placement(name, n) for name in ("all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")
     }
+    # the bandwidth floor: a mixed step reads every mixer in use (and each row's state); single-preset steps
+    # read one mixer per layer. The modelled excess of bytes is the least slowdown a mix can have.
+    mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
+    moved = {name: batch_bytes_per_step(model, [p] * args.batch, context=args.context) for name, p in presets.items()}
+    floor = batch_bytes_per_step(model, mix, context=args.context) / (sum(moved.values()) / len(moved)) - 1
     runs = []
     for chunk in args.split_kv:
         attention_ops.SPLIT_KV_CHUNK = chunk
@@ -117,18 +122,17 @@ def main() -> None:
             rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
             rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
             print(f"split-KV {chunk:<5} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
-        mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
         rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
         # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
         singles = {r["batch"]: r["tokens_per_s"] for r in rows}
         reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(args.batch // len(presets)))
         rows.append(
             {"batch": "mixed", "tokens_per_s": rate, "single_preset_reference": reference,
-             "slowdown": reference / rate - 1} | ({"profile": prof} if prof else {})
+             "slowdown": reference / rate - 1, "modelled_floor_slowdown": floor} | ({"profile": prof} if prof else {})
         )  # fmt: skip
         print(
             f"split-KV {chunk:<5} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference "
-            f"{reference:.1f}, {100 * (reference / rate - 1):+.1f}%)",
+            f"{reference:.1f}, {100 * (reference / rate - 1):+.1f}%; bytes moved: {100 * floor:+.1f}%)",
             flush=True,
         )
         runs.append({"split_kv": chunk, "graphs": engine.cuda_graphs, "rows": rows})
@@ -136,6 +140,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "batch": args.batch}
+    meta["modelled_bytes_per_step"] = moved | {"mixed": batch_bytes_per_step(model, mix, context=args.context)}
     # one setting: the flat layout of earlier results (rows at the top level)
     write_json(args.out, meta | (runs[0] if len(runs) == 1 else {"runs": runs}))
 

@@ -8,7 +8,7 @@ import torch
 from gearshift.cli import main
 from gearshift.config import SupernetConfig
 from gearshift.placement import PlacementError, spread_placement
-from gearshift.report import PAPER_PRESETS, paper_placement, placement_report
+from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement, placement_report
 
 
 def test_report_by_hand(tiny_config):
@@ -29,6 +29,28 @@ def test_report_by_hand(tiny_config):
     assert r.composition == {"attention": 1, "sliding_window": 1, "gdn": 1, "kda": 1}
     assert r.stored_params > r.active_params
     assert layers == c.num_layers
+
+
+def test_mixed_batch_reads_every_mixer_in_use_once(tiny_config):
+    """A batch of one placement costs what placement_report says; a mix reads the weights of every mixer in
+    use once and each row's own state: FFFF + GGGG = shared + all FA + all GDN weights, + one row of each."""
+    c, ctx = tiny_config, 10
+    single = placement_report(c, "FFFF", context=ctx, batch=3).bytes_per_step
+    assert batch_bytes_per_step(c, ["FFFF"] * 3, context=ctx) == single
+    fa, gdn = (placement_report(c, p, context=ctx, batch=1) for p in ("FFFF", "GGGG"))
+    shared = fa.active_params - _mixer_params(c, "attention")
+    embed = c.vocab_size * c.hidden_size
+    params = shared + _mixer_params(c, "attention") + _mixer_params(c, "gdn")
+    weights = (params - embed + 2 * c.hidden_size + (embed if c.tie_word_embeddings else 0)) * 2
+    state = lambda r: r.bytes_per_step - r.weight_bytes_per_step  # noqa: E731 - one row's state traffic
+    assert batch_bytes_per_step(c, ["FFFF", "GGGG"], context=ctx) == weights + state(fa) + state(gdn)
+
+
+def _mixer_params(config, name: str) -> int:
+    from gearshift.model import Supernet
+
+    model = Supernet(config)
+    return sum(p.numel() for block in model.blocks for p in block.mixer.mixers[name].parameters())
 
 
 def test_15b_shape_parameter_counts():

@@ -8,6 +8,7 @@ GDN/KDA read and write their fp32 state and conv tails.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,19 +86,8 @@ def placement_report(
     cfg: SupernetConfig = model.config
     chosen = resolve_placement(placement, cfg, getattr(model, "presets", {}))
     active = model.num_parameters(chosen)
-    embed = cfg.vocab_size * cfg.hidden_size
-    weight_params = active - embed + batch * cfg.hidden_size + (embed if cfg.tie_word_embeddings else 0)
-    per_seq_state = 0
-    per_seq_traffic = 0
-    for block, name in zip(model.blocks, chosen, strict=True):
-        mixer = block.mixer.mixers[name]
-        held = mixer.state_bytes(context, dtype_bytes)
-        per_seq_state += held
-        if mixer.kind in ("attention", "sliding_window"):
-            write = 2 * mixer.cfg.head_groups * mixer.cfg.head_size * dtype_bytes
-            per_seq_traffic += held + write
-        else:
-            per_seq_traffic += 2 * held
+    weight_params = _weight_params_read(model, active, batch)
+    per_seq_state, per_seq_traffic = _state_bytes(model, chosen, context, dtype_bytes)
     weight_bytes = weight_params * dtype_bytes
     total = weight_bytes + batch * per_seq_traffic
     seconds = total / bandwidth
@@ -114,6 +104,49 @@ def placement_report(
         roofline_ms=seconds * 1e3,
         roofline_tokens_per_s=batch / seconds,
     )
+
+
+def _weight_params_read(model, active: int, batch: int) -> int:
+    """Parameters a decode step reads: the active ones, but of the input embedding only the batch's rows."""
+    cfg = model.config
+    embed = cfg.vocab_size * cfg.hidden_size
+    return active - embed + batch * cfg.hidden_size + (embed if cfg.tie_word_embeddings else 0)
+
+
+def _state_bytes(model, chosen, context: int, dtype_bytes: int) -> tuple[int, int]:
+    """(state held, state bytes read and written per decode step) of one sequence under placement ``chosen``."""
+    held_total = traffic = 0
+    for block, name in zip(model.blocks, chosen, strict=True):
+        mixer = block.mixer.mixers[name]
+        held = mixer.state_bytes(context, dtype_bytes)
+        held_total += held
+        if mixer.kind in ("attention", "sliding_window"):
+            traffic += held + 2 * mixer.cfg.head_groups * mixer.cfg.head_size * dtype_bytes  # read all, write one
+        else:
+            traffic += 2 * held
+    return held_total, traffic
+
+
+def batch_bytes_per_step(
+    model_or_config, placements: Sequence[PlacementSpec], *, context: int = 4096, dtype_bytes: int = 2
+) -> int:
+    """Modelled bytes of one decode step of a batch whose rows use different placements (one entry per row).
+
+    Each layer reads the weights of every mixer that some row uses there, once for the batch, and each row its
+    own state. A batch mixing presets therefore reads more weights than any single-preset batch: this is the
+    floor under the engine's mixed-batch cost, which no scheduling removes."""
+    model = _meta_model(model_or_config) if isinstance(model_or_config, SupernetConfig) else model_or_config
+    cfg = model.config
+    chosen = [resolve_placement(p, cfg, getattr(model, "presets", {})) for p in placements]
+    used = [{c[i] for c in chosen} for i in range(cfg.num_layers)]
+    params = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if "mixers" in parts and parts[parts.index("mixers") + 1] not in used[int(parts[3])]:
+            continue
+        params += p.numel()
+    traffic = sum(_state_bytes(model, c, context, dtype_bytes)[1] for c in chosen)
+    return _weight_params_read(model, params, len(chosen)) * dtype_bytes + traffic
 
 
 def format_reports(reports: list[PlacementReport]) -> str:
