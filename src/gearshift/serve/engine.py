@@ -238,18 +238,21 @@ class Engine:
             raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}")
         if not 1 <= spec_k <= self.spec_k_max:
             raise RequestError(f"spec_k must lie in [1, {self.spec_k_max}]")
-        for (i, name), count in self._needs(target, draft_p).items():
-            if count > self.pools[i][name].alloc.n:
+        needs = self._needs(target, draft_p)
+        for (i, name), count in needs.items():
+            pool = self.pools[i][name]
+            if count > pool.alloc.n:  # target and draft both use this pool: it must hold two slots
+                budget = (
+                    " (the state budget's limit)" if isinstance(pool, AttentionPool) and pool.window is None else ""
+                )
                 raise RequestError(
-                    f"the request needs {count} slots of layer {i}'s {name} pool, which has "
-                    f"{self.pools[i][name].alloc.n} (the state budget allows {self.full_attention_slots} "
-                    "full-attention requests)"
+                    f"the request needs {count} slots of layer {i}'s {name} pool, which has {pool.alloc.n}{budget}"
                 )
         with self.lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
             req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
-            req.needs = self._needs(target, draft_p)
+            req.needs = needs
             req.label = placement_letters(target, self.config)
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
