@@ -18,32 +18,29 @@ import torch
 
 from gearshift.ops import attention as ops
 
-from common import device_name, sync, write_json
+from common import device_name, sync, time_it, write_json
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
-    """Seconds per call: from a CUDA graph of ``reps`` calls on GPU, plain calls on CPU."""
+    """Seconds per call: from a CUDA graph of ``reps`` calls on GPU (no launch gaps), the median on CPU."""
+    if device.type != "cuda":
+        return time_it(fn, device, reps, 1)
     fn()
     sync(device)
-    if device.type == "cuda":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        graph.replay()
-        sync(device)
-        t0 = time.perf_counter()
-        graph.replay()
-        sync(device)
-        return (time.perf_counter() - t0) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    stream = torch.cuda.Stream()  # warm-up on a side stream, as capture requires
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    sync(device)
+    t0 = time.perf_counter()
+    graph.replay()
+    sync(device)
     return (time.perf_counter() - t0) / reps
 
 

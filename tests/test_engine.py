@@ -343,6 +343,10 @@ def test_state_budget_shrinks_only_the_full_attention_pools(model):
     budget = full.memory_bytes() - 2 * per_fa  # room for 2 of the 4 FA slots
     engine = Engine(model, max_batch=4, max_context=40, state_memory=budget)
     assert engine.full_attention_slots == 2 and engine.memory_bytes() <= budget
+    specs = [{n: engine._pool_spec(m) for n, m in block.mixer.mixers.items()} for block in model.blocks]
+    for layer, spec in zip(engine.pools, specs, strict=True):  # the budget's planned sizes are the real ones
+        for name, (cls, kw) in spec.items():
+            assert layer[name].nbytes_per_slot() == cls.slot_bytes(**kw, dtype=engine.dtype)
     assert all(layer["gdn"].alloc.n == 4 and layer["sliding_window"].alloc.n == 4 for layer in engine.pools)
     order = ["FFFF", "FFFF", "FFFF", "FSGK", "GGGG", "GGGG"]
     params = SamplingParams(max_tokens=8, stop_token_ids=())

@@ -138,13 +138,13 @@ def batch_bytes_per_step(
     model = _meta_model(model_or_config) if isinstance(model_or_config, SupernetConfig) else model_or_config
     cfg = model.config
     chosen = [resolve_placement(p, cfg, getattr(model, "presets", {})) for p in placements]
-    used = [{c[i] for c in chosen} for i in range(cfg.num_layers)]
-    params = 0
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if "mixers" in parts and parts[parts.index("mixers") + 1] not in used[int(parts[3])]:
-            continue
-        params += p.numel()
+    # the first row's placement, plus in each layer the other mixers some row uses there
+    params = model.num_parameters(chosen[0]) + sum(
+        p.numel()
+        for i, block in enumerate(model.blocks)
+        for name in {c[i] for c in chosen} - {chosen[0][i]}
+        for p in block.mixer.mixers[name].parameters()
+    )
     traffic = sum(_state_bytes(model, c, context, dtype_bytes)[1] for c in chosen)
     return _weight_params_read(model, params, len(chosen)) * dtype_bytes + traffic
 
