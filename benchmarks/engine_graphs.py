@@ -65,7 +65,7 @@ def speed(model: Supernet, context: int, batches: list[int], steps: int) -> list
             row = {"batch": batch, "placements": label}
             for graphs in (False, True):
                 engine = Engine(model, max_batch=batch, max_context=context + steps + 8, cuda_graphs=graphs)
-                row["graphs" if graphs else "eager"] = decode_rate(engine, placements, context, steps)
+                row["graphs" if graphs else "eager"] = decode_rate(engine, placements, context, steps)[0]
                 del engine
                 torch.cuda.empty_cache()
             row["speedup"] = row["graphs"] / row["eager"]

@@ -8,6 +8,8 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
     python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
     python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run
     python benchmarks/engine_mixed.py --graphs --split-kv 0 -1 ...   # fused vs auto split-KV attention, one run
+    python benchmarks/engine_mixed.py --presets 'Reg|Lklhd-26' 'Reg|Lklhd-18' 'Reg|Lklhd-10' --batch 64   # no all-FA:
+        # larger batches fit, where each row's state outweighs the extra mixers' weights
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import attention as attention_ops
-from gearshift.report import batch_bytes_per_step, paper_placement
+from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
 
@@ -84,7 +86,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=["tiny", "apriel-15b"], default="apriel-15b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="rows per batch; 0: the largest that fits (up to 128)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/engine_mixed.json")
     ap.add_argument("--graphs", action="store_true", help="decode steps replayed from CUDA graphs (GPU)")
@@ -97,6 +99,13 @@ def main() -> None:
         "idle), 0 fused (masked SDPA), N split-KV over chunks of N keys; several values run one after the other",
     )
     ap.add_argument("--profile", action="store_true", help="profile one step of all-attention and of the mix")
+    ap.add_argument("--max-context", type=int, help="the engine's context (pool capacity); default: just enough")
+    ap.add_argument(
+        "--presets",
+        nargs="+",
+        default=["all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10"],
+        help="the paper presets (report.PAPER_PRESETS) or all-<mixer> placements to time alone and evenly mixed",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -106,8 +115,32 @@ def main() -> None:
     model = Supernet.random(cfg, device=device, dtype=dtype).eval()
     n = cfg.num_layers
     presets = {
-        name: paper_placement(name, n) for name in ("all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")
+        name: paper_placement(name, n) if name in PAPER_PRESETS else model.resolve(name) for name in args.presets
     }
+    if args.batch % len(presets):
+        raise SystemExit(f"--batch {args.batch} does not split evenly over {len(presets)} presets")
+    # the engine holds state only for the mixers these presets use (Engine(placements=...)), as a server started
+    # with --only-presets does: memory for more rows, same kernels
+    served = list(presets.values())
+
+    def make_engine(batch: int) -> Engine:
+        ctx = args.max_context or args.context + args.steps + 8
+        return Engine(model, max_batch=batch, max_context=ctx, cuda_graphs=args.graphs, placements=served)
+
+    if args.batch == 0:  # the largest batch whose single-preset runs all fit the state budget
+        for batch in range(128 // len(presets) * len(presets), 0, -len(presets)):
+            try:
+                fits = make_engine(batch).full_attention_slots >= batch
+            except ValueError:
+                fits = False
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if fits:
+                break
+        else:
+            raise SystemExit("not even one row per preset fits the state budget")
+        args.batch = batch
+        print(f"largest batch that fits: {batch}", flush=True)
     # the bandwidth floor: a mixed step reads every mixer in use (and each row's state); single-preset steps
     # read one mixer per layer. The modelled excess of bytes is the least slowdown a mix can have.
     mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
@@ -116,23 +149,32 @@ def main() -> None:
     runs = []
     for chunk in args.split_kv:
         attention_ops.SPLIT_KV_CHUNK = chunk
-        engine = Engine(model, max_batch=args.batch, max_context=args.context + args.steps + 8, cuda_graphs=args.graphs)
+        engine = make_engine(args.batch)
         rows = []
         for name, placement in presets.items():
             rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
             rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
             print(f"split-KV {chunk:<5} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
+        # what an engine that switches placements globally must do with the same requests: one batch per preset
+        # (batch / presets rows each), one after the other; its rate is the harmonic mean of those batches' rates
+        part = args.batch // len(presets)
+        split = {name: decode_rate(engine, [pl] * part, args.context, args.steps)[0] for name, pl in presets.items()}
+        per_preset = len(presets) / sum(1 / r for r in split.values())
         rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
         # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
         singles = {r["batch"]: r["tokens_per_s"] for r in rows}
-        reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(args.batch // len(presets)))
+        reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(part))
         rows.append(
             {"batch": "mixed", "tokens_per_s": rate, "single_preset_reference": reference,
-             "slowdown": reference / rate - 1, "modelled_floor_slowdown": floor} | ({"profile": prof} if prof else {})
+             "slowdown": reference / rate - 1, "modelled_floor_slowdown": floor,
+             "per_preset_batches": {"batch": part, "tokens_per_s": split, "one_after_another": per_preset},
+             "speedup_vs_per_preset_batches": rate / per_preset} | ({"profile": prof} if prof else {})
         )  # fmt: skip
         print(
-            f"split-KV {chunk:<5} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s (single-preset reference "
-            f"{reference:.1f}, {100 * (reference / rate - 1):+.1f}%; bytes moved: {100 * floor:+.1f}%)",
+            f"split-KV {chunk:<5} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s "
+            f"(single-preset reference {reference:.1f}, {100 * (reference / rate - 1):+.1f}%; "
+            f"bytes moved: {100 * floor:+.1f}%; "
+            f"{rate / per_preset:.2f}x the per-preset batches of {part} one after another, {per_preset:.1f})",
             flush=True,
         )
         runs.append({"split_kv": chunk, "graphs": engine.cuda_graphs, "rows": rows})
@@ -140,6 +182,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "batch": args.batch}
+    meta["presets"] = args.presets
     meta["modelled_bytes_per_step"] = moved | {"mixed": batch_bytes_per_step(model, mix, context=args.context)}
     # one setting: the flat layout of earlier results (rows at the top level)
     write_json(args.out, meta | (runs[0] if len(runs) == 1 else {"runs": runs}))

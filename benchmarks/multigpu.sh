@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Several GPUs of one machine (issue 7): distillation with torchrun over all N GPUs vs one GPU at the same global
 # batch -- tokens/s, scaling efficiency, loss curves side by side, peak memory per GPU -- for the SmolLM2
-# supernet and a random-weight ~1B supernet (gearshift init --shape small-1b); then a placement measurement split
-# over the GPUs (place measure --shard K/N, one process per GPU, place merge) against one GPU measuring them all.
-# Training is DDP (every GPU holds the whole supernet: 0.5 GB of bf16 weights for SmolLM2, 3.2 GB for the 1B
-# shape, far below an H200's memory, so sharding would only add communication).
+# supernet and a random-weight ~1B supernet (gearshift init --shape small-1b), each under DDP (whole replicas) and
+# FSDP (parallel=fsdp: parameters, gradients and optimizer state sharded over the GPUs); then a placement
+# measurement split over the GPUs (place measure --shard K/N, one process per GPU, place merge) against one GPU
+# measuring them all.
 #
 #   bash benchmarks/multigpu.sh RUN PIPELINE_DIR [STEPS]     # PIPELINE_DIR from benchmarks/pipeline_smollm2.py
 #   NGPU=2 DEVICE=cpu MODELS=smollm2 SEQ=64 bash benchmarks/multigpu.sh /tmp/mg /tmp/pipeline 2   # CPU smoke (gloo)
@@ -29,16 +29,21 @@ run() {
 port=$((29500 + RANDOM % 1000))
 
 # distill configs: the same global batch (16 sequences of 1024 tokens) on 1 and on N processes
-write_config() {  # NAME MODEL PER_PROCESS_BATCH
-  python - "$RUN/$1.json" "$2" "$RUN/$1" "$3" "$STEPS" "$P" "$SEQ" <<'EOF'
+# sequences per micro-batch (activation memory): a process runs PER_PROCESS_BATCH / micro micro-batches a step
+micro_for() { if [ "$1" = small-1b ]; then echo "${MICRO_1B:-4}"; else echo "${MICRO:-16}"; fi; }
+write_config() {  # NAME MODEL PER_PROCESS_BATCH PARALLEL MICRO
+  python - "$RUN/$1.json" "$2" "$RUN/$1" "$3" "$STEPS" "$P" "$SEQ" "$4" "$5" <<'EOF'
 import json, sys
 from pathlib import Path
-path, model, output, batch, steps, pipeline, seq = sys.argv[1:]
+path, model, output, batch, steps, pipeline, seq, parallel, micro = sys.argv[1:]
+micro = min(int(batch), int(micro))
 json.dump({
+    "parallel": parallel,
     "model": model,
     "output": output,
     "data": {"train": sorted(str(p) for p in Path(pipeline).glob("traces_*")), "seq_len": int(seq)},
-    "optim": {"steps": int(steps), "batch_size": int(batch), "lr": 1e-3, "warmup_steps": 5, "seed": 0},
+    "optim": {"steps": int(steps), "batch_size": micro, "grad_accum": int(batch) // micro, "lr": 1e-3,
+              "warmup_steps": 5, "seed": 0},
     "sampler": {"kind": "uniform"},
     "loss": {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5},
     "eval": {"every": 0},
@@ -56,11 +61,15 @@ fi
 for model in $MODELS; do
   ckpt=$P/supernet
   [ "$model" = small-1b ] && ckpt=$RUN/small-1b
-  write_config "${model}_1gpu" "$ckpt" "$GLOBAL"
-  write_config "${model}_${N}gpu" "$ckpt" $((GLOBAL / N))
+  write_config "${model}_1gpu" "$ckpt" "$GLOBAL" ddp "$(micro_for "$model")"
   run "${model}_1gpu" python -m gearshift distill "$RUN/${model}_1gpu.json" --device "$DEVICE"
-  run "${model}_${N}gpu" python -m torch.distributed.run --nproc_per_node "$N" --master_port "$port" \
-    -m gearshift distill "$RUN/${model}_${N}gpu.json" --device "$DEVICE"
+  for parallel in ddp fsdp; do
+    name=${model}_${N}gpu
+    [ $parallel = fsdp ] && name=${model}_${N}gpu_fsdp
+    write_config "$name" "$ckpt" $((GLOBAL / N)) $parallel "$(micro_for "$model")"
+    run "$name" python -m torch.distributed.run --nproc_per_node "$N" --master_port "$((port++))" \
+      -m gearshift distill "$RUN/$name.json" --device "$DEVICE"
+  done
 done
 
 # placement measurement: one process over all placements vs N processes (one per GPU) over shards, merged
@@ -85,18 +94,25 @@ def rows(name):
     return [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x] if path.exists() else []
 report = {"gpus": n, "distill": {}, "measure": {}}
 for model in models:
-    one, many = rows(f"{model}_1gpu"), rows(f"{model}_{n}gpu")
-    if not (one and many):
-        report["distill"][model] = {"error": "a run did not finish (see its log)"}
+    one = rows(f"{model}_1gpu")
+    entry = report["distill"][model] = {}
+    if not one:
+        entry["error"] = "the one-GPU run did not finish (see its log)"
         continue
-    t1, tn = one[-1]["tokens_per_s"], many[-1]["tokens_per_s"]
-    report["distill"][model] = {
-        "tokens_per_s_1gpu": t1, f"tokens_per_s_{n}gpu": tn, "tokens_per_s_per_gpu": tn / n,
-        "scaling_efficiency": tn / (n * t1),
-        "loss_1gpu": [r["loss"] for r in one], f"loss_{n}gpu": [r["loss"] for r in many],
-        "max_abs_loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many)),
-        "peak_mem_gb_1gpu": one[-1].get("peak_mem_gb"), f"peak_mem_gb_per_gpu_{n}gpu": many[-1].get("peak_mem_gb"),
-    }
+    t1 = one[-1]["tokens_per_s"]
+    entry.update(tokens_per_s_1gpu=t1, peak_mem_gb_1gpu=one[-1].get("peak_mem_gb"), loss_1gpu=[r["loss"] for r in one])
+    for parallel, suffix in (("ddp", ""), ("fsdp", "_fsdp")):
+        many = rows(f"{model}_{n}gpu{suffix}")
+        if not many:
+            entry[parallel] = {"error": "the run did not finish (see its log)"}
+            continue
+        tn = many[-1]["tokens_per_s"]
+        entry[parallel] = {
+            f"tokens_per_s_{n}gpu": tn, "tokens_per_s_per_gpu": tn / n, "scaling_efficiency": tn / (n * t1),
+            f"loss_{n}gpu": [r["loss"] for r in many],
+            "max_abs_loss_diff": max(abs(a["loss"] - b["loss"]) for a, b in zip(one, many)),
+            "peak_mem_gb_per_gpu": many[-1].get("peak_mem_gb"),
+        }
 def table(name):
     path = run / name
     if not path.exists():

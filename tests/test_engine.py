@@ -372,3 +372,33 @@ def test_state_budget_errors(model):
     assert engine.full_attention_slots == 1
     with pytest.raises(RequestError, match="needs 2 slots"):  # target and draft both FA: can never start
         engine.submit([1, 2], "FFFF", SamplingParams(max_tokens=2), draft="FFGG")
+
+
+def test_engine_for_some_placements_holds_only_their_state(model):
+    """Engine(placements=...) allocates pools only for the (layer, mixer) pairs those placements use: under the
+    same budget, more requests may hold full-attention KV at once. Requests outside are refused; the served ones
+    decode exactly as alone."""
+    served = ["FSGK", "GGGG", "FSGG"]
+    full = Engine(model, max_batch=4, max_context=40)
+    per_fa = sum(pool.nbytes_per_slot() for layer in full.pools for name, pool in layer.items() if name == "attention")
+    budget = full.memory_bytes() - 3 * per_fa  # every mixer of every layer: room for 1 request with FA layers
+    assert Engine(model, max_batch=4, max_context=40, state_memory=budget).full_attention_slots == 1
+    engine = Engine(model, max_batch=4, max_context=40, state_memory=budget, placements=served)
+    assert engine.full_attention_slots == 4  # the same memory holds 4: FA KV only in layer 0, no KDA in layer 0, ...
+    assert {(i, n) for i, layer in enumerate(engine.pools) for n in layer} == {
+        (0, "attention"), (0, "gdn"), (1, "sliding_window"), (1, "gdn"), (2, "gdn"), (3, "gdn"), (3, "kda")
+    }  # fmt: skip
+    with pytest.raises(RequestError, match="no attention state in layer 1: it serves only the placements FSGK"):
+        engine.submit([1, 2], "FFFF")
+    with pytest.raises(RequestError, match="no kda state in layer 2"):
+        engine.submit([1, 2], "FSGK", draft="GGKK")
+    with pytest.raises(ValueError, match="at least one"):
+        Engine(model, placements=[])
+    params = SamplingParams(max_tokens=6, stop_token_ids=())
+    reqs = [engine.submit(PROMPTS[i % len(PROMPTS)], pl, params) for i, pl in enumerate(served * 2)]
+    reqs.append(engine.submit(PROMPTS[0], "FSGK", params, draft="GGGG", spec_k=2))
+    while engine.has_work():
+        engine.step()
+    for i, r in enumerate(reqs[:-1]):
+        assert r.output == alone(model, PROMPTS[i % len(PROMPTS)], served[i % 3], 6)
+    assert reqs[-1].output == alone(model, PROMPTS[0], "FSGK", 6)

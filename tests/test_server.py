@@ -217,5 +217,23 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
     assert "1 of them with full-attention layers at once" in capsys.readouterr().out
     assert main([*args, "--state-memory-gb", "1e-9"]) != 0
     assert "decoding state does not fit" in capsys.readouterr().err
+    assert main([*args, "--only-presets", "FG", "GG"]) == 0  # state only for the mixers these two use
+    assert {(i, n) for i, layer in enumerate(apps[2].state.engine.pools) for n in layer} == {(0, "attention"),
+        (0, "gdn"), (1, "gdn")}  # fmt: skip
     for app in apps:
         app.state.worker.stop()
+
+
+def test_only_presets_are_offered_and_others_refused(model_and_tok):
+    """An engine started for some presets offers only those (and 'auto' among them); other placements get 400."""
+    from fastapi.testclient import TestClient
+
+    model, tok = model_and_tok
+    engine = Engine(model, max_batch=2, placements=["quality", "fast"])
+    app = create_app(engine, tok, name="gs")
+    with TestClient(app) as client:
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"gs", "gs:auto", "gs:quality", "gs:fast"}
+        body = {"model": "gs:fast", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        refused = client.post("/v1/completions", json={**body, "model": "gs", "placement": "KK"})
+        assert refused.status_code == 400 and "serves only the placements FF, GG" in refused.text

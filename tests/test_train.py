@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,78 @@ def test_two_processes_match_one(workdir, tmp_path, mode):
     assert len(la) == len(lb) == 3
     # the logged loss is the mean over the whole step's tokens on every rank, so the curves agree too
     assert max(abs(a - b) for a, b in zip(la, lb, strict=True)) < 1e-4, (la, lb)
+
+
+def test_fsdp_matches_one_process_and_resumes_under_either_strategy(workdir, tmp_path):
+    """FSDP over 2 processes == 1 process at the same global batch. Its checkpoints hold full tensors, so a run
+    killed after its step-3 checkpoint continues under FSDP or on one process and ends where a straight run ends."""
+    base = {
+        "model": str(workdir / "supernet"),
+        "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
+        "optim": {"steps": 5, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 3},
+        "log_every": 1,
+    }
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({**base, "output": str(tmp_path / "one")}))
+    sharded = {
+        **base,
+        "output": str(tmp_path / "fsdp"),
+        "parallel": "fsdp",
+        "optim": {**base["optim"], "batch_size": 2},
+    }
+    two = tmp_path / "fsdp.json"
+    two.write_text(json.dumps(sharded))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+
+    def run(*args):
+        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def torchrun(*args):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+        run(*launcher, "-m", "gearshift.cli", "distill", str(two), "--device", "cpu", *args)
+
+    def final(run_dir):
+        return load_file(tmp_path / run_dir / "final" / "model.safetensors")
+
+    def losses(run_dir):
+        rows = [json.loads(x) for x in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    run("-m", "gearshift.cli", "distill", str(one), "--device", "cpu")
+    torchrun()
+    a = final("one")
+    assert max((a[k] - final("fsdp")[k]).abs().max().item() for k in a) < 1e-5
+    la, lb = losses("one"), losses("fsdp")
+    assert len(la) == len(lb) == 5 and max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-4, (la, lb)
+    saved = torch.load(tmp_path / "fsdp" / "checkpoints" / "step-0000003.pt", weights_only=False)
+    reference = load_file(workdir / "supernet" / "model.safetensors")
+    assert all(t.shape == reference[n].shape for n, t in saved["trainable"].items())  # full, not one rank's shard
+    # the run killed after its step-3 checkpoint: steps 4-5, their checkpoint and the final weights lost
+    for copy in ("again", "alone"):
+        shutil.copytree(tmp_path / "fsdp", tmp_path / copy)
+        shutil.rmtree(tmp_path / copy / "final")
+        (tmp_path / copy / "checkpoints" / "step-0000005.pt").unlink()
+        (tmp_path / copy / "checkpoints" / "latest").write_text("step-0000003.pt")
+    torchrun("--set", f"output={tmp_path / 'again'}")  # continued under FSDP ...
+    run(
+        "-m",
+        "gearshift.cli",
+        "distill",
+        str(two),
+        "--device",
+        "cpu",
+        "--set",
+        f"output={tmp_path / 'alone'}",
+        "--set",
+        "optim.batch_size=4",
+    )  # ... and on one process (parallel=fsdp is moot there)
+    for copy in ("again", "alone"):
+        b = final(copy)
+        assert set(a) == set(b)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, copy
 
 
 def _free_port() -> int:

@@ -33,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         cuda_graphs=args.cuda_graphs,
         state_memory=None if args.state_memory_gb is None else int(args.state_memory_gb * 2**30),
+        placements=args.only_presets,
     )
     print(
         f"decoding state: {engine.memory_bytes() / 2**20:.1f} MiB of pools; up to {engine.max_batch} requests, "
@@ -70,5 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="memory for all decoding state (KV, windows, recurrent state); when the pools of --max-batch requests "
         "need more, fewer requests may use full-attention layers at once (default: 85%% of free GPU memory; "
         "no limit on CPU)",
+    )
+    s.add_argument(
+        "--only-presets",
+        nargs="+",
+        metavar="PRESET",
+        help="serve only these presets (names or placement letters): decoding state is allocated only for the "
+        "mixers they use, so more requests fit; other presets and placements get 400",
     )
     s.set_defaults(fn=cmd_serve)

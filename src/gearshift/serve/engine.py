@@ -116,11 +116,16 @@ class Engine:
         pool_slots: int | None = None,
         cuda_graphs: bool = True,
         state_memory: int | None = None,
+        placements: Sequence[PlacementSpec] | None = None,
     ) -> None:
         """``pool_slots``: slots per pool (default ``max_batch``; speculative requests hold draft slots too).
         ``state_memory``: bytes for all decoding state. When the pools of ``pool_slots`` requests exceed it, the
         full-attention pools (the only ones that grow with the context) get fewer slots, and requests that need
-        them wait while others run. Default: no limit on CPU, 85% of the free memory on CUDA."""
+        them wait while others run. Default: no limit on CPU, 85% of the free memory on CUDA.
+        ``placements``: the only placements (and drafts) this engine will serve, as preset names or letters. Pools
+        are then allocated only for the (layer, mixer) pairs they use -- a KV pool only in the layers where one
+        of them has full attention -- so the memory holds more requests; others get a RequestError. Default:
+        every mixer of every layer."""
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -132,7 +137,20 @@ class Engine:
         self.max_queue = max_queue
         self.spec_k_max = spec_k_max
         slots = pool_slots or max_batch
-        specs = [{name: self._pool_spec(mixer) for name, mixer in block.mixer.mixers.items()} for block in model.blocks]
+        self.served: tuple[Placement, ...] | None = None
+        if placements is not None:
+            self.served = tuple(dict.fromkeys(model.resolve(p) for p in placements))
+            if not self.served:
+                raise ValueError("placements: name at least one placement to serve")
+        used = None if self.served is None else {key for p in self.served for key in enumerate(p)}
+        specs = [
+            {
+                name: self._pool_spec(mixer)
+                for name, mixer in block.mixer.mixers.items()
+                if used is None or (i, name) in used
+            }
+            for i, block in enumerate(model.blocks)
+        ]
         self.state_budget = state_memory
         if state_memory is None and self.device.type == "cuda":  # free memory, counting torch's unused cache
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -239,6 +257,14 @@ class Engine:
         if not 1 <= spec_k <= self.spec_k_max:
             raise RequestError(f"spec_k must lie in [1, {self.spec_k_max}]")
         needs = self._needs(target, draft_p)
+        missing = [(i, name) for i, name in needs if name not in self.pools[i]]
+        if missing:
+            i, name = missing[0]
+            served = ", ".join(placement_letters(p, self.config) for p in self.served or ())
+            raise RequestError(
+                f"this engine holds no {name} state in layer {i}: it serves only the placements {served} (and drafts "
+                "among them)"
+            )
         for (i, name), count in needs.items():
             pool = self.pools[i][name]
             if count > pool.alloc.n:  # target and draft both use this pool: it must hold two slots

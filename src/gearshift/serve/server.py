@@ -152,8 +152,9 @@ def create_app(
     model = engine.model
     worker = EngineWorker(engine)
     metrics = Metrics()
-    presets = dict(model.presets)
-    infos = _preset_infos(model)
+    # an engine started for some placements only (Engine(placements=...)) offers the presets among them
+    presets = {n: p for n, p in model.presets.items() if engine.served is None or model.resolve(p) in engine.served}
+    infos = _preset_infos(model, presets)
     policy = AutoPolicy(infos, quality_floor) if infos else None
 
     @contextlib.asynccontextmanager
@@ -442,15 +443,15 @@ class _Detokenizer:
         return out
 
 
-def _preset_infos(model) -> list:
+def _preset_infos(model, presets: dict) -> list:
     from ..report import placement_report
     from .policy import PresetInfo
 
     infos = []
-    if not model.presets:
+    if not presets:
         return infos
     base = placement_report(model, "all-attention" if _has_all(model, "attention") else None, context=4096, batch=8)
-    for name, placement in model.presets.items():
+    for name, placement in presets.items():
         meta = model.preset_meta.get(name, {})
         speed = meta.get("speedup")
         if speed is None:  # modelled from bytes moved per decode step

@@ -93,6 +93,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log_every: int = 10
+    parallel: str = "ddp"  # over several processes: ddp (whole replicas) | fsdp (sharded; distill and sft)
 
     def validate(self) -> TrainConfig:
         problems = []
@@ -110,6 +111,8 @@ class TrainConfig:
             problems.append("sampler.placements: the predefined sampler needs placements with weights")
         if not 0 <= self.sampler.predefined_prob <= 1:
             problems.append("sampler.predefined_prob must lie in [0, 1]")
+        if self.parallel not in ("ddp", "fsdp"):
+            problems.append(f"parallel: {self.parallel!r} is not ddp or fsdp")
         if self.optim.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"optim.dtype: {self.optim.dtype!r} is not auto, float32 or bfloat16")
         if any(v <= 0 for v in self.optim.mixer_lr.values()):

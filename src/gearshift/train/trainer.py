@@ -6,9 +6,11 @@ and trains the mixers on: per-layer activation matching, forward/reverse KL of t
 cross-entropy. Alignment (mode ``align``), the first stage: every mixer of every layer learns the teacher's
 attention output from the teacher's own layer input, all at once and without gradients across layers.
 
-Data parallelism is DDP: the trainable mixers of the models we distil fit on one GPU, DDP keeps the exact
-semantics of one large batch, and `find_unused_parameters` copes with the mixers a step leaves out. Losses are
-normalised by the global token count of the step, so N processes reproduce one process at the same global
+Data parallelism (``parallel``): DDP, where every rank holds the whole supernet and `find_unused_parameters`
+copes with the mixers a step leaves out; or FSDP (``parallel: fsdp``, distill and SFT), where each rank holds a
+1/N shard of every parameter, gradient and optimizer state and gathers one decoder block at a time — the same
+steps in less memory per GPU (see ``parallel.py``). Either way the step's placement is the same on every rank and
+losses are normalised by the step's global token count, so N processes reproduce one process at the same global
 batch.
 """
 
@@ -33,6 +35,7 @@ from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, 
 from .config import TrainConfig
 from .data import DataError, PackedRows, load_rows, step_rows
 from .losses import activation_terms, agreement, cross_entropy, kl_terms
+from .parallel import full, full_optimizer_state, is_sharded, like, load_optimizer_state, shard_blocks
 from .samplers import build_sampler, cheapest_placement
 
 BF16_PEAK_FLOPS = 790e12  # measured dense bf16 on the H200 (shared/reference/h200.md)
@@ -108,6 +111,14 @@ class Trainer:
                 self.trainable[name] = p
         if not self.trainable:
             raise ValueError("no trainable parameters: check optim.train and optim.frozen_mixers")
+        # FSDP shards before the optimizer exists: it must hold the sharded parameters (align calls mixers outside
+        # the model's forward, where FSDP's gathers never run, so it always averages gradients by hand)
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp" and cfg.mode != "align"
+        if cfg.parallel == "fsdp" and cfg.mode == "align" and self.world > 1:
+            self.log("parallel=fsdp: align keeps whole replicas (its per-layer mixer calls bypass FSDP)")
+        if self.fsdp:
+            shard_blocks(self.student, self.student.blocks, self.device, self.world)
+            self.trainable = {n: p for n, p in self.student.named_parameters() if n in self.trainable}
         self._keys = {".".join(n.split(".")[:7]) + "." for n in self.trainable}  # model.decoder.blocks.i.mixer.mixers.x
         groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
         for n, p in self.trainable.items():
@@ -129,7 +140,7 @@ class Trainer:
         self.align_mixers: list[list[str]] = []
         if cfg.mode == "align":
             self._set_align_mixers()
-        if self.world > 1 and cfg.mode != "align":
+        if self.world > 1 and cfg.mode != "align" and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=ids, find_unused_parameters=True
@@ -158,7 +169,7 @@ class Trainer:
         if missing:
             raise ValueError(f"{path}: checkpoint lacks trainable tensors, e.g. {sorted(missing)[:3]}")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         except ValueError as exc:  # e.g. other parameter groups: another mode, mixer_lr or set of frozen mixers
             raise ValueError(
                 f"{path}: this checkpoint was written by a run with another configuration ({exc}); resume with "
@@ -166,7 +177,7 @@ class Trainer:
             ) from None
         with torch.no_grad():
             for name, p in self.trainable.items():
-                p.copy_(state["trainable"][name])
+                p.copy_(like(state["trainable"][name], p))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
@@ -174,13 +185,16 @@ class Trainer:
         self._metrics({"event": "resume", "step": self.step, "checkpoint": str(path)})
 
     def save_checkpoint(self) -> None:
+        # full tensors whatever the strategy (gathering a shard is a collective: every rank takes part)
+        trainable = {n: full(p) for n, p in self.trainable.items()}
+        optimizer = full_optimizer_state(self.optimizer)
         if self.rank == 0:
             save_checkpoint(
                 self.out / "checkpoints",
                 self.step,
                 {
-                    "trainable": {n: p.detach().cpu() for n, p in self.trainable.items()},
-                    "optimizer": self.optimizer.state_dict(),
+                    "trainable": trainable,
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "config": self.cfg.to_dict(),
                 },
@@ -278,6 +292,8 @@ class Trainer:
         stats = dict(zip(stats, sums[: len(stats)].tolist(), strict=True))
         layer_act = sums[len(stats) :]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), o.grad_clip)
+        if is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -338,12 +354,16 @@ class Trainer:
             target = ys[i].float()
             sums[i, -1] = (target.pow(2).mean(-1) * m).sum()
             loss = torch.zeros((), device=self.device)
+            if self.fsdp:  # a mixer called on its own runs outside FSDP's hooks: gather its block by hand (no grad)
+                block.unshard()
             for name in self.align_mixers[i]:
                 with torch.set_grad_enabled(scale is not None), self.autocast():
                     out = block.mixer.mixers[name](xs[i], ctx)
                 err = ((out.float() - target).pow(2).mean(-1) * m).sum()
                 loss = loss + err
                 sums[i, self.align_kinds.index(name)] = err.detach()
+            if self.fsdp:
+                block.reshard()
             if scale is not None:
                 (loss * scale).backward()
         return sums
@@ -515,11 +535,22 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        self.save_final()
+        return last
+
+    def save_final(self) -> None:
+        """The trained supernet as an Apriel2 checkpoint in ``output/final`` (under FSDP: gathered to rank 0)."""
+        model = self.student
+        if self.fsdp:
+            weights = {n: full(t) for n, t in self.student.state_dict().items()}  # every rank: collectives
+            if self.rank == 0:
+                model = Supernet.from_pretrained(self.cfg.model, device="cpu", dtype=torch.float32)
+                model.load_state_dict(weights)
+                model.presets, model.preset_meta = self.student.presets, self.student.preset_meta
         if self.rank == 0:
-            self.student.save_pretrained(self.out / "final", copy_from=cfg.model)
+            model.save_pretrained(self.out / "final", copy_from=self.cfg.model)
         if self.world > 1:
             dist.barrier()
-        return last
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
