@@ -92,6 +92,7 @@ class Request:
     label: str = ""  # the placement as letters (metrics), set on submission
     code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
     needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
+    stops: frozenset[int] = frozenset()  # the stop token ids (the model's EOS ids by default), set on submission
 
     @property
     def output(self) -> list[int]:
@@ -280,6 +281,8 @@ class Engine:
             req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
             req.needs = needs
             req.label = placement_letters(target, self.config)
+            stops = params.stop_token_ids if params.stop_token_ids is not None else self.config.eos_ids()
+            req.stops = frozenset(stops)
             if params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
             self.waiting.append(req)
@@ -548,8 +551,8 @@ class Engine:
 
     def _decode(self, reqs: list[Request], touched: list[Request]) -> None:
         """One plain decode step of these requests (from a CUDA graph of their composition when enabled)."""
-        positions = torch.tensor([[r.processed] for r in reqs], device=self.device)
-        tokens = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
+        positions = torch.tensor([r.processed for r in reqs], device=self.device)[:, None]
+        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
         args = (tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
         last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
         if self.cuda_graphs:
@@ -618,22 +621,23 @@ class Engine:
         """Append generated tokens, applying stop tokens, max_tokens and the context limit."""
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
-        stops = req.params.stop_token_ids if req.params.stop_token_ids is not None else tuple(self.config.eos_ids())
         reason = None
         if not req.new_tokens:  # its first tokens this step (step() empties new_tokens): O(1), not a list search
             touched.append(req)
+        # per token: O(1) checks (this runs for every request of every step)
+        length_at = min(len(req.prompt) + req.params.max_tokens, self.max_context)
+        emitted = 0
         for tok in new:
             req.tokens.append(tok)
             req.new_tokens.append(tok)
-            self.tokens_by_placement[req.label] = self.tokens_by_placement.get(req.label, 0) + 1
-            if tok in stops:
+            emitted += 1
+            if tok in req.stops:
                 reason = "stop"
-            elif len(req.output) >= req.params.max_tokens:
-                reason = "length"
-            elif len(req.tokens) >= self.max_context:
-                reason = "context"
+            elif len(req.tokens) >= length_at:
+                reason = "length" if len(req.tokens) - len(req.prompt) >= req.params.max_tokens else "context"
             if reason:
                 break
+        self.tokens_by_placement[req.label] = self.tokens_by_placement.get(req.label, 0) + emitted
         if reason:
             with self.lock:
                 self._finish(req, reason)
