@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 def _dtensor_type() -> type | None:
     try:
