@@ -237,3 +237,7 @@ def test_only_presets_are_offered_and_others_refused(model_and_tok):
         assert client.post("/v1/completions", json=body).status_code == 200
         refused = client.post("/v1/completions", json={**body, "model": "gs", "placement": "KK"})
         assert refused.status_code == 400 and "serves only the placements FF, GG" in refused.text
+    fast_only = Engine(model, max_batch=2, placements=["fast"])
+    with TestClient(create_app(fast_only, tok, name="gs")) as client:  # the default placement (FF) is not served:
+        bare = client.post("/v1/completions", json={**body, "model": "gs"})  # the bare id runs the first served one
+        assert bare.status_code == 200 and set(fast_only.tokens_by_placement) == {"GG"}

@@ -154,6 +154,10 @@ def create_app(
     metrics = Metrics()
     # an engine started for some placements only (Engine(placements=...)) offers the presets among them
     presets = {n: p for n, p in model.presets.items() if engine.served is None or model.resolve(p) in engine.served}
+    # the bare model id: the model's default placement, or, when the engine does not serve it, the first it serves
+    default = None
+    if engine.served is not None and model.resolve(None) not in engine.served:
+        default = next(iter(presets), None) or engine.served[0]
     infos = _preset_infos(model, presets)
     policy = AutoPolicy(infos, quality_floor) if infos else None
 
@@ -195,7 +199,7 @@ def create_app(
             chosen = policy.choose(load)
             return chosen, chosen
         if requested is None:
-            return "default", None
+            return "default", default
         if requested not in presets:
             raise ApiError(
                 404,
