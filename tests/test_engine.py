@@ -21,10 +21,12 @@ def alone(model, prompt, placement, n):
     return model.generate([prompt], placement, max_new_tokens=n, eos_token_id=[])[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("chunk,contiguous", [(256, True), (3, True), (3, False)])
-def test_mixed_batch_equals_each_request_alone(model, chunk, contiguous):
+@pytest.mark.parametrize("chunk,contiguous,overlap", [(256, True, False), (3, True, False), (3, False, False),
+                                                     (3, True, True)])  # fmt: skip
+def test_mixed_batch_equals_each_request_alone(model, chunk, contiguous, overlap):
     engine = Engine(model, max_batch=8, prefill_chunk=chunk)
     engine.contiguous_reads = contiguous  # slices of consecutive slots (views) or always gathers
+    engine.overlap = overlap  # decoding one step ahead (on by default on CUDA)
     params = SamplingParams(max_tokens=12, stop_token_ids=())
     outs = engine.generate(PROMPTS, PLACEMENTS, params)
     for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):
@@ -46,8 +48,10 @@ def test_split_kv_decode_equals_each_request_alone(model, monkeypatch):
     assert calls
 
 
-def test_continuous_batching_with_a_small_batch(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_continuous_batching_with_a_small_batch(model, overlap):
     engine = Engine(model, max_batch=2, prefill_chunk=4)
+    engine.overlap = overlap
     reqs = [
         engine.submit(p, pl, SamplingParams(max_tokens=6 + i, stop_token_ids=()))
         for i, (p, pl) in enumerate(zip(PROMPTS, PLACEMENTS, strict=True))
@@ -154,8 +158,10 @@ def test_request_errors_and_queue_bound(model):
     assert all(p.alloc.available == p.alloc.n for layer in engine.pools for p in layer.values())
 
 
-def test_stop_tokens_and_context_limit(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_tokens_and_context_limit(model, overlap):
     engine = Engine(model, max_batch=2, max_context=20)
+    engine.overlap = overlap
     first = alone(model, PROMPTS[0], "FSGK", 3)
     r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=10, stop_token_ids=(first[2],)))
     long = engine.submit(PROMPTS[0], "GGGG", SamplingParams(max_tokens=100, stop_token_ids=()))
@@ -402,3 +408,33 @@ def test_engine_for_some_placements_holds_only_their_state(model):
     for i, r in enumerate(reqs[:-1]):
         assert r.output == alone(model, PROMPTS[i % len(PROMPTS)], served[i % 3], 6)
     assert reqs[-1].output == alone(model, PROMPTS[0], "FSGK", 6)
+
+
+def test_decoding_one_step_ahead(model):
+    """With overlap, a steady decode batch launches step t+1 from the sampled tokens on the device before the host
+    books step t's: tokens arrive one call later, requests that stop, are cancelled or join meanwhile stay exact,
+    seeded requests fall back to the synchronous step, and every slot goes back to its pool."""
+    params = SamplingParams(max_tokens=8, stop_token_ids=())
+    engine = Engine(model, max_batch=3)
+    engine.overlap = True
+    a = engine.submit(PROMPTS[0], "FSGK", params)
+    b = engine.submit(PROMPTS[1], "GGGG", params)
+    engine.step()  # prefill: first tokens, then the first decode step is launched, its tokens pending
+    assert engine._pending is not None and [len(r.output) for r in (a, b)] == [1, 1]
+    touched = engine.step()  # the next step launched, the pending tokens booked
+    assert touched == [a, b] and [len(r.output) for r in (a, b)] == [2, 2] and engine._pending is not None
+    free = alone(model, PROMPTS[2], "SSSS", 8)
+    at = next(i for i in range(2, 8) if free[i] not in free[:i])  # a stop token first drawn at step `at`
+    c = engine.submit(PROMPTS[2], "SSSS", SamplingParams(max_tokens=8, stop_token_ids=(free[at],)))  # joins
+    engine.step()
+    engine.cancel(b)  # cancelled with a step in flight
+    seeded = engine.submit(PROMPTS[3], "KKKK", SamplingParams(max_tokens=5, temperature=0.8, seed=3))
+    engine.run()
+    assert a.output == alone(model, PROMPTS[0], "FSGK", 8) and a.finish_reason == "length"
+    assert b.finish_reason == "cancelled" and b.output == alone(model, PROMPTS[1], "GGGG", len(b.output))
+    assert c.finish_reason == "stop" and c.output == free[: at + 1]
+    plain = Engine(model, max_batch=3)
+    again = plain.submit(PROMPTS[3], "KKKK", SamplingParams(max_tokens=5, temperature=0.8, seed=3))
+    plain.run()
+    assert seeded.output == again.output
+    assert all(p.alloc.available == p.alloc.n for layer in engine.pools for p in layer.values())

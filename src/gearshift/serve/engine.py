@@ -181,6 +181,11 @@ class Engine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _DecodeGraph] = {}
         self._last_eager: tuple | None = None
+        # decode one step ahead (see _decode_ahead): the next step is launched from the sampled tokens on the
+        # device before the host books this step's tokens, so the GPU does not wait for the host
+        self.overlap = self.device.type == "cuda"
+        self._pending: _Pending | None = None
+        self._sample_index: dict[tuple, list[tuple[tuple, Tensor | None]]] = {}  # see _sample_on_device
 
     def _pool_spec(self, mixer) -> tuple[type, dict]:
         """The pool class and its settings (all but slots, device and dtype) for one mixer's decoding state."""
@@ -518,15 +523,23 @@ class Engine:
     # ------------------------------------------------------------------ one engine iteration
     def step(self) -> list[Request]:
         """Advance every running request by one prefill chunk or one decode step; returns requests that emitted
-        tokens or finished (their ``new_tokens`` hold what this step produced)."""
+        tokens or finished (their ``new_tokens`` hold what this step produced). With ``overlap``, a steady decode
+        batch emits each step's tokens one call later, while the GPU already computes the next step."""
+        touched: list[Request] = []
+        with self.lock:
+            for req in self.running:
+                req.new_tokens = []
+            ahead = self._pending is not None and self._can_continue()
+        if ahead:
+            self._decode_ahead(touched)
+            return touched
+        if self._pending is not None:
+            self._flush(touched)
         with self.lock:
             for req in [r for r in self.running if r.cancelled]:
                 self._finish(req, "cancelled")
             self._admit()
             running = list(self.running)
-        touched: list[Request] = []
-        for req in running:
-            req.new_tokens = []
         # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state),
         # requests whose chunks have the same length in one forward
         by_length: dict[int, list[Request]] = {}
@@ -539,7 +552,9 @@ class Engine:
                 self._prefill_chunks(group[start : start + rows], n, touched)
         ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
         plain = [r for r in ready if r.draft is None]
-        if plain:
+        if plain and self.overlap and len(plain) == len(running) and all(r.generator is None for r in plain):
+            self._launch(plain, *self._decode_inputs(plain))  # a steady decode batch: its tokens come next call
+        elif plain:
             self._decode(plain, touched)
         spec = [r for r in ready if r.draft is not None]
         if spec:
@@ -562,6 +577,89 @@ class Engine:
         for req, token in zip(reqs, self._sample_rows(reqs, logits), strict=True):
             req.processed += 1
             self._emit(req, [token], touched)
+
+    # ------------------------------------------------------------------ decoding one step ahead
+    def _decode_inputs(self, reqs: list[Request]) -> tuple[Tensor, Tensor]:
+        positions = torch.tensor([r.processed for r in reqs], device=self.device)[:, None]
+        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
+        return tokens, positions
+
+    def _launch(self, reqs: list[Request], tokens: Tensor, positions: Tensor) -> None:
+        """Queue a decode step of ``reqs`` and the sampling of its tokens, all on the device; the tokens reach the
+        host (``_flush``) later. The requests' state then holds the fed token: ``processed`` advances now."""
+        last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
+        placements, slots = [r.placement for r in reqs], [r.slots for r in reqs]
+        if self.cuda_graphs:
+            logits = self._graph_decode(tokens, positions, placements, slots, last, codes)
+        else:
+            logits = self.mixed_forward(tokens, positions, placements, slots, max_position=last, codes=codes)[0][:, -1]
+        for req in reqs:
+            req.processed += 1
+        sampled = self._sample_on_device(reqs, logits, codes)
+        host, event = sampled, None
+        if sampled.is_cuda:  # copied while the GPU goes on; the event marks when it is on the host
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = _Pending(reqs, sampled, positions, host, event)
+
+    def _can_continue(self) -> bool:
+        """Whether the next step may be launched before the pending tokens are booked: the same requests still
+        run (none cancelled, none waiting to be admitted), all inside the context. A pending token that ends its
+        request (stop, length) only wastes that request's next step, which is discarded."""
+        p = self._pending
+        if not self.overlap or (self.waiting and len(self.running) < self.max_batch):
+            return False
+        if len(self.running) != len(p.reqs) or any(a is not b for a, b in zip(self.running, p.reqs, strict=True)):
+            return False
+        return not any(r.cancelled for r in p.reqs) and max(r.processed for r in p.reqs) < self.max_context
+
+    def _decode_ahead(self, touched: list[Request]) -> None:
+        """Launch the next decode step from the pending (device) tokens, then book the pending tokens on the host
+        while the GPU computes it."""
+        p = self._pending
+        self._pending = None
+        self._launch(p.reqs, p.tokens[:, None], p.positions + 1)
+        ahead, self._pending = self._pending, p
+        self._flush(touched)
+        self._pending = ahead
+
+    def _flush(self, touched: list[Request]) -> None:
+        """Book the pending tokens: emit each to its request, skipping requests that ended meanwhile."""
+        p = self._pending
+        self._pending = None
+        if p.event is not None:
+            p.event.synchronize()
+        for req, token in zip(p.reqs, p.host.tolist(), strict=True):
+            if not (req.finished or req.cancelled):
+                self._emit(req, [token], touched)
+
+    def _sample_on_device(self, reqs: list[Request], logits: Tensor, codes: tuple[int, ...]) -> Tensor:
+        """Next tokens [B] on the device, drawn per group of sampling settings (no seeded requests here); the
+        groups' row indices are kept per batch composition, so no host-to-device copy (a sync) runs per step."""
+        from ..generation import sample_next
+
+        settings = tuple((r.params.temperature, r.params.top_k, r.params.top_p) for r in reqs)
+        key = (codes, settings)
+        groups = self._sample_index.get(key)
+        if groups is None:
+            rows: dict[tuple, list[int]] = {}
+            for i, setting in enumerate(settings):
+                rows.setdefault(setting, []).append(i)
+            groups = [
+                (setting, None if len(idx) == len(reqs) else torch.tensor(idx, device=self.device))
+                for setting, idx in rows.items()
+            ]
+            if len(self._sample_index) >= 64:
+                self._sample_index.pop(next(iter(self._sample_index)))
+            self._sample_index[key] = groups
+        if len(groups) == 1:
+            return sample_next(logits, *groups[0][0])
+        out = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+        for (temperature, top_k, top_p), index in groups:
+            out[index] = sample_next(logits[index], temperature, top_k, top_p)
+        return out
 
     def _prefill_chunks(self, reqs: list[Request], n: int, touched: list[Request]) -> None:
         """The next ``n`` prompt tokens of each request, in one forward (rows at their own positions)."""
@@ -689,6 +787,17 @@ class _DecodeGraph:
             self.logits = engine.mixed_forward(
                 self.tokens, self.positions, placements, slots, max_position=0, codes=codes
             )[0][:, -1]
+
+
+@dataclass
+class _Pending:
+    """A launched decode step whose sampled tokens have not been booked on the host yet."""
+
+    reqs: list[Request]
+    tokens: Tensor  # [B] sampled, on the device (the next step's input)
+    positions: Tensor  # [B, 1] the positions this step fed
+    host: Tensor  # [B] the same tokens, on the host once ``event`` has passed
+    event: torch.cuda.Event | None
 
 
 @dataclass(frozen=True)
