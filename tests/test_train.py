@@ -175,43 +175,39 @@ def test_full_options_run(workdir, tmp_path):
     assert any("eval" in r for r in rows) and all(r.get("ce", 1) > 0 for r in rows if "ce" in r)
 
 
-@pytest.mark.parametrize("mode", ["distill", "align"])
-def test_two_processes_match_one(workdir, tmp_path, mode):
-    base = {
+def _process_config(workdir, steps: int, checkpoint_every: int) -> dict:
+    """The config of the multi-process tests (one process at batch 4; two take batch 2 each)."""
+    return {
         "model": str(workdir / "supernet"),
-        "mode": mode,
         "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
-        "optim": {"steps": 3, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
+        "optim": {"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
         "eval": {"every": 0},
-        "checkpoint": {"every": 0},
+        "checkpoint": {"every": checkpoint_every},
         "log_every": 1,
     }
+
+
+def _cli(*args: str, processes: int = 1) -> None:
+    """`python -m gearshift.cli ARGS --device cpu`, under torchrun when ``processes`` > 1; it must succeed."""
+    launcher = []
+    if processes > 1:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        launcher += ["--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, *launcher, "-m", "gearshift.cli", *args, "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["distill", "align"])
+def test_two_processes_match_one(workdir, tmp_path, mode):
+    base = {**_process_config(workdir, steps=3, checkpoint_every=0), "mode": mode}
     one = tmp_path / "one.json"
     one.write_text(json.dumps({**base, "output": str(tmp_path / "one")}))
     two = tmp_path / "two.json"
     two.write_text(json.dumps({**base, "output": str(tmp_path / "two"), "optim": {**base["optim"], "batch_size": 2}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-
-    def run(*args):
-        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    run("-m", "gearshift.cli", mode, str(one), "--device", "cpu")
-    port = str(_free_port())
-    run(
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        "-m",
-        "gearshift.cli",
-        mode,
-        str(two),
-        "--device",
-        "cpu",
-    )
+    _cli(mode, str(one))
+    _cli(mode, str(two), processes=2)
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
@@ -227,14 +223,7 @@ def test_two_processes_match_one(workdir, tmp_path, mode):
 def test_fsdp_matches_one_process_and_resumes_under_either_strategy(workdir, tmp_path):
     """FSDP over 2 processes == 1 process at the same global batch. Its checkpoints hold full tensors, so a run
     killed after its step-3 checkpoint continues under FSDP or on one process and ends where a straight run ends."""
-    base = {
-        "model": str(workdir / "supernet"),
-        "data": {"train": [str(workdir / "shards")], "seq_len": 16, "eval_sequences": 8},
-        "optim": {"steps": 5, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "dtype": "float32"},
-        "eval": {"every": 0},
-        "checkpoint": {"every": 3},
-        "log_every": 1,
-    }
+    base = _process_config(workdir, steps=5, checkpoint_every=3)
     one = tmp_path / "one.json"
     one.write_text(json.dumps({**base, "output": str(tmp_path / "one")}))
     sharded = {
@@ -245,15 +234,6 @@ def test_fsdp_matches_one_process_and_resumes_under_either_strategy(workdir, tmp
     }
     two = tmp_path / "fsdp.json"
     two.write_text(json.dumps(sharded))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-
-    def run(*args):
-        done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    def torchrun(*args):
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-        run(*launcher, "-m", "gearshift.cli", "distill", str(two), "--device", "cpu", *args)
 
     def final(run_dir):
         return load_file(tmp_path / run_dir / "final" / "model.safetensors")
@@ -262,8 +242,8 @@ def test_fsdp_matches_one_process_and_resumes_under_either_strategy(workdir, tmp
         rows = [json.loads(x) for x in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in rows if "loss" in r]
 
-    run("-m", "gearshift.cli", "distill", str(one), "--device", "cpu")
-    torchrun()
+    _cli("distill", str(one))
+    _cli("distill", str(two), processes=2)
     a = final("one")
     assert max((a[k] - final("fsdp")[k]).abs().max().item() for k in a) < 1e-5
     la, lb = losses("one"), losses("fsdp")
@@ -277,19 +257,9 @@ def test_fsdp_matches_one_process_and_resumes_under_either_strategy(workdir, tmp
         shutil.rmtree(tmp_path / copy / "final")
         (tmp_path / copy / "checkpoints" / "step-0000005.pt").unlink()
         (tmp_path / copy / "checkpoints" / "latest").write_text("step-0000003.pt")
-    torchrun("--set", f"output={tmp_path / 'again'}")  # continued under FSDP ...
-    run(
-        "-m",
-        "gearshift.cli",
-        "distill",
-        str(two),
-        "--device",
-        "cpu",
-        "--set",
-        f"output={tmp_path / 'alone'}",
-        "--set",
-        "optim.batch_size=4",
-    )  # ... and on one process (parallel=fsdp is moot there)
+    _cli("distill", str(two), "--set", f"output={tmp_path / 'again'}", processes=2)  # continued under FSDP ...
+    # ... and on one process (parallel=fsdp is moot there)
+    _cli("distill", str(two), "--set", f"output={tmp_path / 'alone'}", "--set", "optim.batch_size=4")
     for copy in ("again", "alone"):
         b = final(copy)
         assert set(a) == set(b)

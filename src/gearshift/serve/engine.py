@@ -534,7 +534,8 @@ class Engine:
             self._decode_ahead(touched)
             return touched
         if self._pending is not None:
-            self._flush(touched)
+            pending, self._pending = self._pending, None
+            self._flush(pending, touched)
         with self.lock:
             for req in [r for r in self.running if r.cancelled]:
                 self._finish(req, "cancelled")
@@ -553,7 +554,7 @@ class Engine:
         ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
         plain = [r for r in ready if r.draft is None]
         if plain and self.overlap and len(plain) == len(running) and all(r.generator is None for r in plain):
-            self._launch(plain, *self._decode_inputs(plain))  # a steady decode batch: its tokens come next call
+            self._pending = self._launch(plain, *self._decode_inputs(plain))  # steady decode: tokens come next call
         elif plain:
             self._decode(plain, touched)
         spec = [r for r in ready if r.draft is not None]
@@ -565,44 +566,41 @@ class Engine:
         return touched
 
     def _decode(self, reqs: list[Request], touched: list[Request]) -> None:
-        """One plain decode step of these requests (from a CUDA graph of their composition when enabled)."""
-        positions = torch.tensor([r.processed for r in reqs], device=self.device)[:, None]
-        tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
-        args = (tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
-        last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
-        if self.cuda_graphs:
-            logits = self._graph_decode(*args, last, codes)
-        else:
-            logits = self.mixed_forward(*args, max_position=last, codes=codes)[0][:, -1]
+        """One plain decode step of these requests, its tokens booked at once."""
+        logits = self._decode_logits(reqs, *self._decode_inputs(reqs))
         for req, token in zip(reqs, self._sample_rows(reqs, logits), strict=True):
             req.processed += 1
             self._emit(req, [token], touched)
 
-    # ------------------------------------------------------------------ decoding one step ahead
     def _decode_inputs(self, reqs: list[Request]) -> tuple[Tensor, Tensor]:
+        """Each request's last token and its position, [B, 1] each, from the host."""
         positions = torch.tensor([r.processed for r in reqs], device=self.device)[:, None]
         tokens = torch.tensor([r.tokens[-1] for r in reqs], device=self.device)[:, None]
         return tokens, positions
 
-    def _launch(self, reqs: list[Request], tokens: Tensor, positions: Tensor) -> None:
+    def _decode_logits(self, reqs: list[Request], tokens: Tensor, positions: Tensor) -> Tensor:
+        """Next-token logits [B, vocab] of a decode step (from a CUDA graph of the batch composition when enabled)."""
+        args = (tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs])
+        last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
+        if self.cuda_graphs:
+            return self._graph_decode(*args, last, codes)
+        return self.mixed_forward(*args, max_position=last, codes=codes)[0][:, -1]
+
+    # ------------------------------------------------------------------ decoding one step ahead
+    def _launch(self, reqs: list[Request], tokens: Tensor, positions: Tensor) -> _Pending:
         """Queue a decode step of ``reqs`` and the sampling of its tokens, all on the device; the tokens reach the
         host (``_flush``) later. The requests' state then holds the fed token: ``processed`` advances now."""
-        last, codes = max(r.processed for r in reqs), tuple(r.code for r in reqs)
-        placements, slots = [r.placement for r in reqs], [r.slots for r in reqs]
-        if self.cuda_graphs:
-            logits = self._graph_decode(tokens, positions, placements, slots, last, codes)
-        else:
-            logits = self.mixed_forward(tokens, positions, placements, slots, max_position=last, codes=codes)[0][:, -1]
+        logits = self._decode_logits(reqs, tokens, positions)
         for req in reqs:
             req.processed += 1
-        sampled = self._sample_on_device(reqs, logits, codes)
+        sampled = self._sample_on_device(reqs, logits, tuple(r.code for r in reqs))
         host, event = sampled, None
         if sampled.is_cuda:  # copied while the GPU goes on; the event marks when it is on the host
             host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
             host.copy_(sampled, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        self._pending = _Pending(reqs, sampled, positions, host, event)
+        return _Pending(reqs, sampled, positions, host, event)
 
     def _can_continue(self) -> bool:
         """Whether the next step may be launched before the pending tokens are booked: the same requests still
@@ -619,16 +617,11 @@ class Engine:
         """Launch the next decode step from the pending (device) tokens, then book the pending tokens on the host
         while the GPU computes it."""
         p = self._pending
-        self._pending = None
-        self._launch(p.reqs, p.tokens[:, None], p.positions + 1)
-        ahead, self._pending = self._pending, p
-        self._flush(touched)
-        self._pending = ahead
+        self._pending = self._launch(p.reqs, p.tokens[:, None], p.positions + 1)
+        self._flush(p, touched)
 
-    def _flush(self, touched: list[Request]) -> None:
-        """Book the pending tokens: emit each to its request, skipping requests that ended meanwhile."""
-        p = self._pending
-        self._pending = None
+    def _flush(self, p: _Pending, touched: list[Request]) -> None:
+        """Book a launched step's tokens: emit each to its request, skipping requests that ended meanwhile."""
         if p.event is not None:
             p.event.synchronize()
         for req, token in zip(p.reqs, p.host.tolist(), strict=True):
