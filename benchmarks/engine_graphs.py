@@ -4,7 +4,10 @@
 few mixes, greedy, a small max_batch so requests come and go (captures, replays, evictions): the fraction of
 requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted; then
 the same with split-KV decode attention forced (chunks of 8 keys) in both the graphs and the eager reference.
-(2) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
+(2) fusion: the same requests through the eager engine with the element-wise chains compiled (ops/fused.py, the
+default on CUDA) and without, fp32 and bf16: the fraction of identical outputs, and the largest logit difference
+of a forward under each single-mixer placement.
+(3) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
 placement and a mix, each row holding --context tokens of state.
 
     python benchmarks/engine_graphs.py --model runs/pipeline/supernet --out results/engine_graphs.json
@@ -21,6 +24,7 @@ import torch
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import attention as attention_ops
+from gearshift.ops.fused import fusion
 from gearshift.serve.engine import Engine, SamplingParams
 
 from common import device_name, write_json
@@ -53,6 +57,29 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int
     same = [a == b for a, b in zip(*outputs, strict=True)]
     row = {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
     return row | ({"split_kv": split_kv} if split_kv else {})
+
+
+def fusion_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """Compiled element-wise chains vs eager: identical outputs (fraction) and the largest logit difference."""
+    cfg = SupernetConfig.tiny(num_layers=6, vocab_size=257, window=12, eos_token_id=None)
+    model = Supernet.random(cfg, seed=seed, std=0.2).to(device=device, dtype=dtype).eval()
+    rng = random.Random(seed)
+    n = cfg.num_layers
+    placements = ["F" * n, "S" * n, "G" * n, "K" * n, "FSGKFS", "GGKKSF", "KFKFKF", "SSGGFF"]
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(2, 40))] for _ in placements]
+    ids = torch.tensor([prompts[0]], device=device)
+    outputs, logits = [], []
+    for on in (False, True):
+        with fusion(on), torch.no_grad():
+            engine = Engine(model, max_batch=4, prefill_chunk=16, cuda_graphs=False)
+            params = SamplingParams(max_tokens=32, stop_token_ids=())
+            outputs.append(engine.generate(prompts, placements, params))
+            logits.append([model(ids, "X" * n).float() for X in "FSGK"])
+    same = [a == b for a, b in zip(*outputs, strict=True)]
+    diff = max(float((a - b).abs().max()) for a, b in zip(*logits, strict=True))
+    scale = max(float(a.abs().max()) for a in logits[0])
+    return {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "max_logit_diff": diff,
+            "max_logit": scale}  # fmt: skip
 
 
 def speed(model: Supernet, context: int, batches: list[int], steps: int) -> list[dict]:
@@ -97,6 +124,14 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - record and go on: this runs unattended
             report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})
             print(report["check"][-1]["error"], flush=True)
+        write_json(args.out, report)
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            report.setdefault("fusion", []).append(fusion_check(dtype, device))
+            print(f"fusion {report['fusion'][-1]}", flush=True)
+        except Exception:  # noqa: BLE001
+            report.setdefault("fusion", []).append({"dtype": str(dtype), "error": traceback.format_exc()})
+            print(report["fusion"][-1]["error"], flush=True)
         write_json(args.out, report)
     attention_ops.SPLIT_KV_CHUNK = -1  # the speed part times the default path (auto)
     if args.model:

@@ -8,6 +8,7 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
     python benchmarks/engine_mixed.py --shape apriel-15b --context 16384 --batch 16 --out results/engine.json
     python benchmarks/engine_mixed.py --shape tiny --device cpu --context 64 --batch 4   # smoke run
     python benchmarks/engine_mixed.py --graphs --split-kv 0 -1 ...   # fused vs auto split-KV attention, one run
+    python benchmarks/engine_mixed.py --graphs --fusion off on ...   # eager vs compiled element-wise chains
     python benchmarks/engine_mixed.py --presets 'Reg|Lklhd-26' 'Reg|Lklhd-18' 'Reg|Lklhd-10' --batch 64   # no all-FA:
         # larger batches fit, where each row's state outweighs the extra mixers' weights
 """
@@ -15,6 +16,7 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -22,6 +24,7 @@ import torch
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import attention as attention_ops
+from gearshift.ops.fused import fusion
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
@@ -98,6 +101,14 @@ def main() -> None:
         help="decode attention: -1 auto (the engine's default: split-KV where the fused kernel leaves the GPU "
         "idle), 0 fused (masked SDPA), N split-KV over chunks of N keys; several values run one after the other",
     )
+    ap.add_argument(
+        "--fusion",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="the element-wise chains compiled into fused kernels (ops/fused.py; on = the default on CUDA) or "
+        "eager; several values run one after the other",
+    )
     ap.add_argument("--profile", action="store_true", help="profile one step of all-attention and of the mix")
     ap.add_argument("--max-context", type=int, help="the engine's context (pool capacity); default: just enough")
     ap.add_argument(
@@ -147,20 +158,22 @@ def main() -> None:
     moved = {name: batch_bytes_per_step(model, [p] * args.batch, context=args.context) for name, p in presets.items()}
     floor = batch_bytes_per_step(model, mix, context=args.context) / (sum(moved.values()) / len(moved)) - 1
     runs = []
-    for chunk in args.split_kv:
+    for chunk, fuse in itertools.product(args.split_kv, args.fusion):
         attention_ops.SPLIT_KV_CHUNK = chunk
-        engine = make_engine(args.batch)
-        rows = []
-        for name, placement in presets.items():
-            rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
-            rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
-            print(f"split-KV {chunk:<5} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
-        # what an engine that switches placements globally must do with the same requests: one batch per preset
-        # (batch / presets rows each), one after the other; its rate is the harmonic mean of those batches' rates
-        part = args.batch // len(presets)
-        split = {name: decode_rate(engine, [pl] * part, args.context, args.steps)[0] for name, pl in presets.items()}
-        per_preset = len(presets) / sum(1 / r for r in split.values())
-        rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
+        label = f"split-KV {chunk:<5} fusion {fuse:<3}"
+        with fusion(fuse == "on"):
+            engine = make_engine(args.batch)
+            rows = []
+            for name, placement in presets.items():
+                rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
+                rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
+                print(f"{label} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
+            # what an engine that switches placements globally must do with the same requests: one batch per
+            # preset (batch / presets rows each), one after the other; its rate is the harmonic mean of theirs
+            part = args.batch // len(presets)
+            split = {n: decode_rate(engine, [pl] * part, args.context, args.steps)[0] for n, pl in presets.items()}
+            per_preset = len(presets) / sum(1 / r for r in split.values())
+            rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
         # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
         singles = {r["batch"]: r["tokens_per_s"] for r in rows}
         reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(part))
@@ -171,13 +184,13 @@ def main() -> None:
              "speedup_vs_per_preset_batches": rate / per_preset} | ({"profile": prof} if prof else {})
         )  # fmt: skip
         print(
-            f"split-KV {chunk:<5} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s "
+            f"{label} {'mixed':<16} x{args.batch}: {rate:10.1f} tok/s "
             f"(single-preset reference {reference:.1f}, {100 * (reference / rate - 1):+.1f}%; "
             f"bytes moved: {100 * floor:+.1f}%; "
             f"{rate / per_preset:.2f}x the per-preset batches of {part} one after another, {per_preset:.1f})",
             flush=True,
         )
-        runs.append({"split_kv": chunk, "graphs": engine.cuda_graphs, "rows": rows})
+        runs.append({"split_kv": chunk, "fusion": fuse, "graphs": engine.cuda_graphs, "rows": rows})
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ import torch
 from gearshift.checkpoint import load_tokenizer
 from gearshift.generation import pad_left
 from gearshift.model import Supernet
+from gearshift.ops.fused import fusion
 from gearshift.placement import placement_letters
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.train.teacher import load_teacher
@@ -280,8 +281,12 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
     methods = {"engine": partial(engine_generate, model), "supernet_generate": partial(supernet_generate, model)}
     if device.type == "cuda":  # the engine's decode steps replayed from CUDA graphs (Engine(cuda_graphs=True))
         methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
+        # the same with every element-wise chain eager (ops/fused.py compiles them by default on CUDA)
+        methods["engine_graphs_unfused"] = partial(unfused, partial(engine_generate, model, graphs=True))
     if teacher is not None:
         methods = {"hf_generate": partial(hf_generate, teacher, pad), **methods}
+    if args.trace_methods:
+        methods = {k: v for k, v in methods.items() if k in args.trace_methods or k == "hf_generate"}
     rows = report.setdefault("traces", [])
     for batch in args.trace_batches:
         batch_prompts = list(islice(cycle(prompts), batch))
@@ -303,11 +308,16 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
             {"batch": max(args.trace_batches)},
             args.out,
             profile,
-            methods["supernet_generate"],
+            methods.get("engine_graphs", methods.get("supernet_generate")),
             list(islice(cycle(prompts), max(args.trace_batches))),
             32,
         )
     save(args.out, report)
+
+
+def unfused(fn, *args):
+    with fusion(False):
+        return fn(*args)
 
 
 def profile(fn, prompts, tokens) -> dict:
@@ -342,7 +352,14 @@ def main() -> None:
     ap.add_argument("--trace-batches", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--trace-tokens", type=int, default=128)
     ap.add_argument(
-        "--profile", action="store_true", help="CUDA: top kernels of Supernet.generate at the largest batch"
+        "--trace-methods",
+        nargs="+",
+        help="only these of engine, engine_graphs, engine_graphs_unfused, supernet_generate (HF always runs)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: top kernels of the engine with graphs (else Supernet.generate) at the largest batch",
     )
     ap.add_argument("--skip-spec", action="store_true")
     ap.add_argument("--skip-traces", action="store_true")

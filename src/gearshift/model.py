@@ -21,14 +21,8 @@ from .layers.attention import Attention
 from .layers.base import Mixer, RMSNorm, StepContext
 from .layers.gdn import GatedDeltaNet
 from .layers.kda import KimiDeltaAttention
+from .ops.fused import ACTIVATIONS, gated_activation
 from .placement import Placement, PlacementError, PlacementSpec, resolve_placement
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 def build_mixer(hidden_size: int, cfg: MixerConfig) -> Mixer:
@@ -45,15 +39,17 @@ class MLP(nn.Module):
     def __init__(self, hidden_size: int, cfg: MLPConfig) -> None:
         super().__init__()
         self.gated = cfg.gated
-        self.act = _ACTIVATIONS[cfg.activation]
+        self.activation = cfg.activation
+        self.act = ACTIVATIONS[cfg.activation]
         if cfg.gated:
             self.gate_proj = nn.Linear(hidden_size, cfg.intermediate_size, bias=cfg.bias)
         self.up_proj = nn.Linear(hidden_size, cfg.intermediate_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, hidden_size, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
-        return self.down_proj(h)
+        if self.gated:
+            return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.activation))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class MixerSet(nn.Module):

@@ -6,7 +6,8 @@ from torch import Tensor, nn
 
 from ..cache import FullKVCache, WindowKVCache
 from ..config import AttentionConfig
-from ..ops.attention import apply_rope, attend
+from ..ops.attention import attend
+from ..ops.fused import apply_rope
 from .base import Mixer, StepContext
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..cache import RecurrentCache
 from ..config import RopeConfig
 from ..ops.attention import rope_cos_sin, rope_inv_freq
+from ..ops.fused import rms_norm
 
 
 @dataclass
@@ -68,23 +69,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
-def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (the q/k normalisation of GDN and KDA)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def gated_rms_norm(x: Tensor, weight: Tensor, gate: Tensor, eps: float, activation: str) -> Tensor:
-    """weight * rmsnorm(x) * act(gate), per head over the last dim (the output norm of GDN and KDA)."""
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-    act = torch.sigmoid(gate.float()) if activation == "sigmoid" else nn.functional.silu(gate.float())
-    return (y.float() * act).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class ShortConv(nn.Module):

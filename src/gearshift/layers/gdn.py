@@ -10,7 +10,8 @@ from ..cache import RecurrentCache
 from ..config import GDNConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
-from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache, gated_rms_norm, l2norm
+from ..ops.fused import decay_gates, gated_rms_norm, l2norm
+from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache
 
 
 class GatedDeltaNet(Mixer):
@@ -45,8 +46,7 @@ class GatedDeltaNet(Mixer):
         q = l2norm(q.view(b, t, c.key_heads, c.key_head_dim))
         k = l2norm(k.view(b, t, c.key_heads, c.key_head_dim))
         v = v.reshape(b, t, c.value_heads, c.value_head_dim)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        beta = torch.sigmoid(beta_logit.float())
+        g, beta = decay_gates(a, beta_logit, self.A_log, self.dt_bias)
         if ctx.token_mask is not None:
             g = g * ctx.token_mask[..., None]
             beta = beta * ctx.token_mask[..., None]

@@ -10,7 +10,8 @@ from ..cache import RecurrentCache
 from ..config import KDAConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
-from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache, gated_rms_norm, l2norm
+from ..ops.fused import decay_gates, gated_rms_norm, l2norm
+from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache
 
 
 class KimiDeltaAttention(Mixer):
@@ -57,8 +58,7 @@ class KimiDeltaAttention(Mixer):
             tails.append(new_tail)
         q, k, v = l2norm(outputs[0]), l2norm(outputs[1]), outputs[2]
         g_raw = self.f_b_proj(self.f_a_proj(x)).view(b, t, h, d).float()
-        g = -self.A_log.float().exp()[:, None] * F.softplus(g_raw + self.dt_bias.float().view(h, d))
-        beta = torch.sigmoid(self.beta_proj(x).float())
+        g, beta = decay_gates(g_raw, self.beta_proj(x), self.A_log[:, None], self.dt_bias.view(h, d))
         if mask is not None:
             g = g * mask[..., None]
             beta = beta * mask

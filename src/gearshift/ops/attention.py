@@ -54,13 +54,6 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; non-interleaved rotate-half convention (mistral_1d / Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 def attention_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor | None, window: int | None) -> Tensor:
     """Boolean mask [B or 1, 1, Tq, Tk]: key j visible from query i.
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fused import fusible
+
 
 def causal_conv1d(x: Tensor, weight: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """y_t = sum_k weight[c, 0, k] * x_{t - (K-1) + k}, with the K-1 inputs before x taken from ``tail``.
@@ -17,9 +19,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, tail: Tensor | None = None) -> tupl
     kernel = weight.shape[-1]
     if tail is None:
         tail = x.new_zeros(b, kernel - 1, c)
-    xx = torch.cat([tail.to(x.dtype), x], dim=1)
     if t == 1:  # decoding: one dot product per channel, cheaper than a conv launch
-        y = torch.einsum("bkc,ck->bc", xx, weight[:, 0, :].to(x.dtype))[:, None]
-    else:
-        y = F.conv1d(xx.transpose(1, 2), weight.to(x.dtype), groups=c).transpose(1, 2)
+        return conv_step(x, weight, tail)
+    xx = torch.cat([tail.to(x.dtype), x], dim=1)
+    y = F.conv1d(xx.transpose(1, 2), weight.to(x.dtype), groups=c).transpose(1, 2)
     return y, xx[:, xx.shape[1] - (kernel - 1) :]
+
+
+@fusible
+def conv_step(x: Tensor, weight: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """``causal_conv1d`` of one token x [B, 1, C]: the K products per channel summed in fp32."""
+    xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K, C]
+    y = (xx.float() * weight[:, 0, :].t().float()).sum(1, keepdim=True).to(x.dtype)
+    return y, xx[:, 1:]

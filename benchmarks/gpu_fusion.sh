@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One hold for the fused (torch.compile) element-wise chains and the sync-free nucleus sampler (issue 5):
+#   sampler        top-p over 49k tokens: radix threshold (eager, compiled) vs a full sort; exactness, host syncs
+#   engine_graphs  graph replay vs eager decoding token for token (compiled chains on in both), then compiled vs
+#                  eager chains (outputs, logit differences), fp32 and bf16
+#   convert        the SmolLM2 teacher -> supernet (for the trace stage)
+#   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512
+#   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
+#
+#   bash benchmarks/gpu_fusion.sh RUN TEACHER          # e.g. TEACHER=/root/carry/teacher/...gguf
+#   TINY=1 bash benchmarks/gpu_fusion.sh /tmp/fusion smollm2   # CPU smoke run (tiny shapes; GPU-only stages skipped)
+# Logs: RUN/<stage>.log, one line per stage in RUN/stages.log, "all done" at the end.
+set -u
+{ # one compound command: bash reads all of it before running it
+RUN=$1 TEACHER=$2
+TINY=${TINY:-0}
+mkdir -p "$RUN"
+RUN=$(cd "$RUN" && pwd)
+cd "$(dirname "$0")/.."
+stage() {
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "[$(date +%T)] start $name" | tee -a "$RUN/stages.log"
+  "$@" >"$RUN/$name.log" 2>&1
+  rc=$?
+  echo "[$(date +%T)] end   $name rc=$rc $((SECONDS - t0))s" | tee -a "$RUN/stages.log"
+}
+if [ "$TINY" = 1 ]; then
+  TRACES=(--device cpu --trace-batches 2 --trace-tokens 8 --teacher supernet)
+  MIXES=("mix3 64 3" "mix4 64 4") SHAPE=(--shape tiny --device cpu)
+else
+  stage sampler python benchmarks/sampler.py --out "$RUN/sampler.json"
+  stage engine_graphs python benchmarks/engine_graphs.py --out "$RUN/engine_graphs.json"
+  TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
+  MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)
+fi
+stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256
+stage traces python benchmarks/serve_smollm2.py "$RUN/supernet" --skip-spec "${TRACES[@]}" \
+  --trace-methods engine_graphs engine_graphs_unfused supernet_generate --out "$RUN/traces.json"
+for mix in "${MIXES[@]}"; do
+  read -r set ctx batch <<<"$mix"
+  presets=("Reg|Lklhd-26" "Reg|Lklhd-18" "Reg|Lklhd-10")
+  [ "$set" = mix4 ] && presets=(all-attention "${presets[@]}")
+  stage "${set}_${ctx}" python benchmarks/engine_mixed.py "${SHAPE[@]}" --context "$ctx" --batch "$batch" \
+    --presets "${presets[@]}" --fusion off on --profile --out "$RUN/${set}_${ctx}.json"
+done
+echo "[$(date +%T)] all done" | tee -a "$RUN/stages.log"
+exit
+}

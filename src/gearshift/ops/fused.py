@@ -1,0 +1,145 @@
+"""Chains of small element-wise ops fused into one kernel each by torch.compile, for inference on CUDA.
+
+A decode step is memory- and launch-bound: an RMSNorm written in plain PyTorch is six kernels, a GDN layer's
+gates and norms two dozen, and a batch that mixes presets runs one such chain per mixer group (the engine's
+mixed steps launch ~2.8x the kernels of a single-preset step, BENCHMARKS.md). ``@fusible`` marks a pure function
+of tensors whose eager body is the reference; on CUDA, with gradients off, calls go to a ``torch.compile``
+version of the same body (dynamic shapes, one graph, no breaks). Training (gradients on) and CPU always run the
+eager body, so CI tests the math and the H200 verifies the compiled kernels against it
+(``benchmarks/engine_graphs.py --compile``).
+
+``GEARSHIFT_COMPILE``: ``auto`` (default: CUDA inference), ``0`` (never), ``1`` (also on CPU: slow to compile,
+for checking the compiled path without a GPU). ``fusion(False)`` switches it off inside a block (benchmarks).
+A compile failure warns once and that function stays eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+MODES = ("auto", "0", "1")
+MODE = os.environ.get("GEARSHIFT_COMPILE", "auto")
+if MODE not in MODES:
+    raise ValueError(f"GEARSHIFT_COMPILE={MODE!r}: choose from {MODES}")
+_switched: list[bool] = []
+
+F = TypeVar("F", bound=Callable)
+
+
+@contextlib.contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """Turn the compiled paths on (as ``MODE`` allows) or off inside a ``with`` block."""
+    _switched.append(enabled)
+    try:
+        yield
+    finally:
+        _switched.pop()
+
+
+def fusion_active(device: torch.device) -> bool:
+    """Whether a fusible call on ``device`` runs compiled now."""
+    if MODE == "0" or (_switched and not _switched[-1]) or torch.is_grad_enabled():
+        return False
+    return MODE == "1" or device.type == "cuda"
+
+
+def fusible(fn: F) -> F:
+    """Run ``fn`` compiled where ``fusion_active`` says so, else eagerly; ``fn.eager`` is the plain body."""
+    compiled: list[Callable | None] = [None]
+    failed: list[bool] = [False]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, Tensor))
+        if failed[0] or torch.compiler.is_compiling() or not fusion_active(first.device):
+            return fn(*args, **kwargs)
+        if compiled[0] is None:
+            _allow_variants()
+            compiled[0] = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            if first.is_cuda and torch.cuda.is_current_stream_capturing():
+                # inside a CUDA-graph capture nothing may compile (it runs kernels); callers warm up first, and a
+                # shape never seen before runs the eager body into the graph instead
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    return compiled[0](*args, **kwargs)
+            return compiled[0](*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: keep serving on the eager body
+            failed[0] = True
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({exc}); it runs eagerly", stacklevel=2)
+            return fn(*args, **kwargs)
+
+    call.eager = fn  # type: ignore[attr-defined]
+    return call  # type: ignore[return-value]
+
+
+def _allow_variants() -> None:
+    """Each body compiles a few variants (dtypes, one token or many, one row or many): allow more than dynamo's
+    default of 8 per function before it stops compiling."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+
+
+# ---------------------------------------------------------------------------------------------- the fused chains
+@fusible
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / rms(x), computed in fp32 and cast back before the scale (the Llama/Mistral convention)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@fusible
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (the q/k normalisation of GDN and KDA)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@fusible
+def gated_rms_norm(x: Tensor, weight: Tensor, gate: Tensor, eps: float, activation: str) -> Tensor:
+    """weight * rmsnorm(x) * act(gate), per head over the last dim (the output norm of GDN and KDA)."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    act = torch.sigmoid(gate.float()) if activation == "sigmoid" else torch.nn.functional.silu(gate.float())
+    return (y.float() * act).to(x.dtype)
+
+
+@fusible
+def gated_activation(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up, the gated MLP's hidden (SwiGLU and its relatives)."""
+    return ACTIVATIONS[activation](gate) * up
+
+
+@fusible
+def decay_gates(a: Tensor, beta_logit: Tensor, A_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The delta rule's log-decay g = -exp(A_log) * softplus(a + dt_bias) and write strength beta =
+    sigmoid(beta_logit), in fp32. ``A_log`` broadcasts against ``a``: per head (GDN) or per head and channel (KDA)."""
+    g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias.float())
+    return g, torch.sigmoid(beta_logit.float())
+
+
+@fusible
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; non-interleaved rotate-half convention (mistral_1d / Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "relu": torch.relu,
+}
