@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One hold for the fused (torch.compile) element-wise chains and the sync-free nucleus sampler (issue 5):
-#   sampler        top-p over 49k tokens: radix threshold (eager, compiled) vs a full sort; exactness, host syncs
+# One hold for the fused (torch.compile) element-wise chains and the deferred top-p check (issue 5):
 #   engine_graphs  graph replay vs eager decoding token for token (compiled chains on in both), then compiled vs
 #                  eager chains (outputs, logit differences), fp32 and bf16
 #   convert        the SmolLM2 teacher -> supernet (for the trace stage)
-#   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512
+#   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512,
+#                  sampled with top-p (the engine decoding one step ahead without a host sync per step)
 #   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
 #
 #   bash benchmarks/gpu_fusion.sh RUN TEACHER          # e.g. TEACHER=/root/carry/teacher/...gguf
@@ -29,7 +29,6 @@ if [ "$TINY" = 1 ]; then
   TRACES=(--device cpu --trace-batches 2 --trace-tokens 8 --teacher supernet)
   MIXES=("mix3 64 3" "mix4 64 4") SHAPE=(--shape tiny --device cpu)
 else
-  stage sampler python benchmarks/sampler.py --out "$RUN/sampler.json"
   stage engine_graphs python benchmarks/engine_graphs.py --out "$RUN/engine_graphs.json"
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)

@@ -438,3 +438,33 @@ def test_decoding_one_step_ahead(model):
     plain.run()
     assert seeded.output == again.output
     assert all(p.alloc.available == p.alloc.n for layer in engine.pools for p in layer.values())
+
+
+def test_deferred_nucleus_redraw_matches_the_filtered_distribution(model, monkeypatch):
+    """Decoding one step ahead samples without a host sync (generation.sample_candidates) and redraws rows whose
+    nucleus is wider than the candidates later (Engine._settle): the settled tokens follow filter_logits' law,
+    for two groups of sampling settings in one batch."""
+    from types import SimpleNamespace
+
+    from gearshift import generation
+    from gearshift.generation import filter_logits
+    from gearshift.serve.engine import _Pending
+
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 3)
+    dists = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.03, 0.02], [0.2, 0.18, 0.17, 0.16, 0.15, 0.14]]))
+    settings = [SamplingParams(temperature=1.0, top_p=0.85), SamplingParams(temperature=0.7, top_p=0.95)]
+    n = 8000
+    reqs = [SimpleNamespace(params=settings[i % 2]) for i in range(2 * n)]  # rows alternate settings
+    logits = dists.repeat(n, 1)  # and distributions: row i has distribution i % 2
+    engine = Engine(model, max_batch=2)
+    torch.manual_seed(0)
+    tokens, redraws = engine._sample_on_device(reqs, logits, tuple(range(2 * n)))
+    assert [bool(wide.any()) for _, _, wide in redraws] == [False, True]  # the second's nucleus has 6 tokens
+    assert int(tokens.max()) < 3  # before settling: candidates only
+    pending = _Pending(reqs, tokens, torch.zeros(2 * n, 1), tokens, None, logits, redraws)
+    engine._settle(pending)
+    assert not pending.redraws and pending.logits is None
+    for r in range(2):
+        got = torch.bincount(pending.tokens[r::2], minlength=6).float() / n
+        want = filter_logits(dists[r : r + 1], settings[r].temperature, 0, settings[r].top_p).softmax(-1)[0]
+        torch.testing.assert_close(got, want, atol=0.02, rtol=0)

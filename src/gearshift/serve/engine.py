@@ -593,14 +593,43 @@ class Engine:
         logits = self._decode_logits(reqs, tokens, positions)
         for req in reqs:
             req.processed += 1
-        sampled = self._sample_on_device(reqs, logits, tuple(r.code for r in reqs))
-        host, event = sampled, None
-        if sampled.is_cuda:  # copied while the GPU goes on; the event marks when it is on the host
-            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-            host.copy_(sampled, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        return _Pending(reqs, sampled, positions, host, event)
+        sampled, redraws = self._sample_on_device(reqs, logits, tuple(r.code for r in reqs))
+        pending = _Pending(reqs, sampled, positions, sampled, None, logits if redraws else None, redraws)
+        self._copy_to_host(pending)
+        return pending
+
+    @staticmethod
+    def _copy_to_host(p: _Pending) -> None:
+        """Start copying the pending tokens to the host while the GPU goes on; the event marks their arrival."""
+        if p.tokens.is_cuda:
+            p.host = torch.empty(p.tokens.shape, dtype=p.tokens.dtype, pin_memory=True)
+            p.host.copy_(p.tokens, non_blocking=True)
+            p.event = torch.cuda.Event()
+            p.event.record()
+
+    def _settle(self, p: _Pending) -> None:
+        """Redraw the pending rows whose top-p nucleus was wider than the sampler's candidates (generation.
+        sample_candidates). Learning whether there are any is the sampler's one host sync; it is taken here, after
+        the host has booked the previous step and before anything reads these tokens (the next launch, the
+        flush), so the GPU computed this step meanwhile. The step's logits are still intact: nothing ran since."""
+        if not p.redraws:
+            return
+        from ..generation import redraw_wide
+
+        changed = False
+        for index, (temperature, _, top_p), wide in p.redraws:
+            part = p.tokens if index is None else p.tokens[index]
+            logits = p.logits if index is None else p.logits[index]
+            fixed = redraw_wide(part, wide, logits, temperature, top_p)
+            if fixed is not part:
+                changed = True
+                if index is None:
+                    p.tokens.copy_(fixed)
+                else:
+                    p.tokens[index] = fixed
+        p.redraws, p.logits = [], None
+        if changed:
+            self._copy_to_host(p)
 
     def _can_continue(self) -> bool:
         """Whether the next step may be launched before the pending tokens are booked: the same requests still
@@ -617,21 +646,26 @@ class Engine:
         """Launch the next decode step from the pending (device) tokens, then book the pending tokens on the host
         while the GPU computes it."""
         p = self._pending
+        self._settle(p)
         self._pending = self._launch(p.reqs, p.tokens[:, None], p.positions + 1)
         self._flush(p, touched)
 
     def _flush(self, p: _Pending, touched: list[Request]) -> None:
         """Book a launched step's tokens: emit each to its request, skipping requests that ended meanwhile."""
+        self._settle(p)
         if p.event is not None:
             p.event.synchronize()
         for req, token in zip(p.reqs, p.host.tolist(), strict=True):
             if not (req.finished or req.cancelled):
                 self._emit(req, [token], touched)
 
-    def _sample_on_device(self, reqs: list[Request], logits: Tensor, codes: tuple[int, ...]) -> Tensor:
-        """Next tokens [B] on the device, drawn per group of sampling settings (no seeded requests here); the
+    def _sample_on_device(
+        self, reqs: list[Request], logits: Tensor, codes: tuple[int, ...]
+    ) -> tuple[Tensor, list[tuple[Tensor | None, tuple, Tensor]]]:
+        """Next tokens [B] on the device, drawn per group of sampling settings (no seeded requests here), and the
+        groups whose rows may need a redraw (see _settle): (row index or None, settings, rows flagged). The
         groups' row indices are kept per batch composition, so no host-to-device copy (a sync) runs per step."""
-        from ..generation import sample_next
+        from ..generation import sample_candidates
 
         settings = tuple((r.params.temperature, r.params.top_k, r.params.top_p) for r in reqs)
         key = (codes, settings)
@@ -647,12 +681,17 @@ class Engine:
             if len(self._sample_index) >= 64:
                 self._sample_index.pop(next(iter(self._sample_index)))
             self._sample_index[key] = groups
-        if len(groups) == 1:
-            return sample_next(logits, *groups[0][0])
-        out = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-        for (temperature, top_k, top_p), index in groups:
-            out[index] = sample_next(logits[index], temperature, top_k, top_p)
-        return out
+        out = None if len(groups) == 1 else torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+        redraws = []
+        for setting, index in groups:
+            tokens, wide = sample_candidates(logits if index is None else logits[index], *setting)
+            if wide is not None:
+                redraws.append((index, setting, wide))
+            if out is None:
+                out = tokens
+            else:
+                out[index] = tokens
+        return out, redraws
 
     def _prefill_chunks(self, reqs: list[Request], n: int, touched: list[Request]) -> None:
         """The next ``n`` prompt tokens of each request, in one forward (rows at their own positions)."""
@@ -791,6 +830,8 @@ class _Pending:
     positions: Tensor  # [B, 1] the positions this step fed
     host: Tensor  # [B] the same tokens, on the host once ``event`` has passed
     event: torch.cuda.Event | None
+    logits: Tensor | None = None  # the step's logits, kept while some rows may need a redraw
+    redraws: list = field(default_factory=list)  # see Engine._settle
 
 
 @dataclass(frozen=True)
