@@ -43,10 +43,15 @@ def test_fusion_runs_only_for_inference_where_enabled(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(fused, "MODE", "auto")
     with torch.no_grad():
-        assert fused.fusion_active(cuda) and not fused.fusion_active(cpu)
-        with fused.fusion(False):
+        assert not fused.fusion_active(cuda)  # eager calls on CUDA: only graph captures and their warm-ups fuse
+        with fused.fusion(True):
+            assert fused.fusion_active(cuda) and not fused.fusion_active(cpu)
+            with fused.fusion(False):
+                assert not fused.fusion_active(cuda)
+        with fused.fusion(False), fused.fusion(True):  # an outer "off" (a benchmark) wins over an engine's "on"
             assert not fused.fusion_active(cuda)
-    assert not fused.fusion_active(cuda)  # gradients on: training keeps the eager bodies
+    with fused.fusion(True):
+        assert not fused.fusion_active(cuda)  # gradients on: training keeps the eager bodies
     monkeypatch.setattr(fused, "MODE", "0")
     with torch.no_grad():
         assert not fused.fusion_active(cuda)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .cache import SupernetCache
+from .ops.fused import fusion
 
 
 class GraphDecoder:
@@ -32,8 +33,8 @@ class GraphDecoder:
         saved = cache.clone() if keep_state else None  # warm-up and capture write to the cache: undo them
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(warmup):  # autotuning and lazy allocations happen outside the graph
+        with torch.cuda.stream(stream), torch.no_grad(), fusion(True):
+            for _ in range(warmup):  # autotuning, compiling and lazy allocations happen outside the graph
                 model(self.tokens, cache=cache)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

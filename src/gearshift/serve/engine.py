@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..layers.base import StepContext
 from ..model import Supernet
+from ..ops.fused import fusion
 from ..placement import Placement, PlacementSpec, placement_letters
 from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
 
@@ -449,11 +450,12 @@ class Engine:
         key = self._plan_key(placements, slots, codes)
         graph = self._graphs.get(key)
         if graph is None:
-            if self._last_eager != key:
+            if self._last_eager != key:  # with the fused bodies a graph will replay: they compile now, not in it
                 self._last_eager = key
-                logits, _ = self.mixed_forward(
-                    tokens, positions, placements, slots, max_position=max_position, codes=codes
-                )
+                with fusion(True):
+                    logits, _ = self.mixed_forward(
+                        tokens, positions, placements, slots, max_position=max_position, codes=codes
+                    )
                 return logits[:, -1]
             graph = _DecodeGraph(self, placements, slots, codes)
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
