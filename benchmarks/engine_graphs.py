@@ -74,7 +74,7 @@ def fusion_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dic
             engine = Engine(model, max_batch=4, prefill_chunk=16, cuda_graphs=False)
             params = SamplingParams(max_tokens=32, stop_token_ids=())
             outputs.append(engine.generate(prompts, placements, params))
-            logits.append([model(ids, "X" * n).float() for X in "FSGK"])
+            logits.append([model(ids, letter * n).float() for letter in "FSGK"])
     same = [a == b for a, b in zip(*outputs, strict=True)]
     diff = max(float((a - b).abs().max()) for a, b in zip(*logits, strict=True))
     scale = max(float(a.abs().max()) for a in logits[0])
