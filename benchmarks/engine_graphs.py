@@ -4,9 +4,12 @@
 few mixes, greedy, a small max_batch so requests come and go (captures, replays, evictions): the fraction of
 requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted; then
 the same with split-KV decode attention forced (chunks of 8 keys) in both the graphs and the eager reference.
-(2) fusion: the same requests through the eager engine with the element-wise chains compiled (ops/fused.py, the
-default on CUDA) and without, fp32 and bf16: the fraction of identical outputs, and the largest logit difference
-of a forward under each single-mixer placement.
+Graphs replay the fused element-wise chains (ops/fused.py) by default, the eager engine runs the plain bodies:
+the same math, rounded differently in bf16, so the fused rows must be 1.0 in fp32 and are reported in bf16; the
+unfused rows (fusion off in both) check that replay is exact in bf16 too.
+(2) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
+and bf16: the fraction of identical outputs, and the largest logit difference of a forward under each
+single-mixer placement.
 (3) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
 placement and a mix, each row holding --context tokens of state.
 
@@ -16,6 +19,7 @@ placement and a mix, each row holding --context tokens of state.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import traceback
 
@@ -117,9 +121,10 @@ def main() -> None:
         raise SystemExit("CUDA graphs need a GPU")
     device = torch.device("cuda")
     report: dict = {"device": device_name(device), "check": [], "speed": []}
-    for dtype, split_kv in ((torch.float32, 0), (torch.bfloat16, 0), (torch.float32, 8), (torch.bfloat16, 8)):
+    for dtype, split_kv, fused in itertools.product((torch.float32, torch.bfloat16), (0, 8), (True, False)):
         try:
-            report["check"].append(check(dtype, device, split_kv=split_kv))
+            with fusion(fused):
+                report["check"].append(check(dtype, device, split_kv=split_kv) | {"fused_graphs": fused})
             print(f"check {report['check'][-1]}", flush=True)
         except Exception:  # noqa: BLE001 - record and go on: this runs unattended
             report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})

@@ -3,6 +3,8 @@
 #   engine_graphs  graph replay vs eager decoding token for token (compiled chains on in both), then compiled vs
 #                  eager chains (outputs, logit differences), fp32 and bf16
 #   convert        the SmolLM2 teacher -> supernet (for the trace stage)
+#   phases         a fresh engine step by step (prefill, first decode steps, steady), chains fused everywhere / in
+#                  graphs only (the default) / never
 #   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512,
 #                  sampled with top-p (the engine decoding one step ahead without a host sync per step)
 #   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
@@ -27,13 +29,16 @@ stage() {
 }
 if [ "$TINY" = 1 ]; then
   TRACES=(--device cpu --trace-batches 2 --trace-tokens 8 --teacher supernet)
+  PHASES=(--device cpu --batch 2 --tokens 8 --prompt 6)
   MIXES=("mix3 64 3" "mix4 64 4") SHAPE=(--shape tiny --device cpu)
 else
   stage engine_graphs python benchmarks/engine_graphs.py --out "$RUN/engine_graphs.json"
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
+  PHASES=(--batch 64)
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)
 fi
 stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256
+stage phases python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" --out "$RUN/phases.json"
 stage traces python benchmarks/serve_smollm2.py "$RUN/supernet" --skip-spec "${TRACES[@]}" \
   --trace-methods engine_graphs engine_graphs_unfused supernet_generate --out "$RUN/traces.json"
 for mix in "${MIXES[@]}"; do
