@@ -4,9 +4,10 @@
 few mixes, greedy, a small max_batch so requests come and go (captures, replays, evictions): the fraction of
 requests whose output equals the eager engine's must be 1.0 before ``Engine(cuda_graphs=True)`` is trusted; then
 the same with split-KV decode attention forced (chunks of 8 keys) in both the graphs and the eager reference.
-Graphs replay the fused element-wise chains (ops/fused.py) by default, the eager engine runs the plain bodies:
-the same math, rounded differently in bf16, so the fused rows must be 1.0 in fp32 and are reported in bf16; the
-unfused rows (fusion off in both) check that replay is exact in bf16 too.
+Each setting runs twice: with the element-wise chains (ops/fused.py) compiled on both sides (``fusion(True)``)
+and with the plain bodies on both sides; every row must be 1.0, in bf16 too. (By default graphs replay the fused
+chains while eager steps run the plain bodies: the same math, rounded differently in bf16; part (2) compares
+those two.)
 (2) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
 and bf16: the fraction of identical outputs, and the largest logit difference of a forward under each
 single-mixer placement.
