@@ -250,34 +250,43 @@ def test_batched_sampling_by_groups(model):
     assert out[2:] == [int(logits[2].argmax()), int(logits[3].argmax())]
 
 
-def test_graph_decode_bookkeeping(model, monkeypatch):
-    """The CUDA-graph decode path's control flow on CPU, with a stand-in graph whose replay runs the recorded
-    call eagerly on the static inputs: first sight of a batch composition runs eagerly, the next captures, later
-    steps replay with fresh tokens/positions, and every output equals the plain engine's (compositions change as
-    requests finish, so capture, replay and eviction all happen)."""
-    import types
+class _StandInGraph:
+    """A CUDA graph stand-in for CPU tests: 'capture' records the call, 'replay' runs it eagerly on the static
+    inputs (the engine's control flow around graphs, without CUDA)."""
 
+    captured = replays = 0
+
+    def __init__(self, engine, placements, slots, codes=None):
+        import types
+
+        b = len(placements)
+        self.tokens = torch.zeros(b, 1, dtype=torch.long)
+        self.positions = torch.zeros(b, 1, dtype=torch.long)
+        self.plan = engine._plan(placements, slots, codes)
+        self.logits = torch.empty(b, engine.config.vocab_size)
+
+        def replay():
+            _StandInGraph.replays += 1
+            out = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0]
+            self.logits.copy_(out[:, -1])
+
+        self.graph = types.SimpleNamespace(replay=replay)
+        _StandInGraph.captured += 1
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
     from gearshift.serve import engine as engine_mod
 
-    class StandInGraph(engine_mod._DecodeGraph):
-        captured = replays = 0
+    monkeypatch.setattr(engine_mod, "_DecodeGraph", _StandInGraph)
+    _StandInGraph.captured = _StandInGraph.replays = 0
+    return _StandInGraph
 
-        def __init__(self, engine, placements, slots, codes=None):
-            b = len(placements)
-            self.tokens = torch.zeros(b, 1, dtype=torch.long)
-            self.positions = torch.zeros(b, 1, dtype=torch.long)
-            self.plan = engine._plan(placements, slots, codes)
-            self.logits = torch.empty(b, engine.config.vocab_size)
 
-            def replay():
-                StandInGraph.replays += 1
-                out = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0]
-                self.logits.copy_(out[:, -1])
-
-            self.graph = types.SimpleNamespace(replay=replay)
-            StandInGraph.captured += 1
-
-    monkeypatch.setattr(engine_mod, "_DecodeGraph", StandInGraph)
+def test_graph_decode_bookkeeping(model, stand_in_graphs):
+    """The CUDA-graph decode path's control flow on CPU, with a stand-in graph: first sight of a batch composition
+    runs eagerly, the next captures, later steps replay with fresh tokens/positions, and every output equals the
+    plain engine's (compositions change as requests finish, so capture, replay and eviction all happen)."""
     lengths = [5, 12, 7, 9, 3]
     params = [SamplingParams(max_tokens=n, stop_token_ids=()) for n in lengths]
     plain = Engine(model, max_batch=3, prefill_chunk=4)
@@ -289,7 +298,25 @@ def test_graph_decode_bookkeeping(model, monkeypatch):
     got = [graphed.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
     graphed.run()
     assert [r.output for r in got] == [r.output for r in expected]
-    assert StandInGraph.captured >= 2 and StandInGraph.replays > 2 * StandInGraph.captured
+    assert stand_in_graphs.captured >= 2 and stand_in_graphs.replays > 2 * stand_in_graphs.captured
+
+
+def test_replacements_restore_the_cached_composition(model, stand_in_graphs):
+    """Continuous batching of one preset: a request that takes a finished one's slots takes its row too (rows are
+    kept in a canonical order), so the batch returns to a composition whose CUDA graph is cached. 24 requests of
+    different lengths through 4 rows: 3 captures for 59 steps (in arrival order it was 12)."""
+    params = [SamplingParams(max_tokens=5 + (7 * i) % 11, stop_token_ids=()) for i in range(24)]
+    prompts = [[1 + i, 2, 3] for i in range(24)]
+    engine = Engine(model, max_batch=4, prefill_chunk=64)
+    engine.cuda_graphs = True
+    reqs = [engine.submit(p, "GGGG", sp) for p, sp in zip(prompts, params, strict=True)]
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    assert stand_in_graphs.captured <= 4 and stand_in_graphs.replays >= steps - 5
+    for req, prompt, sp in zip(reqs, prompts, params, strict=True):
+        assert req.output == alone(model, prompt, "GGGG", sp.max_tokens)
 
 
 def test_prompts_of_equal_length_prefill_in_one_forward(model):

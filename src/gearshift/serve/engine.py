@@ -92,6 +92,7 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
     label: str = ""  # the placement as letters (metrics), set on submission
     code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
+    order: tuple = ()  # its place among the running rows (see Engine._admit), set on admission
     needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
     stops: frozenset[int] = frozenset()  # the stop token ids (the model's EOS ids by default), set on submission
 
@@ -347,7 +348,14 @@ class Engine:
                 for i, name in enumerate(req.draft):
                     req.draft_slots[(i, name)] = self._take(i, name)
             req.code = self._code(req.placement, req.slots)
+            req.order = (tuple(req.placement), tuple(sorted(req.slots.items())))
             self.running.append(req)
+        if started:
+            # rows in a canonical order (by placement, then slots), not arrival order: a request that takes the
+            # place of a finished one (same placement, same lowest-free slots) restores the batch's earlier
+            # composition, whose plan and CUDA graph are still cached, and same-placement rows keep ascending slots
+            # (their KV is read as a view)
+            self.running.sort(key=lambda r: r.order)
         self._admit_idle = None if started else state
 
     def _code(self, placement: Placement, slots: dict[tuple[int, str], int]) -> int:
@@ -614,24 +622,26 @@ class Engine:
         sample_candidates). Learning whether there are any is the sampler's one host sync; it is taken here, after
         the host has booked the previous step and before anything reads these tokens (the next launch, the
         flush), so the GPU computed this step meanwhile. The step's logits are still intact: nothing ran since."""
-        if not p.redraws:
-            return
+        if p.redraws and self._redraw(p.tokens, p.logits, p.redraws):
+            self._copy_to_host(p)
+        p.redraws, p.logits = [], None
+
+    @staticmethod
+    def _redraw(tokens: Tensor, logits: Tensor, redraws: list) -> bool:
+        """Apply ``_sample_on_device``'s pending redraws to ``tokens`` in place; whether any row changed."""
         from ..generation import redraw_wide
 
         changed = False
-        for index, (temperature, _, top_p), wide in p.redraws:
-            part = p.tokens if index is None else p.tokens[index]
-            logits = p.logits if index is None else p.logits[index]
-            fixed = redraw_wide(part, wide, logits, temperature, top_p)
+        for index, (temperature, _, top_p), wide in redraws:
+            part = tokens if index is None else tokens[index]
+            fixed = redraw_wide(part, wide, logits if index is None else logits[index], temperature, top_p)
             if fixed is not part:
                 changed = True
                 if index is None:
-                    p.tokens.copy_(fixed)
+                    tokens.copy_(fixed)
                 else:
-                    p.tokens[index] = fixed
-        p.redraws, p.logits = [], None
-        if changed:
-            self._copy_to_host(p)
+                    tokens[index] = fixed
+        return changed
 
     def _can_continue(self) -> bool:
         """Whether the next step may be launched before the pending tokens are booked: the same requests still
@@ -726,20 +736,21 @@ class Engine:
                 self._emit(reqs[i], [token], touched)
 
     def _sample_rows(self, reqs: list[Request], logits: Tensor) -> list[int]:
-        """Next tokens of many requests: those sharing sampling settings (and no seed of their own) are drawn in
-        one call and read back at once, so a decode step costs one device sync per group, not one per request."""
+        """Next tokens of many requests, on the host: seeded requests draw from their own generators one by one,
+        the others through ``_sample_on_device`` (one draw per group of sampling settings) and one read-back."""
         out = [0] * len(reqs)
-        groups: dict[tuple[float, int, float], list[int]] = {}
+        plain = []
         for i, req in enumerate(reqs):
             if req.generator is not None:
                 out[i] = self._sample(req, logits[i])
             else:
-                groups.setdefault((req.params.temperature, req.params.top_k, req.params.top_p), []).append(i)
-        from ..generation import sample_next
-
-        for (temperature, top_k, top_p), rows in groups.items():
-            picked = logits if len(rows) == len(reqs) else logits[torch.tensor(rows, device=logits.device)]
-            for i, token in zip(rows, sample_next(picked, temperature, top_k, top_p).tolist(), strict=True):
+                plain.append(i)
+        if plain:
+            if len(plain) < len(reqs):
+                reqs, logits = [reqs[i] for i in plain], logits[torch.tensor(plain, device=logits.device)]
+            tokens, redraws = self._sample_on_device(reqs, logits, tuple(r.code for r in reqs))
+            self._redraw(tokens, logits, redraws)
+            for i, token in zip(plain, tokens.tolist(), strict=True):
                 out[i] = int(token)
         return out
 
