@@ -495,3 +495,36 @@ def test_deferred_nucleus_redraw_matches_the_filtered_distribution(model, monkey
         got = torch.bincount(pending.tokens[r::2], minlength=6).float() / n
         want = filter_logits(dists[r : r + 1], settings[r].temperature, 0, settings[r].top_p).softmax(-1)[0]
         torch.testing.assert_close(got, want, atol=0.02, rtol=0)
+
+
+def test_draining_batch_replays_its_graph_padded(model, stand_in_graphs):
+    """Requests that end at different times with none waiting: the shrinking batch replays its earlier graph with
+    the ended rows decoding dummy tokens into their free slots, instead of an eager step and a capture at every
+    size (8 rows of mixed presets: 3 captures in 26 steps, against 8), and every output is the one it has alone."""
+    presets = ["GGGG", "FSGK", "KKKK", "SSSS"]
+    engine = Engine(model, max_batch=8, prefill_chunk=64)
+    engine.cuda_graphs = True
+    reqs = [
+        engine.submit([1 + i, 2, 3], presets[i % 4], SamplingParams(max_tokens=6 + 3 * i, stop_token_ids=()))
+        for i in range(8)
+    ]
+    engine.run()
+    assert stand_in_graphs.captured <= 3 and stand_in_graphs.replays >= 20
+    for i, req in enumerate(reqs):
+        assert req.output == alone(model, [1 + i, 2, 3], presets[i % 4], 6 + 3 * i), i
+
+
+def test_padded_replay_never_writes_a_taken_slot(model, stand_in_graphs):
+    """A slot freed by an ended request and taken by a new one (still reading its prompt) must not receive a padded
+    row's dummy write: the batch then captures its new size instead, and the newcomer's output is its own."""
+    engine = Engine(model, max_batch=3, prefill_chunk=2)  # a 7-token prompt reads over 4 steps
+    engine.cuda_graphs = True
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
+    lengths = [4, 12, 12, 6]
+    reqs = [
+        engine.submit(p, "GGGG", SamplingParams(max_tokens=n, stop_token_ids=()))
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    engine.run()
+    for req, prompt, n in zip(reqs, prompts, lengths, strict=True):
+        assert req.output == alone(model, prompt, "GGGG", n)

@@ -182,6 +182,7 @@ class Engine:
         # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._padding: dict[tuple, tuple] = {}  # a shrunk batch's codes -> the graph it replays padded (_padded)
         self._last_eager: tuple | None = None
         # decode one step ahead (see _decode_ahead): the next step is launched from the sampled tokens on the
         # device before the host books this step's tokens, so the GPU does not wait for the host
@@ -366,6 +367,7 @@ class Engine:
             self._codes.clear()
             self._plans.clear()
             self._graphs.clear()
+            self._padding.clear()
             self._last_eager = None
             for req in self.running:
                 req.code = self._code(req.placement, req.slots)
@@ -453,10 +455,21 @@ class Engine:
         A composition is captured the second time it is seen in a row: the first step runs eagerly and compiles
         every kernel it needs (capture only records, so it neither runs nor writes the pools). Graphs keep their
         plan (index tensors) and static inputs alive; the pools are fixed buffers, positions are device data and
-        capacity is checked here, on the host.
+        capacity is checked here, on the host. A batch that has only lost rows replays its earlier graph padded
+        (see ``_padded``) rather than capturing every smaller size.
         """
         key = self._plan_key(placements, slots, codes)
         graph = self._graphs.get(key)
+        padded = None if graph is not None or codes is None else self._padded(codes)
+        if padded is not None:
+            graph, live = padded
+            self._check_context(max_position)
+            graph.tokens.zero_()  # the missing rows decode token 0 at position 0 into their free slots
+            graph.positions.zero_()
+            graph.tokens[live] = tokens
+            graph.positions[live] = positions
+            graph.graph.replay()
+            return graph.logits[live]
         if graph is None:
             if self._last_eager != key:  # with the fused bodies a graph will replay: they compile now, not in it
                 self._last_eager = key
@@ -466,6 +479,7 @@ class Engine:
                     )
                 return logits[:, -1]
             graph = _DecodeGraph(self, placements, slots, codes)
+            graph.key, graph.codes, graph.slots = key, codes, list(slots)
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = graph
@@ -474,6 +488,36 @@ class Engine:
         graph.positions.copy_(positions)
         graph.graph.replay()
         return graph.logits
+
+    def _padded(self, codes: tuple[int, ...]) -> tuple[_DecodeGraph, Tensor] | None:
+        """A cached graph to replay for a batch that lost rows: its composition holds these rows in this order
+        (rows keep a canonical order, see _admit) plus at most as many others, and every slot of those others is
+        free (their requests ended and no one took the slots since), so they can decode a dummy token there:
+        their output is dropped, and a slot is reset when it is next taken. Returns (graph, the live rows'
+        indices in it). Without this, a draining batch (requests ending at different times, none waiting) pays
+        an eager step and a capture at every size."""
+        found = self._padding.get(codes)
+        if found is None or self._graphs.get(found[0].key) is not found[0]:
+            found = None
+            for graph in reversed(self._graphs.values()):  # the most recent first
+                full = graph.codes
+                if full is None or not len(codes) < len(full) <= 2 * len(codes):
+                    continue
+                live = _subsequence(codes, full)
+                if live is not None:
+                    gone = sorted(set(range(len(full))) - set(live))
+                    found = (graph, torch.tensor(live, device=self.device), [graph.slots[j] for j in gone])
+                    break
+            if found is None:
+                return None
+            if len(self._padding) >= 64:
+                self._padding.pop(next(iter(self._padding)))
+            self._padding[codes] = found
+        graph, live, gone = found
+        pools = self.pools
+        if any(pools[i][name].alloc.busy[slot] for row in gone for (i, name), slot in row.items()):
+            return None
+        return graph, live
 
     def _check_context(self, max_position: int) -> None:
         if max_position >= self.max_context:
@@ -819,6 +863,11 @@ class Engine:
 class _DecodeGraph:
     """One decode step of a fixed batch composition, captured: static token/position inputs, static logits."""
 
+    # set by the engine once captured: its cache key, the rows' codes and slots (for padded replays, _padded)
+    key: tuple = ()
+    codes: tuple[int, ...] | None = None
+    slots: list | None = None
+
     def __init__(self, engine: Engine, placements: Sequence[Placement], slots, codes=None) -> None:
         b = len(placements)
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
@@ -861,6 +910,19 @@ def _span(slots: list[int]) -> slice | None:
     """``slots`` as a slice when they are consecutive and ascending (reads become views, not gathers)."""
     first = slots[0]
     return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+
+
+def _subsequence(part: tuple, whole: tuple) -> list[int] | None:
+    """Indices in ``whole`` of the items of ``part``, matched in order, or None if ``part`` is not a subsequence."""
+    found, j = [], 0
+    for item in part:
+        while j < len(whole) and whole[j] != item:
+            j += 1
+        if j == len(whole):
+            return None
+        found.append(j)
+        j += 1
+    return found
 
 
 def _group_by(items, key):

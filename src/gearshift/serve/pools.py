@@ -27,13 +27,17 @@ class SlotAllocator:
     def __init__(self, n: int) -> None:
         self.n = n
         self.free = list(range(n))  # a heap
+        self.busy = bytearray(n)  # 1 where a slot is handed out
 
     def take(self) -> int:
         if not self.free:
             raise PoolFullError("no free slot")
-        return heapq.heappop(self.free)
+        slot = heapq.heappop(self.free)
+        self.busy[slot] = 1
+        return slot
 
     def give(self, slot: int) -> None:
+        self.busy[slot] = 0
         heapq.heappush(self.free, slot)
 
     @property
