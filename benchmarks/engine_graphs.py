@@ -36,15 +36,22 @@ from common import device_name, write_json
 from engine_mixed import decode_rate
 
 
-def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int = 0) -> dict:
-    """Fraction of requests whose graph-replayed output equals eager decoding's (``split_kv``: both run split-KV
-    decode attention over chunks of that many keys; 0: both the fused kernel)."""
+def _case(dtype: torch.dtype, device: torch.device, seed: int) -> tuple[Supernet, list[str], list, random.Random]:
+    """A random 6-layer supernet, the placements checked (each single mixer and four mixes), a prompt for each,
+    and the generator that drew them (for further draws)."""
     cfg = SupernetConfig.tiny(num_layers=6, vocab_size=257, window=12, eos_token_id=None)
     model = Supernet.random(cfg, seed=seed, std=0.2).to(device=device, dtype=dtype).eval()
     rng = random.Random(seed)
     n = cfg.num_layers
     placements = ["F" * n, "S" * n, "G" * n, "K" * n, "FSGKFS", "GGKKSF", "KFKFKF", "SSGGFF"]
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(2, 40))] for _ in placements]
+    return model, placements, prompts, rng
+
+
+def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int = 0) -> dict:
+    """Fraction of requests whose graph-replayed output equals eager decoding's (``split_kv``: both run split-KV
+    decode attention over chunks of that many keys; 0: both the fused kernel)."""
+    model, placements, prompts, rng = _case(dtype, device, seed)
     lengths = [rng.randint(8, 48) for _ in placements]
     outputs = []
     graph_count = 0
@@ -66,12 +73,8 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int
 
 def fusion_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     """Compiled element-wise chains vs eager: identical outputs (fraction) and the largest logit difference."""
-    cfg = SupernetConfig.tiny(num_layers=6, vocab_size=257, window=12, eos_token_id=None)
-    model = Supernet.random(cfg, seed=seed, std=0.2).to(device=device, dtype=dtype).eval()
-    rng = random.Random(seed)
-    n = cfg.num_layers
-    placements = ["F" * n, "S" * n, "G" * n, "K" * n, "FSGKFS", "GGKKSF", "KFKFKF", "SSGGFF"]
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(2, 40))] for _ in placements]
+    model, placements, prompts, _ = _case(dtype, device, seed)
+    n = model.config.num_layers
     ids = torch.tensor([prompts[0]], device=device)
     outputs, logits = [], []
     for on in (False, True):

@@ -348,8 +348,8 @@ class Engine:
             if req.draft is not None:
                 for i, name in enumerate(req.draft):
                     req.draft_slots[(i, name)] = self._take(i, name)
-            req.code = self._code(req.placement, req.slots)
             req.order = (tuple(req.placement), tuple(sorted(req.slots.items())))
+            req.code = self._code(req.order)
             self.running.append(req)
         if started:
             # rows in a canonical order (by placement, then slots), not arrival order: a request that takes the
@@ -359,10 +359,10 @@ class Engine:
             self.running.sort(key=lambda r: r.order)
         self._admit_idle = None if started else state
 
-    def _code(self, placement: Placement, slots: dict[tuple[int, str], int]) -> int:
-        """A request's placement and slots as an int, so the key of a batch of B requests is B ints (hashed each
-        step) instead of B x layers pairs. Equal contents get equal codes, so a request that replaces another in
-        the same slots with the same placement still finds its plan and CUDA graph."""
+    def _code(self, order: tuple) -> int:
+        """A request's placement and slots (its ``order`` key) as an int, so the key of a batch of B requests is B
+        ints (hashed each step) instead of B x layers pairs. Equal contents get equal codes, so a request that
+        replaces another in the same slots with the same placement still finds its plan and CUDA graph."""
         if len(self._codes) > 100_000:  # bounded memory: start over, re-coding the running requests
             self._codes.clear()
             self._plans.clear()
@@ -370,8 +370,8 @@ class Engine:
             self._padding.clear()
             self._last_eager = None
             for req in self.running:
-                req.code = self._code(req.placement, req.slots)
-        return self._codes.setdefault((tuple(placement), tuple(sorted(slots.items()))), len(self._codes))
+                req.code = self._code(req.order)
+        return self._codes.setdefault(order, len(self._codes))
 
     def _take(self, layer: int, name: str) -> int:
         pool = self.pools[layer][name]
