@@ -8,10 +8,12 @@ Each setting runs twice: with the element-wise chains (ops/fused.py) compiled on
 and with the plain bodies on both sides; every row must be 1.0, in bf16 too. (By default graphs replay the fused
 chains while eager steps run the plain bodies: the same math, rounded differently in bf16; part (2) compares
 those two.)
-(2) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
+(2) reference: the eager engine (plain bodies) against each request decoded alone by ``Supernet.generate``, with
+prompts read in one fresh chunk and in chunks of 8; fp32 must give 1.0.
+(3) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
 and bf16: the fraction of identical outputs, and the largest logit difference of a forward under each
 single-mixer placement.
-(3) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
+(4) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
 placement and a mix, each row holding --context tokens of state.
 
     python benchmarks/engine_graphs.py --model runs/pipeline/supernet --out results/engine_graphs.json
@@ -69,6 +71,23 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int
     same = [a == b for a, b in zip(*outputs, strict=True)]
     row = {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
     return row | ({"split_kv": split_kv} if split_kv else {})
+
+
+def reference_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """Fraction of requests whose eager-engine output equals ``Supernet.generate`` of that request alone (the
+    model's own cache, no CUDA graph): once with chunks long enough that every prompt is read in one fresh chunk
+    (attention to its own keys, SDPA's causal kernel) and once in chunks of 8 (masked reads of the pools)."""
+    model, placements, prompts, _ = _case(dtype, device, seed)
+    alone = [
+        model.generate([p], pl, max_new_tokens=24, eos_token_id=[], cuda_graph=False)[0, len(p) :].tolist()
+        for p, pl in zip(prompts, placements, strict=True)
+    ]
+    row = {"dtype": str(dtype), "requests": len(alone)}
+    for chunk in (64, 8):
+        engine = Engine(model, max_batch=4, prefill_chunk=chunk, cuda_graphs=False)
+        outs = engine.generate(prompts, placements, SamplingParams(max_tokens=24, stop_token_ids=()))
+        row[f"identical_chunk_{chunk}"] = sum(a == b for a, b in zip(outs, alone, strict=True)) / len(alone)
+    return row
 
 
 def fusion_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -135,6 +154,13 @@ def main() -> None:
             print(report["check"][-1]["error"], flush=True)
         write_json(args.out, report)
     for dtype in (torch.float32, torch.bfloat16):
+        try:
+            with fusion(False):
+                report.setdefault("reference", []).append(reference_check(dtype, device))
+            print(f"reference {report['reference'][-1]}", flush=True)
+        except Exception:  # noqa: BLE001
+            report.setdefault("reference", []).append({"dtype": str(dtype), "error": traceback.format_exc()})
+            print(report["reference"][-1]["error"], flush=True)
         try:
             report.setdefault("fusion", []).append(fusion_check(dtype, device))
             print(f"fusion {report['fusion'][-1]}", flush=True)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One hold for the fused (torch.compile) element-wise chains and the deferred top-p check (issue 5):
-#   engine_graphs  graph replay vs eager decoding token for token (compiled chains on in both), then compiled vs
-#                  eager chains (outputs, logit differences), fp32 and bf16
+#   engine_graphs  graph replay vs eager decoding token for token (chains fused and plain in both), the eager
+#                  engine vs each request alone (Supernet.generate), then compiled vs eager chains, fp32 and bf16
 #   convert        the SmolLM2 teacher -> supernet (for the trace stage)
-#   phases         a fresh engine step by step (prefill, first decode steps, steady), chains fused everywhere / in
+#   phases_B       a fresh engine step by step (prefill, first decode steps, steady), chains fused everywhere / in
 #                  graphs only (the default) / never
 #   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512,
 #                  sampled with top-p (the engine decoding one step ahead without a host sync per step)
@@ -11,6 +11,7 @@
 #
 #   bash benchmarks/gpu_fusion.sh RUN TEACHER          # e.g. TEACHER=/root/carry/teacher/...gguf
 #   TINY=1 bash benchmarks/gpu_fusion.sh /tmp/fusion smollm2   # CPU smoke run (tiny shapes; GPU-only stages skipped)
+#   SKIP="stage ..." skips stages by name.
 # Logs: RUN/<stage>.log, one line per stage in RUN/stages.log, "all done" at the end.
 set -u
 { # one compound command: bash reads all of it before running it
@@ -19,9 +20,11 @@ TINY=${TINY:-0}
 mkdir -p "$RUN"
 RUN=$(cd "$RUN" && pwd)
 cd "$(dirname "$0")/.."
+SKIP=" ${SKIP:-} "  # stage names to skip, e.g. SKIP="mix3_16384 mix4_16384"
 stage() {
   local name=$1 t0=$SECONDS rc
   shift
+  if [[ "$SKIP" == *" $name "* ]]; then echo "[$(date +%T)] skip  $name" | tee -a "$RUN/stages.log"; return; fi
   echo "[$(date +%T)] start $name" | tee -a "$RUN/stages.log"
   "$@" >"$RUN/$name.log" 2>&1
   rc=$?
@@ -29,16 +32,19 @@ stage() {
 }
 if [ "$TINY" = 1 ]; then
   TRACES=(--device cpu --trace-batches 2 --trace-tokens 8 --teacher supernet)
-  PHASES=(--device cpu --batch 2 --tokens 8 --prompt 6)
+  PHASES=(--device cpu --tokens 8 --prompt 6) BATCHES=(2)
   MIXES=("mix3 64 3" "mix4 64 4") SHAPE=(--shape tiny --device cpu)
 else
   stage engine_graphs python benchmarks/engine_graphs.py --out "$RUN/engine_graphs.json"
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
-  PHASES=(--batch 64)
+  PHASES=() BATCHES=(64 512)
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)
 fi
 stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256
-stage phases python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" --out "$RUN/phases.json"
+for batch in "${BATCHES[@]}"; do
+  stage "phases_$batch" python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" --batch "$batch" \
+    --out "$RUN/phases_$batch.json"
+done
 stage traces python benchmarks/serve_smollm2.py "$RUN/supernet" --skip-spec "${TRACES[@]}" \
   --trace-methods engine_graphs engine_graphs_unfused supernet_generate --out "$RUN/traces.json"
 for mix in "${MIXES[@]}"; do

@@ -256,9 +256,10 @@ class _StandInGraph:
 
     captured = replays = 0
 
-    def __init__(self, engine, placements, slots, codes=None):
+    def __init__(self, engine, key, placements, slots, codes=None):
         import types
 
+        self.key, self.codes, self.slots = key, codes, list(slots)
         b = len(placements)
         self.tokens = torch.zeros(b, 1, dtype=torch.long)
         self.positions = torch.zeros(b, 1, dtype=torch.long)
@@ -317,6 +318,23 @@ def test_replacements_restore_the_cached_composition(model, stand_in_graphs):
     assert stand_in_graphs.captured <= 4 and stand_in_graphs.replays >= steps - 5
     for req, prompt, sp in zip(reqs, prompts, params, strict=True):
         assert req.output == alone(model, prompt, "GGGG", sp.max_tokens)
+
+
+def test_first_chunk_attends_to_its_own_keys(model):
+    """A prompt's first chunk attends to its own keys only (no pool read, no mask: causal, or windowed when it is
+    longer than the window, the sliding-window ring then keeping its last positions). Reused slots hold the last
+    requests' KV, which must never be seen."""
+    engine = Engine(model, max_batch=2, prefill_chunk=64)
+    fresh = []
+    forward = engine.mixed_forward
+    engine.mixed_forward = lambda *a, **k: fresh.append(k.get("fresh", False)) or forward(*a, **k)
+    long = [(7 * i) % 90 + 1 for i in range(29)]  # longer than the window (6) and the ring (window + spare room)
+    params = SamplingParams(max_tokens=6, stop_token_ids=())
+    for placement in ("SSSS", "FFFF", "FSGK"):
+        engine.generate([[7, 8, 9, 10] * 5, long[5:]], [placement] * 2, params)  # fills slots 0 and 1
+        again = engine.generate([long[:12], long], [placement] * 2, params)  # the same slots again
+        assert again == [alone(model, long[:12], placement, 6), alone(model, long, placement, 6)], placement
+    assert True in fresh and False in fresh  # prefill forwards fresh, decode steps not
 
 
 def test_prompts_of_equal_length_prefill_in_one_forward(model):

@@ -88,17 +88,19 @@ def attend(
 ) -> Tensor:
     """Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D]; returns [B, H, Tq, D].
 
-    Uses SDPA's causal kernel when the keys are exactly the queries with no padding and no window (the common
-    prefill case), no mask for an unpadded single-token decode over an exact cache (``keys_exact``: every key is
-    a real past token), and an explicit mask otherwise, tiled over queries so it stays small at long context.
+    Uses SDPA's causal kernel when the keys are exactly the queries with no padding and no window shorter than
+    them (the common prefill case, and an engine's first prompt chunk), no mask for an unpadded single-token decode
+    over an exact cache (``keys_exact``: every key is a real past token), and an explicit mask otherwise, tiled
+    over queries so it stays small at long context.
     """
     b, h, tq, _ = q.shape
-    if k_valid is None and window is None:
-        if k.shape[2] == tq and tq > 1 and _same(q_index, k_index):
+    if k_valid is None:
+        # keys exactly the queries, and a window (if any) that covers them all: plain causal attention
+        if k.shape[2] == tq and tq > 1 and (window is None or tq <= window) and _same(q_index, k_index):
             if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
                 k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        if tq == 1 and keys_exact:
+        if tq == 1 and keys_exact and window is None:
             return _masked_sdpa(q, k, v, None, scale)
     chunk = _split_kv_chunk(k) if q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES else 0
     if chunk:
@@ -218,4 +220,4 @@ def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and bool((a == b).all())
+    return a is b or (a.shape == b.shape and bool((a == b).all()))

@@ -36,9 +36,9 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _grows(cls: type, settings: dict) -> bool:
-    """Full-attention pools: the only ones whose size grows with the context."""
-    return cls is AttentionPool and settings["window"] is None
+def _grows(cls: type, window: int | None) -> bool:
+    """Full-attention pools (attention pools without a window): the only ones whose size grows with the context."""
+    return cls is AttentionPool and window is None
 
 
 class QueueFullError(RuntimeError):
@@ -162,7 +162,10 @@ class Engine:
         self.pools: list[dict[str, AttentionPool | RecurrentPool]] = [
             {
                 name: cls(
-                    self.full_attention_slots if _grows(cls, kw) else slots, **kw, device=self.device, dtype=self.dtype
+                    self.full_attention_slots if _grows(cls, kw.get("window")) else slots,
+                    **kw,
+                    device=self.device,
+                    dtype=self.dtype,
                 )
                 for name, (cls, kw) in layer.items()
             }
@@ -222,7 +225,7 @@ class Engine:
         for layer in specs:
             for cls, kw in layer.values():
                 size = cls.slot_bytes(**kw, dtype=self.dtype)
-                if _grows(cls, kw):
+                if _grows(cls, kw.get("window")):
                     grows += size
                 else:
                     fixed += size
@@ -277,9 +280,7 @@ class Engine:
         for (i, name), count in needs.items():
             pool = self.pools[i][name]
             if count > pool.alloc.n:  # target and draft both use this pool: it must hold two slots
-                budget = (
-                    " (the state budget's limit)" if isinstance(pool, AttentionPool) and pool.window is None else ""
-                )
+                budget = " (the state budget's limit)" if _grows(type(pool), getattr(pool, "window", None)) else ""
                 raise RequestError(
                     f"the request needs {count} slots of layer {i}'s {name} pool, which has {pool.alloc.n}{budget}"
                 )
@@ -332,6 +333,7 @@ class Engine:
         if state == self._admit_idle:
             return
         blocked: set[tuple[int, str]] = set()  # pools reserved by waiting requests ahead
+        taken: dict[tuple[int, str], list[int]] = {}  # slots handed out in this pass, reset together below
         pools = self.pools
         started = 0
         for req in list(itertools.islice(self.waiting, ADMIT_LOOKAHEAD)):
@@ -344,13 +346,15 @@ class Engine:
             started += 1
             self.waiting.remove(req)
             for i, name in enumerate(req.placement):
-                req.slots[(i, name)] = self._take(i, name)
+                req.slots[(i, name)] = self._take(i, name, taken)
             if req.draft is not None:
                 for i, name in enumerate(req.draft):
-                    req.draft_slots[(i, name)] = self._take(i, name)
+                    req.draft_slots[(i, name)] = self._take(i, name, taken)
             req.order = (tuple(req.placement), tuple(sorted(req.slots.items())))
             req.code = self._code(req.order)
             self.running.append(req)
+        for (i, name), slots in taken.items():
+            self.pools[i][name].reset(slots)
         if started:
             # rows in a canonical order (by placement, then slots), not arrival order: a request that takes the
             # place of a finished one (same placement, same lowest-free slots) restores the batch's earlier
@@ -373,10 +377,10 @@ class Engine:
                 req.code = self._code(req.order)
         return self._codes.setdefault(order, len(self._codes))
 
-    def _take(self, layer: int, name: str) -> int:
-        pool = self.pools[layer][name]
-        slot = pool.alloc.take()
-        pool.reset(slot)
+    def _take(self, layer: int, name: str, taken: dict[tuple[int, str], list[int]]) -> int:
+        """A free slot of this pool, noted in ``taken`` to be reset before use (one fill per pool per pass)."""
+        slot = self.pools[layer][name].alloc.take()
+        taken.setdefault((layer, name), []).append(slot)
         return slot
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -400,13 +404,15 @@ class Engine:
         max_position: int | None = None,
         last_only: bool = False,
         codes: tuple[int, ...] | None = None,
+        fresh: bool = False,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
-        ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan).
+        ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan). ``fresh``: every row starts
+        at position 0 (its prompt's first chunk), so attention needs only this call's keys (see AttentionView).
         """
         if max_position is not None:
             self._check_context(max_position)
@@ -426,7 +432,7 @@ class Engine:
                     view = pool.view(g.slots, rollback)
                     views.append(view)
                 else:
-                    view = pool.view(g.slots, g.span, checked)
+                    view = pool.view(g.slots, g.span, checked, fresh)
                 ctx = contexts.get(id(g.rows))
                 if ctx is None:
                     pos = positions if g.rows is None else positions[g.rows]
@@ -478,8 +484,7 @@ class Engine:
                         tokens, positions, placements, slots, max_position=max_position, codes=codes
                     )
                 return logits[:, -1]
-            graph = _DecodeGraph(self, placements, slots, codes)
-            graph.key, graph.codes, graph.slots = key, codes, list(slots)
+            graph = _DecodeGraph(self, key, placements, slots, codes)
             if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = graph
@@ -755,8 +760,15 @@ class Engine:
         starts = torch.tensor([[r.processed] for r in reqs], device=self.device)
         positions = starts + torch.arange(n, device=self.device)
         last = max(r.processed for r in reqs) + n - 1
+        fresh = last == n - 1  # every row reads its prompt's first chunk
         logits, _ = self.mixed_forward(
-            tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs], max_position=last, last_only=True
+            tokens,
+            positions,
+            [r.placement for r in reqs],
+            [r.slots for r in reqs],
+            max_position=last,
+            last_only=True,
+            fresh=fresh,
         )
         drafting = [i for i, r in enumerate(reqs) if r.draft is not None]
         if drafting:  # the draft reads the same prompt into its own state
@@ -768,6 +780,7 @@ class Engine:
                 [reqs[i].draft_slots for i in drafting],
                 max_position=last,
                 last_only=True,
+                fresh=fresh,
             )
             for i in drafting:
                 reqs[i].draft_processed += n
@@ -861,14 +874,12 @@ class Engine:
 
 
 class _DecodeGraph:
-    """One decode step of a fixed batch composition, captured: static token/position inputs, static logits."""
+    """One decode step of a fixed batch composition, captured: static token/position inputs, static logits.
 
-    # set by the engine once captured: its cache key, the rows' codes and slots (for padded replays, _padded)
-    key: tuple = ()
-    codes: tuple[int, ...] | None = None
-    slots: list | None = None
+    Also holds what a padded replay needs (``Engine._padded``): its cache key, the rows' codes and slots."""
 
-    def __init__(self, engine: Engine, placements: Sequence[Placement], slots, codes=None) -> None:
+    def __init__(self, engine: Engine, key: tuple, placements: Sequence[Placement], slots, codes=None) -> None:
+        self.key, self.codes, self.slots = key, codes, list(slots)
         b = len(placements)
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=engine.device)

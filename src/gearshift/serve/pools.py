@@ -66,8 +66,9 @@ class AttentionPool:
         self.index = torch.full((slots, length), -1, dtype=torch.long, device=device)
         self.alloc = SlotAllocator(slots)
 
-    def reset(self, slot: int) -> None:
-        self.index[slot] = -1
+    def reset(self, slots: list[int]) -> None:
+        """Mark these slots empty (one fill for all of them: an admission pass may hand out hundreds)."""
+        self.index[_rows(slots, self.index.device)] = -1
 
     def nbytes_per_slot(self) -> int:
         return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
@@ -78,8 +79,10 @@ class AttentionPool:
         length = attention_length(capacity, window, spare)
         return 2 * heads * length * head_size * torch.empty((), dtype=dtype).element_size() + length * 8
 
-    def view(self, slots: Tensor, span: slice | None = None, checked: bool = False) -> AttentionView:
-        return AttentionView(self, slots, span, checked)
+    def view(
+        self, slots: Tensor, span: slice | None = None, checked: bool = False, fresh: bool = False
+    ) -> AttentionView:
+        return AttentionView(self, slots, span, checked, fresh)
 
 
 class AttentionView:
@@ -90,12 +93,17 @@ class AttentionView:
     than the attention itself; the engine hands out lowest-free slots, so a steady batch is contiguous.
     """
 
-    exact = False
-
-    def __init__(self, pool: AttentionPool, slots: Tensor, span: slice | None = None, checked: bool = False) -> None:
+    def __init__(
+        self, pool: AttentionPool, slots: Tensor, span: slice | None = None, checked: bool = False, fresh: bool = False
+    ) -> None:
         self.pool, self.slots = pool, slots
         self.read: Tensor | slice = slots if span is None else span
         self.checked = checked  # the caller bounded the positions on the host: no device sync per write
+        # ``fresh``: every row starts at position 0 in this call (the first chunk of a prompt), so the pool holds
+        # nothing these queries may see: they attend to the new keys alone, causally, with no mask and no read of
+        # the pool (for a prefill that is SDPA's fast causal kernel instead of a masked one over the capacity)
+        self.fresh = fresh
+        self.exact = fresh
 
     def update(self, k_new: Tensor, v_new: Tensor, q_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.pool
@@ -103,6 +111,12 @@ class AttentionView:
         t = k_new.shape[2]
         pos = q_index if q_index.dim() == 2 else q_index[None].expand(len(self.slots), -1)  # [G, T]
         rows = self.slots[:, None].expand_as(pos)
+        if self.fresh:
+            keep = min(t, length)  # a ring keeps the last ``length`` tokens
+            self._write(
+                rows[:, t - keep :], pos[:, t - keep :], k_new[:, :, t - keep :], v_new[:, :, t - keep :], length
+            )
+            return k_new, v_new, pos
         write_first = p.window is None or t <= length - p.window + 1
         if write_first:
             self._write(rows, pos, k_new, v_new, length)
@@ -135,10 +149,12 @@ class RecurrentPool:
         self.conv = [torch.zeros(slots, kernel - 1, c, device=device, dtype=dtype) for c in conv_channels]
         self.alloc = SlotAllocator(slots)
 
-    def reset(self, slot: int) -> None:
-        self.state[slot] = 0
+    def reset(self, slots: list[int]) -> None:
+        """Zero these slots' state and conv tails (one fill per buffer for all of them)."""
+        rows = _rows(slots, self.state.device)
+        self.state[rows] = 0
         for c in self.conv:
-            c[slot] = 0
+            c[rows] = 0
 
     def nbytes_per_slot(self) -> int:
         return self.state[0].numel() * 4 + sum(c[0].numel() * c.element_size() for c in self.conv)
@@ -185,3 +201,11 @@ class RecurrentView:
         for i, pool_c in enumerate(self.pool.conv):
             convs = torch.stack([self.snapshots[k][1][i] for k in keys], 1)
             pool_c[self.slots] = convs[rows, choice].to(pool_c.dtype)
+
+
+def _rows(slots: list[int], device: torch.device) -> slice | Tensor:
+    """Slots as a slice when they are consecutive and ascending (no host-to-device copy), else an index tensor."""
+    slots = sorted(slots)
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots, device=device)
