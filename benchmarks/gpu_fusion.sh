@@ -37,7 +37,7 @@ if [ "$TINY" = 1 ]; then
 else
   stage engine_graphs python benchmarks/engine_graphs.py --out "$RUN/engine_graphs.json"
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
-  PHASES=() BATCHES=(64 512)
+  PHASES=(--profile-steps 4) BATCHES=(64 512)
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)
 fi
 stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256

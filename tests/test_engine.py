@@ -337,6 +337,32 @@ def test_first_chunk_attends_to_its_own_keys(model):
     assert True in fresh and False in fresh  # prefill forwards fresh, decode steps not
 
 
+def test_prompts_of_different_lengths_prefill_in_one_padded_forward(model):
+    """First chunks of different lengths share one left-padded forward (every mixer: padding masked out of
+    attention, an identity for GDN/KDA, written where no real token goes); chunks under half the longest start
+    another forward. Every request still equals its run alone, speculative ones (whose drafts read the prompt in
+    the same padded forward) too."""
+    engine = Engine(model, max_batch=8, prefill_chunk=32, prefill_tokens=64)
+    calls = []
+    forward = engine.mixed_forward
+    engine.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
+    prompts = PROMPTS + [[9, 8, 7, 6, 5, 4, 3, 2, 1, 2], [11, 12]]
+    placements = PLACEMENTS + ["SGSG", "KFKF"]
+    params = SamplingParams(max_tokens=6, stop_token_ids=())
+    reqs = [engine.submit(p, pl, params) for p, pl in zip(prompts, placements, strict=True)]
+    spec = [engine.submit(p, "FFFF", params, draft=d, spec_k=2) for p, d in (([5, 6, 7, 8, 9, 10, 11], "GGGG"),
+                                                                              ([7, 7, 1], "SSSS"))]  # fmt: skip
+    engine.step()  # 8 of the 9 start
+    # first chunks of 11, 10, 7 (speculative), 6, 6 tokens in one forward (5 x 11 <= 64); the speculative row's
+    # draft reads its 7 tokens padded to 11; 3 and 2 (under half of 11) in another; the 1-token prompt decodes
+    assert calls[:3] == [(5, 11), (1, 11), (2, 3)]
+    engine.run()
+    for r, p, pl in zip(reqs, prompts, placements, strict=True):
+        assert r.output == alone(model, p, pl, 6), pl
+    for r in spec:
+        assert r.output == alone(model, r.prompt, "FFFF", 6)
+
+
 def test_prompts_of_equal_length_prefill_in_one_forward(model):
     engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_tokens=16)
     prompts = [[3, 4, 5, 6, 7, 8], [9, 8, 7, 6, 5, 4], [1, 1, 2, 3, 5, 8], [2, 7, 1, 8, 2, 8], [5, 5, 5]]

@@ -25,6 +25,7 @@ from ..ops.fused import fusion
 from ..placement import Placement, PlacementSpec, placement_letters
 from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
 
+PREFILL_FLOP = 4e12  # work of one batched prefill forward (default prefill_tokens): ~5 ms of an H200's bf16 matmuls
 AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
 ADMIT_LOOKAHEAD = 256  # waiting requests considered per admission pass
 
@@ -125,6 +126,10 @@ class Engine:
         ``state_memory``: bytes for all decoding state. When the pools of ``pool_slots`` requests exceed it, the
         full-attention pools (the only ones that grow with the context) get fewer slots, and requests that need
         them wait while others run. Default: no limit on CPU, 85% of the free memory on CUDA.
+        ``prefill_tokens``: prompt tokens (padding included) of one batched prefill forward. Default: about
+        PREFILL_FLOP of work, at least 8 chunks and at most 16384 tokens -- an eager forward costs the host about
+        the same whatever its size (~20 ms for 30 layers), so a small model needs many tokens per forward to keep
+        the GPU busy, while a large one must not stall the running requests' decode steps for long.
         ``placements``: the only placements (and drafts) this engine will serve, as preset names or letters. Pools
         are then allocated only for the (layer, mixer) pairs they use -- a KV pool only in the layers where one
         of them has full attention -- so the memory holds more requests; others get a RequestError. Default:
@@ -136,7 +141,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
-        self.prefill_tokens = prefill_tokens or 8 * prefill_chunk  # prompt tokens of one batched prefill forward
+        self.prefill_tokens = prefill_tokens or _prefill_budget(model, prefill_chunk)
         self.max_queue = max_queue
         self.spec_k_max = spec_k_max
         slots = pool_slots or max_batch
@@ -405,6 +410,7 @@ class Engine:
         last_only: bool = False,
         codes: tuple[int, ...] | None = None,
         fresh: bool = False,
+        token_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
@@ -413,7 +419,11 @@ class Engine:
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
         ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan). ``fresh``: every row starts
         at position 0 (its prompt's first chunk), so attention needs only this call's keys (see AttentionView).
+        ``token_mask`` [B, T]: real tokens of fresh rows left-padded to a common length (padding sits at negative
+        positions).
         """
+        if token_mask is not None and not fresh:
+            raise ValueError("only fresh rows (first prompt chunks) may be padded")
         if max_position is not None:
             self._check_context(max_position)
         checked = max_position is not None
@@ -436,7 +446,12 @@ class Engine:
                 ctx = contexts.get(id(g.rows))
                 if ctx is None:
                     pos = positions if g.rows is None else positions[g.rows]
-                    ctx = contexts[id(g.rows)] = StepContext(pos, pos)
+                    if token_mask is None:
+                        ctx = StepContext(pos, pos)
+                    else:
+                        real = token_mask if g.rows is None else token_mask[g.rows]
+                        ctx = StepContext(pos, pos.clamp(min=0), token_mask=real, padded=True)
+                    contexts[id(g.rows)] = ctx
                 if g.rows is None:  # every row uses this mixer here: no gather, no scatter
                     out = block.mixer.mixers[g.name](x, ctx, view)
                 else:
@@ -600,16 +615,21 @@ class Engine:
                 self._finish(req, "cancelled")
             self._admit()
             running = list(self.running)
-        # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state),
-        # requests whose chunks have the same length in one forward
-        by_length: dict[int, list[Request]] = {}
+        # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state). First
+        # chunks of any lengths share forwards (left-padded, see _prefill_chunks); later chunks, which read the
+        # pools, share one only with chunks of their own length
+        first, later = [], {}
         for req in running:
-            if len(req.tokens) - req.processed > 1:
-                by_length.setdefault(min(self.prefill_chunk, len(req.tokens) - req.processed), []).append(req)
-        for n, group in by_length.items():
-            rows = max(1, self.prefill_tokens // n)
-            for start in range(0, len(group), rows):
-                self._prefill_chunks(group[start : start + rows], n, touched)
+            left = len(req.tokens) - req.processed
+            if left > 1:
+                n = min(self.prefill_chunk, left)
+                if req.processed == 0:
+                    first.append((req, n))
+                else:
+                    later.setdefault(n, []).append((req, n))
+        for group in [first, *later.values()]:
+            for part in _pack(group, self.prefill_tokens):
+                self._prefill_chunks([req for req, _ in part], [n for _, n in part], touched)
         ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
         plain = [r for r in ready if r.draft is None]
         if plain and self.overlap and len(plain) == len(running) and all(r.generator is None for r in plain):
@@ -754,13 +774,28 @@ class Engine:
                 out[index] = tokens
         return out, redraws
 
-    def _prefill_chunks(self, reqs: list[Request], n: int, touched: list[Request]) -> None:
-        """The next ``n`` prompt tokens of each request, in one forward (rows at their own positions)."""
-        tokens = torch.tensor([r.tokens[r.processed : r.processed + n] for r in reqs], device=self.device)
-        starts = torch.tensor([[r.processed] for r in reqs], device=self.device)
-        positions = starts + torch.arange(n, device=self.device)
-        last = max(r.processed for r in reqs) + n - 1
-        fresh = last == n - 1  # every row reads its prompt's first chunk
+    def _prefill_chunks(self, reqs: list[Request], lengths: list[int], touched: list[Request]) -> None:
+        """The next ``lengths[i]`` prompt tokens of each request, in one forward (rows at their own positions).
+
+        Chunks of different lengths are left-padded to the longest, which only first chunks may be: their padding
+        is masked out of attention, an identity for the recurrent mixers (as in a left-padded Supernet.generate),
+        and written nowhere a real token is. The last column is then every row's last prompt token."""
+        width = max(lengths)
+        pads = [width - n for n in lengths]
+        tokens = torch.tensor(
+            [
+                [0] * pad + r.tokens[r.processed : r.processed + n]
+                for r, n, pad in zip(reqs, lengths, pads, strict=True)
+            ],
+            device=self.device,
+        )
+        starts = torch.tensor([[r.processed - pad] for r, pad in zip(reqs, pads, strict=True)], device=self.device)
+        positions = starts + torch.arange(width, device=self.device)  # padding at negative positions
+        last = max(r.processed + n for r, n in zip(reqs, lengths, strict=True)) - 1
+        fresh = all(r.processed == 0 for r in reqs)  # every row reads its prompt's first chunk
+        if not fresh and any(pads):
+            raise ValueError("only first prompt chunks may be padded")
+        mask = positions >= 0 if any(pads) else None
         logits, _ = self.mixed_forward(
             tokens,
             positions,
@@ -769,6 +804,7 @@ class Engine:
             max_position=last,
             last_only=True,
             fresh=fresh,
+            token_mask=mask,
         )
         drafting = [i for i, r in enumerate(reqs) if r.draft is not None]
         if drafting:  # the draft reads the same prompt into its own state
@@ -781,10 +817,11 @@ class Engine:
                 max_position=last,
                 last_only=True,
                 fresh=fresh,
+                token_mask=None if mask is None else mask[rows],
             )
             for i in drafting:
-                reqs[i].draft_processed += n
-        for req in reqs:
+                reqs[i].draft_processed += lengths[i]
+        for req, n in zip(reqs, lengths, strict=True):
             req.processed += n
         done = [i for i, r in enumerate(reqs) if r.processed == len(r.tokens)]
         if done:
@@ -915,6 +952,30 @@ class _Group:
     rows: Tensor | None
     slots: Tensor
     span: slice | None
+
+
+def _prefill_budget(model: Supernet, chunk: int) -> int:
+    """Default ``prefill_tokens``: about PREFILL_FLOP per forward, in [8 * chunk, 16384] tokens. Per token a
+    forward costs about twice the parameters it multiplies by: every MLP and, per layer, its largest mixer."""
+    params = sum(
+        sum(p.numel() for p in block.mlp.parameters())
+        + max(sum(p.numel() for p in mixer.parameters()) for mixer in block.mixer.mixers.values())
+        for block in model.blocks
+    )
+    return int(min(16384, max(8 * chunk, PREFILL_FLOP / (2 * max(params, 1)))))
+
+
+def _pack(rows: list[tuple[Request, int]], budget: int) -> list[list[tuple[Request, int]]]:
+    """Prefill chunks (request, length) into forwards of at most ``budget`` tokens, padding counted: longest
+    first, and a chunk under half the forward's longest starts a new one (padding stays under half)."""
+    parts: list[list[tuple[Request, int]]] = []
+    for row in sorted(rows, key=lambda r: -r[1]):
+        part = parts[-1] if parts else None
+        if part is None or (len(part) + 1) * part[0][1] > budget or 2 * row[1] < part[0][1]:
+            parts.append([row])
+        else:
+            part.append(row)
+    return parts
 
 
 def _span(slots: list[int]) -> slice | None:

@@ -131,7 +131,9 @@ class AttentionView:
 
     def _write(self, rows: Tensor, pos: Tensor, k: Tensor, v: Tensor, length: int) -> None:
         p = self.pool
-        where = pos % length if p.window is not None else pos
+        # a ring wraps; padding of a fresh chunk (negative positions) wraps to the end of a slot, which no real
+        # token of the chunk reaches, and its index stays negative: never visible
+        where = pos % length
         if p.window is None and not self.checked and int(pos.max()) >= length:
             raise PoolFullError(f"request exceeds the KV capacity of {length} tokens")
         p.k[rows, :, where] = k.permute(0, 2, 1, 3)
