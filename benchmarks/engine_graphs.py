@@ -22,6 +22,7 @@ placement and a mix, each row holding --context tokens of state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import random
 import traceback
@@ -138,13 +139,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--parts", nargs="+", choices=["check", "reference", "fusion"], default=["check", "reference",
+                    "fusion"], help="which checks to run (the speed part runs with --model)")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/engine_graphs.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("CUDA graphs need a GPU")
     device = torch.device("cuda")
     report: dict = {"device": device_name(device), "check": [], "speed": []}
-    for dtype, split_kv, fused in itertools.product((torch.float32, torch.bfloat16), (0, 8), (True, False)):
+    checks = itertools.product((torch.float32, torch.bfloat16), (0, 8), (True, False))
+    for dtype, split_kv, fused in checks if "check" in args.parts else ():
         try:
             with fusion(fused):
                 report["check"].append(check(dtype, device, split_kv=split_kv) | {"fused_graphs": fused})
@@ -153,21 +157,19 @@ def main() -> None:
             report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})
             print(report["check"][-1]["error"], flush=True)
         write_json(args.out, report)
+    parts = {"reference": reference_check, "fusion": fusion_check}
     for dtype in (torch.float32, torch.bfloat16):
-        try:
-            with fusion(False):
-                report.setdefault("reference", []).append(reference_check(dtype, device))
-            print(f"reference {report['reference'][-1]}", flush=True)
-        except Exception:  # noqa: BLE001
-            report.setdefault("reference", []).append({"dtype": str(dtype), "error": traceback.format_exc()})
-            print(report["reference"][-1]["error"], flush=True)
-        try:
-            report.setdefault("fusion", []).append(fusion_check(dtype, device))
-            print(f"fusion {report['fusion'][-1]}", flush=True)
-        except Exception:  # noqa: BLE001
-            report.setdefault("fusion", []).append({"dtype": str(dtype), "error": traceback.format_exc()})
-            print(report["fusion"][-1]["error"], flush=True)
-        write_json(args.out, report)
+        for part, fn in parts.items():
+            if part not in args.parts:
+                continue
+            try:
+                with fusion(False) if part == "reference" else contextlib.nullcontext():
+                    report.setdefault(part, []).append(fn(dtype, device))
+                print(f"{part} {report[part][-1]}", flush=True)
+            except Exception:  # noqa: BLE001
+                report.setdefault(part, []).append({"dtype": str(dtype), "error": traceback.format_exc()})
+                print(report[part][-1]["error"], flush=True)
+            write_json(args.out, report)
     attention_ops.SPLIT_KV_CHUNK = -1  # the speed part times the default path (auto)
     if args.model:
         try:

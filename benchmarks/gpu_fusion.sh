@@ -3,15 +3,16 @@
 #   engine_graphs  graph replay vs eager decoding token for token (chains fused and plain in both), the eager
 #                  engine vs each request alone (Supernet.generate), then compiled vs eager chains, fp32 and bf16
 #   convert        the SmolLM2 teacher -> supernet (for the trace stage)
-#   phases_B       a fresh engine step by step (prefill, first decode steps, steady), chains fused everywhere / in
-#                  graphs only (the default) / never
+#   reference_no_cudnn  the eager engine vs Supernet.generate with SDPA kept off cuDNN's kernels
+#   phases_B[_no_cudnn]  a fresh engine step by step (prefill, first decode steps, steady), chains fused
+#                  everywhere / in graphs only (the default) / never; SDPA with and without cuDNN
 #   traces         engine (graphs; fused and unfused chains) and Supernet.generate vs HF generate, batch 64-512,
 #                  sampled with top-p (the engine decoding one step ahead without a host sync per step)
 #   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
 #
 #   bash benchmarks/gpu_fusion.sh RUN TEACHER          # e.g. TEACHER=/root/carry/teacher/...gguf
 #   TINY=1 bash benchmarks/gpu_fusion.sh /tmp/fusion smollm2   # CPU smoke run (tiny shapes; GPU-only stages skipped)
-#   SKIP="stage ..." skips stages by name.
+#   SKIP="stage ..." skips stages by name; TRACE_METHODS="..." picks the traces' methods (serve_smollm2.py).
 # Logs: RUN/<stage>.log, one line per stage in RUN/stages.log, "all done" at the end.
 set -u
 { # one compound command: bash reads all of it before running it
@@ -41,12 +42,18 @@ else
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs)
 fi
 stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256
+# the eager engine against Supernet.generate with SDPA kept off cuDNN's kernels (ops/attention.py CUDNN_SDPA)
+[ "$TINY" = 1 ] || stage reference_no_cudnn env GEARSHIFT_CUDNN_SDPA=0 python benchmarks/engine_graphs.py \
+  --parts reference --out "$RUN/reference_no_cudnn.json"
 for batch in "${BATCHES[@]}"; do
-  stage "phases_$batch" python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" --batch "$batch" \
-    --out "$RUN/phases_$batch.json"
+  for cudnn in 1 0; do
+    name="phases_$batch$([ $cudnn = 0 ] && echo _no_cudnn)"
+    stage "$name" env GEARSHIFT_CUDNN_SDPA=$cudnn python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" \
+      --batch "$batch" --out "$RUN/$name.json"
+  done
 done
 stage traces python benchmarks/serve_smollm2.py "$RUN/supernet" --skip-spec "${TRACES[@]}" \
-  --trace-methods engine_graphs engine_graphs_unfused supernet_generate --out "$RUN/traces.json"
+  --trace-methods ${TRACE_METHODS:-engine_graphs engine_graphs_unfused supernet_generate} --out "$RUN/traces.json"
 for mix in "${MIXES[@]}"; do
   read -r set ctx batch <<<"$mix"
   presets=("Reg|Lklhd-26" "Reg|Lklhd-18" "Reg|Lklhd-10")

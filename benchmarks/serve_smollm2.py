@@ -283,6 +283,9 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
         methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
         # the same with every element-wise chain eager (ops/fused.py compiles them by default on CUDA)
         methods["engine_graphs_unfused"] = partial(unfused, partial(engine_generate, model, graphs=True))
+        # SDPA kept off cuDNN's kernels (ops/attention.py CUDNN_SDPA): no execution plan to build per new shape
+        methods["engine_graphs_no_cudnn"] = partial(no_cudnn, partial(engine_generate, model, graphs=True))
+        methods["supernet_generate_no_cudnn"] = partial(no_cudnn, partial(supernet_generate, model))
     if teacher is not None:
         methods = {"hf_generate": partial(hf_generate, teacher, pad), **methods}
     if args.trace_methods:
@@ -318,6 +321,16 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
 def unfused(fn, *args):
     with fusion(False):
         return fn(*args)
+
+
+def no_cudnn(fn, *args):
+    from gearshift.ops import attention as attention_ops
+
+    saved, attention_ops.CUDNN_SDPA = attention_ops.CUDNN_SDPA, False
+    try:
+        return fn(*args)
+    finally:
+        attention_ops.CUDNN_SDPA = saved
 
 
 def profile(fn, prompts, tokens) -> dict:

@@ -30,6 +30,10 @@ SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
+# Whether SDPA may pick cuDNN's kernels on CUDA (torch's default). cuDNN builds an execution plan for every new
+# shape, which the host pays on first sight (up to ~1 ms a call was seen in engine prefill and first decode
+# steps, whose shapes change with the batch); flash and memory-efficient kernels need no plan.
+CUDNN_SDPA = os.environ.get("GEARSHIFT_CUDNN_SDPA", "1") != "0"
 
 
 def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
@@ -99,7 +103,7 @@ def attend(
         if k.shape[2] == tq and tq > 1 and (window is None or tq <= window) and _same(q_index, k_index):
             if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
                 k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return _sdpa(q, k, v, is_causal=True, scale=scale)
         if tq == 1 and keys_exact and window is None:
             return _masked_sdpa(q, k, v, None, scale)
     chunk = _split_kv_chunk(k) if q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES else 0
@@ -147,12 +151,22 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     b, h, t, d = q.shape
     hkv = k.shape[1]
     if h == hkv:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return _sdpa(q, k, v, attn_mask=mask, scale=scale)
     g = h // hkv
     qf = q.reshape(b, hkv, g * t, d)  # head h = kv * g + j (the repeat_interleave convention)
     mask = None if mask is None else _fold_groups(mask, g)
-    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+    out = _sdpa(qf, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """torch SDPA, kept off cuDNN's kernels on CUDA unless CUDNN_SDPA."""
+    if CUDNN_SDPA or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def _fold_groups(mask: Tensor, g: int) -> Tensor:

@@ -27,7 +27,7 @@ from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
 
 PREFILL_FLOP = 4e12  # work of one batched prefill forward (default prefill_tokens): ~5 ms of an H200's bf16 matmuls
 AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
-ADMIT_LOOKAHEAD = 256  # waiting requests considered per admission pass
+ADMIT_LOOKAHEAD = 256  # waiting requests passed over (blocked) at most per admission pass, beyond the free rows
 
 
 def _size(n: int) -> str:
@@ -341,7 +341,8 @@ class Engine:
         taken: dict[tuple[int, str], list[int]] = {}  # slots handed out in this pass, reset together below
         pools = self.pools
         started = 0
-        for req in list(itertools.islice(self.waiting, ADMIT_LOOKAHEAD)):
+        # every free row can start a request, and up to ADMIT_LOOKAHEAD blocked ones may be passed over on the way
+        for req in list(itertools.islice(self.waiting, self.max_batch - len(self.running) + ADMIT_LOOKAHEAD)):
             if len(self.running) >= self.max_batch:
                 break
             short = {key for key, c in req.needs.items() if key in blocked or pools[key[0]][key[1]].alloc.available < c}
