@@ -1,4 +1,5 @@
-"""Decode attention alone: the fused masked SDPA call vs split-KV, by number of rows and context (15B shape).
+"""Decode attention alone: the fused masked SDPA call (with and without cuDNN's kernels) vs split-KV, by number of
+rows and context (15B shape by default, --heads for others).
 
 One decode step's attention in one layer, [rows, 32 query heads, 1, 128] over [rows, 8 KV heads, context, 128]
 in bf16, with the boolean mask the engine builds, replayed from a CUDA graph (the engine decodes from graphs, so
@@ -44,18 +45,28 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def _no_cudnn(fn, *args):
+    saved, ops.CUDNN_SDPA = ops.CUDNN_SDPA, False
+    try:
+        return fn(*args)
+    finally:
+        ops.CUDNN_SDPA = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    ap.add_argument("--heads", type=int, nargs=3, default=[32, 8, 128], metavar=("Q", "KV", "DIM"),
+                    help="query heads, KV heads, head size (default: the 15B shape; SmolLM2: 9 3 64)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    heads, kv_heads, d = 32, 8, 128
+    heads, kv_heads, d = args.heads
     scale = d**-0.5
     results = []
     for context in args.contexts:
@@ -69,6 +80,10 @@ def main() -> None:
             k_index = torch.arange(length, device=device)[None].expand(rows, -1)
             k_index = torch.where(k_index <= held, k_index, torch.full_like(k_index, -1))  # -1: empty positions
             methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: ops.attend(q, k, v, h, i, None, None, scale)}
+            if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels
+                methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _no_cudnn(
+                    ops.attend, q, k, v, h, i, None, None, scale
+                )
             for chunk in args.chunks:
                 methods[f"split-{chunk}"] = lambda q=q, k=k, v=v, i=k_index, h=held, c=chunk: ops.split_kv_attention(
                     q, k, v, ops.attention_mask(h, i, None, None), scale, c

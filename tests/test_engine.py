@@ -302,10 +302,24 @@ def test_graph_decode_bookkeeping(model, stand_in_graphs):
     assert stand_in_graphs.captured >= 2 and stand_in_graphs.replays > 2 * stand_in_graphs.captured
 
 
+def test_interleaved_placements_read_every_pool_as_a_view(model):
+    """Requests of several placements admitted together, interleaved: every (layer, mixer) group of the batch has
+    consecutive ascending slots, so its state is read as a view of the pool, not gathered (a copy of all its KV
+    per layer and step). Rows ordered by placement would interleave the slots of pools that placements share."""
+    engine = Engine(model, max_batch=6, prefill_chunk=64)
+    placements = ["FFSS", "SFFS", "FSFS"] * 2
+    for i, placement in enumerate(placements):
+        engine.submit([1 + i, 2, 3], placement, SamplingParams(max_tokens=4, stop_token_ids=()))
+    engine.step()
+    rows = engine.running
+    plan = engine._plan([r.placement for r in rows], [r.slots for r in rows], tuple(r.code for r in rows))
+    assert all(group.span is not None for layer in plan for group in layer)
+
+
 def test_replacements_restore_the_cached_composition(model, stand_in_graphs):
-    """Continuous batching of one preset: a request that takes a finished one's slots takes its row too (rows are
-    kept in a canonical order), so the batch returns to a composition whose CUDA graph is cached. 24 requests of
-    different lengths through 4 rows: 3 captures for 59 steps (in arrival order it was 12)."""
+    """Continuous batching of one preset: a request that takes a finished one's slots takes its row too (its rank,
+    see Engine._admit), so the batch returns to a composition whose CUDA graph is cached. 24 requests of different
+    lengths through 4 rows: 3 captures for 59 steps (appended at the end instead, it was 12)."""
     params = [SamplingParams(max_tokens=5 + (7 * i) % 11, stop_token_ids=()) for i in range(24)]
     prompts = [[1 + i, 2, 3] for i in range(24)]
     engine = Engine(model, max_batch=4, prefill_chunk=64)

@@ -93,7 +93,8 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
     label: str = ""  # the placement as letters (metrics), set on submission
     code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
-    order: tuple = ()  # its place among the running rows (see Engine._admit), set on admission
+    key: tuple = ()  # its placement and slots, set on admission (see Engine._code)
+    rank: int = 0  # its row's place in the running batch, set on admission (see Engine._admit)
     needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
     stops: frozenset[int] = frozenset()  # the stop token ids (the model's EOS ids by default), set on submission
 
@@ -186,6 +187,8 @@ class Engine:
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see _plan)
         self._codes: dict[tuple, int] = {}  # (placement, slots) of a request -> a small int (see _code)
+        self._rank_counter = itertools.count()  # row ranks (see _admit)
+        self._vacated: dict[tuple, int] = {}  # (placement, slots) of a finished request -> its row rank
         # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode), on CUDA only;
         # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -356,21 +359,24 @@ class Engine:
             if req.draft is not None:
                 for i, name in enumerate(req.draft):
                     req.draft_slots[(i, name)] = self._take(i, name, taken)
-            req.order = (tuple(req.placement), tuple(sorted(req.slots.items())))
-            req.code = self._code(req.order)
+            req.key = (tuple(req.placement), tuple(sorted(req.slots.items())))
+            req.code = self._code(req.key)
+            rank = self._vacated.pop(req.key, None)
+            req.rank = next(self._rank_counter) if rank is None else rank
             self.running.append(req)
         for (i, name), slots in taken.items():
             self.pools[i][name].reset(slots)
         if started:
-            # rows in a canonical order (by placement, then slots), not arrival order: a request that takes the
-            # place of a finished one (same placement, same lowest-free slots) restores the batch's earlier
-            # composition, whose plan and CUDA graph are still cached, and same-placement rows keep ascending slots
-            # (their KV is read as a view)
-            self.running.sort(key=lambda r: r.order)
+            # rows by rank: arrival order, except that a request taking the place of a finished one (same placement,
+            # same lowest-free slots) takes its row too. The batch then returns to its earlier composition, whose
+            # plan and CUDA graph are still cached; and since lowest-free slots follow arrival, every pool's rows
+            # keep ascending slots, so their KV is read as a view, not gathered (ordering by placement would
+            # interleave the slots of pools that several placements share)
+            self.running.sort(key=lambda r: r.rank)
         self._admit_idle = None if started else state
 
-    def _code(self, order: tuple) -> int:
-        """A request's placement and slots (its ``order`` key) as an int, so the key of a batch of B requests is B
+    def _code(self, key: tuple) -> int:
+        """A request's placement and slots (its ``key``) as an int, so the key of a batch of B requests is B
         ints (hashed each step) instead of B x layers pairs. Equal contents get equal codes, so a request that
         replaces another in the same slots with the same placement still finds its plan and CUDA graph."""
         if len(self._codes) > 100_000:  # bounded memory: start over, re-coding the running requests
@@ -380,8 +386,8 @@ class Engine:
             self._padding.clear()
             self._last_eager = None
             for req in self.running:
-                req.code = self._code(req.order)
-        return self._codes.setdefault(order, len(self._codes))
+                req.code = self._code(req.key)
+        return self._codes.setdefault(key, len(self._codes))
 
     def _take(self, layer: int, name: str, taken: dict[tuple[int, str], list[int]]) -> int:
         """A free slot of this pool, noted in ``taken`` to be reset before use (one fill per pool per pass)."""
@@ -396,6 +402,9 @@ class Engine:
         req.slots, req.draft_slots = {}, {}
         if req in self.running:
             self.running.remove(req)
+            if len(self._vacated) > 4 * self.max_batch:  # bounded: rows nobody took back are forgotten
+                self._vacated.clear()
+            self._vacated[req.key] = req.rank  # for a request that will take these slots (see _admit)
         self.finished_count += 1
 
     # ------------------------------------------------------------------ the forward over a mixed batch
@@ -512,7 +521,7 @@ class Engine:
 
     def _padded(self, codes: tuple[int, ...]) -> tuple[_DecodeGraph, Tensor] | None:
         """A cached graph to replay for a batch that lost rows: its composition holds these rows in this order
-        (rows keep a canonical order, see _admit) plus at most as many others, and every slot of those others is
+        (rows keep their rank order, see _admit) plus at most as many others, and every slot of those others is
         free (their requests ended and no one took the slots since), so they can decode a dummy token there:
         their output is dropped, and a slot is reset when it is next taken. Returns (graph, the live rows'
         indices in it). Without this, a draining batch (requests ending at different times, none waiting) pays
