@@ -80,7 +80,7 @@ def main() -> None:
             k_index = torch.arange(length, device=device)[None].expand(rows, -1)
             k_index = torch.where(k_index <= held, k_index, torch.full_like(k_index, -1))  # -1: empty positions
             methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: ops.attend(q, k, v, h, i, None, None, scale)}
-            if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels
+            if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels (CUDNN_SDPA)
                 methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _no_cudnn(
                     ops.attend, q, k, v, h, i, None, None, scale
                 )

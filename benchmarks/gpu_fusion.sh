@@ -46,7 +46,7 @@ stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 25
 [ "$TINY" = 1 ] || stage reference_no_cudnn env GEARSHIFT_CUDNN_SDPA=0 python benchmarks/engine_graphs.py \
   --parts reference --out "$RUN/reference_no_cudnn.json"
 for batch in "${BATCHES[@]}"; do
-  for cudnn in 1 0; do
+  for cudnn in auto 0; do
     name="phases_$batch$([ $cudnn = 0 ] && echo _no_cudnn)"
     stage "$name" env GEARSHIFT_CUDNN_SDPA=$cudnn python benchmarks/engine_phases.py "$RUN/supernet" "${PHASES[@]}" \
       --batch "$batch" --out "$RUN/$name.json"

@@ -283,9 +283,10 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
         methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
         # the same with every element-wise chain eager (ops/fused.py compiles them by default on CUDA)
         methods["engine_graphs_unfused"] = partial(unfused, partial(engine_generate, model, graphs=True))
-        # SDPA kept off cuDNN's kernels (ops/attention.py CUDNN_SDPA): no execution plan to build per new shape
-        methods["engine_graphs_no_cudnn"] = partial(no_cudnn, partial(engine_generate, model, graphs=True))
-        methods["supernet_generate_no_cudnn"] = partial(no_cudnn, partial(supernet_generate, model))
+        # SDPA on cuDNN's kernels never / always (ops/attention.py CUDNN_SDPA; by default only in graph captures)
+        for setting, name in ((False, "no_cudnn"), (True, "cudnn")):
+            methods[f"engine_graphs_{name}"] = partial(cudnn, setting, partial(engine_generate, model, graphs=True))
+            methods[f"supernet_generate_{name}"] = partial(cudnn, setting, partial(supernet_generate, model))
     if teacher is not None:
         methods = {"hf_generate": partial(hf_generate, teacher, pad), **methods}
     if args.trace_methods:
@@ -323,10 +324,10 @@ def unfused(fn, *args):
         return fn(*args)
 
 
-def no_cudnn(fn, *args):
+def cudnn(setting: bool, fn, *args):
     from gearshift.ops import attention as attention_ops
 
-    saved, attention_ops.CUDNN_SDPA = attention_ops.CUDNN_SDPA, False
+    saved, attention_ops.CUDNN_SDPA = attention_ops.CUDNN_SDPA, setting
     try:
         return fn(*args)
     finally:

@@ -30,10 +30,14 @@ SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
-# Whether SDPA may pick cuDNN's kernels on CUDA (torch's default). cuDNN builds an execution plan for every new
-# shape, which the host pays on first sight (up to ~1 ms a call was seen in engine prefill and first decode
-# steps, whose shapes change with the batch); flash and memory-efficient kernels need no plan.
-CUDNN_SDPA = os.environ.get("GEARSHIFT_CUDNN_SDPA", "1") != "0"
+# Whether SDPA may pick cuDNN's kernels on CUDA. They are the fastest decode kernels on the H200 (1.1-1.8x the
+# memory-efficient ones, benchmarks/decode_attention.py), but cuDNN builds an execution plan for every new shape
+# and the host pays for it on first sight: in eager calls, whose shapes change with each prefill and batch, that
+# cost more than the kernels saved (engine traces at batch 512: 52.8k tokens/s with cuDNN everywhere, 68.4k
+# without). None = auto (the default): cuDNN only inside CUDA-graph captures, whose replays reuse the plan.
+# GEARSHIFT_CUDNN_SDPA=1 / 0 sets always / never.
+_cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
+CUDNN_SDPA: bool | None = None if _cudnn_env == "auto" else _cudnn_env != "0"
 
 
 def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
@@ -160,8 +164,9 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
-    """torch SDPA, kept off cuDNN's kernels on CUDA unless CUDNN_SDPA."""
-    if CUDNN_SDPA or not q.is_cuda:
+    """torch SDPA, kept off cuDNN's kernels on CUDA where CUDNN_SDPA says so."""
+    allow = CUDNN_SDPA if CUDNN_SDPA is not None else torch.cuda.is_current_stream_capturing()
+    if allow or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **kw)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
