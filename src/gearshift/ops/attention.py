@@ -165,8 +165,7 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     """torch SDPA, kept off cuDNN's kernels on CUDA where CUDNN_SDPA says so."""
-    allow = CUDNN_SDPA if CUDNN_SDPA is not None else torch.cuda.is_current_stream_capturing()
-    if allow or not q.is_cuda:
+    if not q.is_cuda or (CUDNN_SDPA if CUDNN_SDPA is not None else torch.cuda.is_current_stream_capturing()):
         return F.scaled_dot_product_attention(q, k, v, **kw)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
