@@ -283,7 +283,7 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
         methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
         # the same with every element-wise chain eager (ops/fused.py compiles them by default on CUDA)
         methods["engine_graphs_unfused"] = partial(unfused, partial(engine_generate, model, graphs=True))
-        # SDPA on cuDNN's kernels never / always (ops/attention.py CUDNN_SDPA; by default only in graph captures)
+        # SDPA on cuDNN's kernels never / always (ops/attention.py CUDNN_SDPA; by default over long keys only)
         for setting, name in ((False, "no_cudnn"), (True, "cudnn")):
             methods[f"engine_graphs_{name}"] = partial(cudnn, setting, partial(engine_generate, model, graphs=True))
             methods[f"supernet_generate_{name}"] = partial(cudnn, setting, partial(supernet_generate, model))

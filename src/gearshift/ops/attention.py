@@ -30,14 +30,16 @@ SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
-# Whether SDPA may pick cuDNN's kernels on CUDA. They are the fastest decode kernels on the H200 (1.1-1.8x the
-# memory-efficient ones, benchmarks/decode_attention.py), but cuDNN builds an execution plan for every new shape
-# and the host pays for it on first sight: in eager calls, whose shapes change with each prefill and batch, that
-# cost more than the kernels saved (engine traces at batch 512: 52.8k tokens/s with cuDNN everywhere, 68.4k
-# without). None = auto (the default): cuDNN only inside CUDA-graph captures, whose replays reuse the plan.
-# GEARSHIFT_CUDNN_SDPA=1 / 0 sets always / never.
+# Whether SDPA may pick cuDNN's kernels on CUDA. Measured on the H200 (BENCHMARKS.md, eighth session): they are
+# the fastest decode kernels (1.1-1.9x the memory-efficient ones at 128-16k keys, benchmarks/decode_attention.py),
+# which pays at long context (the 15B engine at 16k: 1372 tokens/s with them, 1025 without), but cuDNN builds an
+# execution plan for each new shape, paid on the host, and short calls do not earn it back (SmolLM2 traces at
+# batch 512, keys ~200: 45.2k tokens/s with cuDNN everywhere, 42.9k with cuDNN only in graph captures, 53.5k
+# without). None = auto (the default): cuDNN for calls over at least CUDNN_MIN_KEYS keys (the threshold lies
+# between those two measured points; it is not measured more finely). GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
 _cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
 CUDNN_SDPA: bool | None = None if _cudnn_env == "auto" else _cudnn_env != "0"
+CUDNN_MIN_KEYS = 8192
 
 
 def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
@@ -165,7 +167,7 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
     """torch SDPA, kept off cuDNN's kernels on CUDA where CUDNN_SDPA says so."""
-    if not q.is_cuda or (CUDNN_SDPA if CUDNN_SDPA is not None else torch.cuda.is_current_stream_capturing()):
+    if not q.is_cuda or (CUDNN_SDPA if CUDNN_SDPA is not None else k.shape[-2] >= CUDNN_MIN_KEYS):
         return F.scaled_dot_product_attention(q, k, v, **kw)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
