@@ -193,11 +193,11 @@ class RecurrentView:
         if self.rollback:
             self.snapshots[length] = (state, list(conv))
 
-    def restore_rows(self, consumed: Tensor) -> None:
-        """Set each row's state to the snapshot after ``consumed[g]`` tokens of this call."""
+    def restore_rows(self, consumed: list[int]) -> None:
+        """Set each row's state to the snapshot after ``consumed[g]`` tokens of this call (host ints: no sync)."""
         keys = sorted(self.snapshots)
         states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
-        choice = torch.as_tensor([keys.index(int(c)) for c in consumed], device=states.device)
+        choice = torch.as_tensor([keys.index(c) for c in consumed], device=states.device)
         rows = torch.arange(len(self.slots), device=states.device)
         self.pool.state[self.slots] = states[rows, choice]
         for i, pool_c in enumerate(self.pool.conv):

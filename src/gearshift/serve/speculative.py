@@ -1,12 +1,15 @@
 """Self-speculative decoding: a fast placement of the same supernet drafts, the request's placement verifies.
 
-One round per request: the draft proposes k tokens one at a time; the target scores all k+1 positions in one
-forward; the longest agreeing prefix is kept plus one token from the target (the correction, or a bonus token
-when all k agree). Greedy requests get exactly the target's greedy tokens; sampled requests use the standard
-speculative-sampling rule (accept d with probability min(1, p(d)/q(d)), otherwise sample from max(0, p - q)),
-which leaves the output distribution equal to the target's. Recurrent state (GDN/KDA) of both target and draft
-returns to the last accepted token from per-token snapshots; attention state needs nothing (positions past the
-accepted ones are masked and later overwritten). k adapts to each request's acceptance.
+One round for a group of requests: the draft proposes k tokens one at a time; the target scores all k+1 positions
+in one forward; each request keeps its longest agreeing prefix plus one token from the target (the correction,
+or a bonus token when all k agree). Greedy requests get exactly the target's greedy tokens; sampled requests use
+the standard speculative-sampling rule (accept d with probability min(1, p(d)/q(d)), otherwise sample from
+max(0, p - q)), which leaves the output distribution equal to the target's. Recurrent state (GDN/KDA) of both
+target and draft returns to the last accepted token from per-token snapshots; attention state needs nothing
+(positions past the accepted ones are masked and later overwritten). k adapts to each request's acceptance.
+
+A round stays on the device for all its rows -- proposals, draws, acceptance, corrections -- and reads back to
+the host once, at the end (seeded requests draw from their own generators, row by row, still on the device).
 """
 
 from __future__ import annotations
@@ -17,17 +20,39 @@ from torch import Tensor
 from ..generation import filter_logits
 
 
-def _dist(logits: Tensor, req) -> Tensor:
-    p = req.params
-    return filter_logits(logits[None], max(p.temperature, 1e-6), p.top_k, p.top_p).softmax(-1)[0]
+def _probs(logits: Tensor, reqs: list) -> Tensor:
+    """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter call
+    per group of equal settings)."""
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault((max(r.params.temperature, 1e-6), r.params.top_k, r.params.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = filter_logits(logits[index], temperature, top_k, top_p).softmax(-1)
+    return out
 
 
-def _draw(probs: Tensor, req) -> int:
-    return int(torch.multinomial(probs, 1, generator=req.generator)[0])
+def _draw(probs: Tensor, reqs: list) -> Tensor:
+    """One token per row [N] from probs [N, V]: seeded requests from their own generators, the rest together."""
+    out = torch.empty(len(reqs), dtype=torch.long, device=probs.device)
+    free = [i for i, r in enumerate(reqs) if r.generator is None]
+    if free:
+        index = torch.tensor(free, device=probs.device)
+        out[index] = torch.multinomial(probs[index], 1).squeeze(-1)
+    for i, r in enumerate(reqs):
+        if r.generator is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
+    return out
 
 
-def _uniform(req, device) -> float:
-    return float(torch.rand((), generator=req.generator, device=device))
+def _uniforms(reqs: list, k: int, device: torch.device) -> Tensor:
+    """k uniform draws per row [N, k], seeded requests from their own generators."""
+    out = torch.rand(len(reqs), k, device=device)
+    for i, r in enumerate(reqs):
+        if r.generator is not None:
+            out[i] = torch.rand(k, generator=r.generator, device=device)
+    return out
 
 
 @torch.no_grad()
@@ -38,80 +63,93 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     if k < 1:  # too close to the context end to speculate: one plain target step
         engine._decode(reqs, touched)
         return
-    # 1) the draft catches up with tokens it has not read (the last token of a fully accepted round)
+    # 1) the draft catches up with tokens it has not read (the last token of a fully accepted round), requests
+    # with the same lag in one forward
+    lagging: dict[int, list] = {}
     for r in reqs:
-        lag = r.tokens[r.draft_processed : len(r.tokens) - 1]
+        lag = len(r.tokens) - 1 - r.draft_processed
         if lag:
-            pos = torch.arange(r.draft_processed, r.draft_processed + len(lag), device=device)[None]
-            engine.mixed_forward(torch.tensor([lag], device=device), pos, [r.draft], [r.draft_slots])
-            r.draft_processed += len(lag)
+            lagging.setdefault(lag, []).append(r)
+    for lag, group in lagging.items():
+        starts = torch.tensor([[r.draft_processed] for r in group], device=device)
+        engine.mixed_forward(
+            torch.tensor([r.tokens[r.draft_processed : r.draft_processed + lag] for r in group], device=device),
+            starts + torch.arange(lag, device=device),
+            [r.draft for r in group],
+            [r.draft_slots for r in group],
+        )
+        for r in group:
+            r.draft_processed += lag
+    b = len(reqs)
     base = torch.tensor([r.processed for r in reqs], device=device)
     drafts, dslots = [r.draft for r in reqs], [r.draft_slots for r in reqs]
+    greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
+    sampled = [i for i, r in enumerate(reqs) if r.params.temperature != 0]
+    sampled_reqs = [reqs[i] for i in sampled]
+    g_index = torch.tensor(greedy, device=device) if 0 < len(greedy) < b else None
+    s_index = torch.tensor(sampled, device=device) if sampled else None
     # 2) draft k tokens, keeping the draft's recurrent state after each step
-    x = torch.tensor([[r.tokens[-1]] for r in reqs], device=device)
-    proposals: list[list[int]] = [[] for _ in reqs]
-    q_dists: list[list[Tensor]] = [[] for _ in reqs]
+    last = torch.tensor([r.tokens[-1] for r in reqs], device=device)
+    proposals = torch.empty(b, k, dtype=torch.long, device=device)
+    q = torch.empty(len(sampled), k, engine.config.vocab_size, device=device) if sampled else None
+    x = last[:, None]
     draft_states = []
     for j in range(k):
         logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots)
         draft_states.append(
             [(v.pool, v.slots, v.pool.state[v.slots].clone(), [c[v.slots].clone() for c in v.pool.conv]) for v in views]
         )
-        nxt = []
-        for row, r in enumerate(reqs):
-            if r.params.temperature == 0:
-                tok = int(logits[row, -1].argmax())
-            else:
-                q = _dist(logits[row, -1], r)
-                q_dists[row].append(q)
-                tok = _draw(q, r)
-            proposals[row].append(tok)
-            nxt.append([tok])
-        x = torch.tensor(nxt, device=device)
+        logits = logits[:, -1]
+        if greedy:
+            proposals[:, j] = logits.argmax(-1)  # the sampled rows are overwritten below
+        if sampled:
+            q[:, j] = _probs(logits[s_index], sampled_reqs)
+            proposals[s_index, j] = _draw(q[:, j], sampled_reqs)
+        x = proposals[:, j : j + 1]
     # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots
-    verify = torch.tensor([[r.tokens[-1], *proposals[row]] for row, r in enumerate(reqs)], device=device)
+    verify = torch.cat([last[:, None], proposals], dim=1)
     positions = base[:, None] + torch.arange(k + 1, device=device)[None]
     logits, views = engine.mixed_forward(
         verify, positions, [r.placement for r in reqs], [r.slots for r in reqs], rollback=k + 1
     )
-    # 4) accept per request
-    accepted_n, emitted = [], []
-    for row, r in enumerate(reqs):
-        n = 0
-        greedy = r.params.temperature == 0
-        for j in range(k):
-            d = proposals[row][j]
-            if greedy:
-                ok = int(logits[row, j].argmax()) == d
-            else:
-                p = _dist(logits[row, j], r)
-                q = q_dists[row][j]
-                ok = _uniform(r, device) < min(1.0, float(p[d] / q[d].clamp(min=1e-20)))
-            if not ok:
-                break
-            n += 1
-        if greedy:
-            last = int(logits[row, n].argmax())
-        else:
-            p = _dist(logits[row, n], r)
-            if n < k:
-                residual = (p - q_dists[row][n]).clamp(min=0)
-                p = residual / residual.sum() if float(residual.sum()) > 0 else p
-            last = _draw(p, r)
-        accepted_n.append(n)
-        emitted.append(proposals[row][:n] + [last])
-    # 5) roll recurrent state back: the target read n+1 tokens, the draft min(n+1, k)
-    consumed = torch.tensor([n + 1 for n in accepted_n], device=device)
+    # 4) accept per row, on the device: n agreeing proposals, then the target's own token at position n
+    accepted = torch.empty(b, dtype=torch.long, device=device)
+    final = torch.empty(b, dtype=torch.long, device=device)
+    if greedy:
+        rows = slice(None) if g_index is None else g_index
+        choice = logits[rows].argmax(-1)  # [G, k+1]
+        n = (choice[:, :k] == proposals[rows]).long().cumprod(1).sum(1)
+        accepted[rows], final[rows] = n, choice.gather(1, n[:, None]).squeeze(1)
+    if sampled:
+        s = len(sampled)
+        p = _probs(logits[s_index].reshape(s * (k + 1), -1), [r for r in sampled_reqs for _ in range(k + 1)])
+        p = p.view(s, k + 1, -1)
+        d = proposals[s_index][:, :, None]  # [S, k, 1]
+        ratio = p[:, :k].gather(2, d).squeeze(2) / q.gather(2, d).squeeze(2).clamp(min=1e-20)
+        n = (_uniforms(sampled_reqs, k, device) < ratio.clamp(max=1.0)).long().cumprod(1).sum(1)
+        at = torch.arange(s, device=device)
+        target = p[at, n]  # [S, V]: the target's distribution after the accepted prefix
+        residual = (target - q[at, n.clamp(max=k - 1)]).clamp(min=0)
+        total = residual.sum(-1, keepdim=True)
+        # after a rejection, draw from the normalised residual (the target itself where it is empty); after k
+        # acceptances, the bonus token from the target
+        rejected = ((n < k)[:, None] & (total > 0)).float()
+        dist = rejected * residual / total.clamp(min=1e-30) + (1 - rejected) * target
+        accepted[s_index], final[s_index] = n, _draw(dist, sampled_reqs)
+    # 5) the round's one read-back
+    accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
+    # 6) roll recurrent state back: the target read n+1 tokens, the draft min(n+1, k)
+    consumed = [n + 1 for n in accepted_n]
     for view in views:
         view.restore_rows(consumed)
-    rows = torch.arange(len(reqs), device=device)
+    rows = torch.arange(b, device=device)
     choice = torch.tensor([min(n, k - 1) for n in accepted_n], device=device)
     for layer_views in zip(*draft_states, strict=True):  # the same pool/slots across the k steps
         pool, slots = layer_views[0][0], layer_views[0][1]
         pool.state[slots] = torch.stack([s for _, _, s, _ in layer_views], 1)[rows, choice]
         for ci, pool_c in enumerate(pool.conv):
             pool_c[slots] = torch.stack([c[ci] for _, _, _, c in layer_views], 1)[rows, choice]
-    # 6) bookkeeping, adaptive k, emit
+    # 7) bookkeeping, adaptive k, emit
     for row, r in enumerate(reqs):
         n = accepted_n[row]
         r.processed += n + 1
@@ -123,4 +161,4 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             r.spec_k = min(engine.spec_k_max, r.spec_k + 1)
         elif n < k // 2:
             r.spec_k = max(1, r.spec_k - 1)
-        engine._emit(r, emitted[row], touched)
+        engine._emit(r, drafted[row][:n] + [finals[row]], touched)
