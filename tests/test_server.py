@@ -220,6 +220,10 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
     assert main([*args, "--only-presets", "FG", "GG"]) == 0  # state only for the mixers these two use
     assert {(i, n) for i, layer in enumerate(apps[2].state.engine.pools) for n in layer} == {(0, "attention"),
         (0, "gdn"), (1, "gdn")}  # fmt: skip
+    assert main([*args, "--prefill-tokens", "96"]) == 0 and apps[3].state.engine.prefill_tokens == 96
+    assert apps[2].state.engine.prefill_tokens == 16384  # the default for a tiny model: the upper bound
+    assert main([*args, "--prefill-tokens", "-1"]) != 0
+    assert "prefill" in capsys.readouterr().err
     for app in apps:
         app.state.worker.stop()
 

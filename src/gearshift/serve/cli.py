@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
+        prefill_tokens=args.prefill_tokens,
         cuda_graphs=args.cuda_graphs,
         state_memory=None if args.state_memory_gb is None else int(args.state_memory_gb * 2**30),
         placements=args.only_presets,
@@ -55,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
     s.add_argument("--max-context", type=int)
     s.add_argument("--prefill-chunk", type=int, default=512)
+    s.add_argument(
+        "--prefill-tokens",
+        type=int,
+        help="prompt tokens (padding included) of one batched prefill forward (default: about 4 TFLOP of the model, "
+        "at least 8 chunks, at most 16384)",
+    )
     s.add_argument("--quality-floor", type=float, help="'auto' never picks a preset predicted below this")
     s.add_argument("--device")
     s.add_argument(

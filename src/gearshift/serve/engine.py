@@ -141,6 +141,8 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_batch = max_batch
         self.max_context = min(max_context or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        if prefill_chunk < 1 or (prefill_tokens is not None and prefill_tokens < 1):
+            raise ValueError(f"prefill_chunk ({prefill_chunk}) and prefill_tokens ({prefill_tokens}) must be >= 1")
         self.prefill_chunk = prefill_chunk
         self.prefill_tokens = prefill_tokens or _prefill_budget(model, prefill_chunk)
         self.max_queue = max_queue
