@@ -88,6 +88,19 @@ def test_speculative_greedy_is_lossless(model, draft, target):
         assert r.proposed > 0 and r.accepted < r.proposed  # rejections happened: roll-back was exercised
 
 
+def test_speculative_requests_of_different_placements_share_a_round(model):
+    """Speculative requests with different targets and drafts in one round: each recurrent view restores only its
+    own group's rows (the target's and the draft's), and every output equals its run alone."""
+    params = SamplingParams(max_tokens=8, stop_token_ids=())
+    pairs = [("GGGG", "SSSS"), ("FFFF", "SSSS"), ("FFFF", "GGGG"), ("FSGK", "KKKK"), ("FFFF", "GKGS")]
+    engine = Engine(model, max_batch=5)
+    reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS, pairs, strict=True)]
+    engine.run()
+    for r, (target, _) in zip(reqs, pairs, strict=True):
+        assert r.output == alone(model, r.prompt, target, 8), target
+    assert sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
+
+
 def test_speculative_with_itself_accepts_everything(model):
     engine = Engine(model, max_batch=2, spec_k_max=4)
     r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=16, stop_token_ids=()), draft="FSGK", spec_k=2)

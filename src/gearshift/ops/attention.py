@@ -38,7 +38,9 @@ SPLIT_KV_MAX_QUERIES = 16
 # without). None = auto (the default): cuDNN for calls over at least CUDNN_MIN_KEYS keys (the threshold lies
 # between those two measured points; it is not measured more finely). GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
 _cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
-CUDNN_SDPA: bool | None = None if _cudnn_env == "auto" else _cudnn_env != "0"
+if _cudnn_env not in ("auto", "1", "0"):
+    raise ValueError(f"GEARSHIFT_CUDNN_SDPA must be auto, 1 or 0, not {_cudnn_env!r}")
+CUDNN_SDPA: bool | None = {"auto": None, "1": True, "0": False}[_cudnn_env]
 CUDNN_MIN_KEYS = 8192
 
 

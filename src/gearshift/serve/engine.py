@@ -371,9 +371,10 @@ class Engine:
         if started:
             # rows by rank: arrival order, except that a request taking the place of a finished one (same placement,
             # same lowest-free slots) takes its row too. The batch then returns to its earlier composition, whose
-            # plan and CUDA graph are still cached; and since lowest-free slots follow arrival, every pool's rows
-            # keep ascending slots, so their KV is read as a view, not gathered (ordering by placement would
-            # interleave the slots of pools that several placements share)
+            # plan and CUDA graph are still cached. In a batch admitted together, lowest-free slots follow arrival,
+            # so every pool's rows have ascending slots and their KV is read as a view, not gathered (ordering by
+            # placement would interleave the slots of pools that several placements share); a later request that
+            # takes freed low slots without inheriting a rank is read by a gather in those pools
             self.running.sort(key=lambda r: r.rank)
         self._admit_idle = None if started else state
 
@@ -426,7 +427,8 @@ class Engine:
     ) -> tuple[Tensor, list[RecurrentView]]:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
-        With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection.
+        With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection; each
+        view covers the rows of its group (``RecurrentView.rows``).
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
         ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan). ``fresh``: every row starts
@@ -451,7 +453,7 @@ class Engine:
             for g in groups:
                 pool = self.pools[i][g.name]
                 if isinstance(pool, RecurrentPool):
-                    view = pool.view(g.slots, rollback)
+                    view = pool.view(g.slots, rollback, g.row_ids)
                     views.append(view)
                 else:
                     view = pool.view(g.slots, g.span, checked, fresh)
@@ -598,6 +600,7 @@ class Engine:
                         else row_tensors.setdefault(tuple(rows), torch.tensor(rows, device=self.device)),
                         torch.tensor(slot_list, device=self.device),
                         _span(slot_list) if self.contiguous_reads else None,
+                        None if len(by_mixer) == 1 else tuple(rows),
                     )
                 )
             plan.append(layer)
@@ -964,6 +967,7 @@ class _Group:
     rows: Tensor | None
     slots: Tensor
     span: slice | None
+    row_ids: tuple[int, ...] | None = None  # ``rows`` on the host (None: all of them)
 
 
 def _prefill_budget(model: Supernet, chunk: int) -> int:

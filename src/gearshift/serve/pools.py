@@ -166,16 +166,19 @@ class RecurrentPool:
         """``nbytes_per_slot`` of a pool with these settings, before allocating it."""
         return heads * dk * dv * 4 + sum(conv_channels) * (kernel - 1) * torch.empty((), dtype=dtype).element_size()
 
-    def view(self, slots: Tensor, rollback: int = 0) -> RecurrentView:
-        return RecurrentView(self, slots, rollback)
+    def view(self, slots: Tensor, rollback: int = 0, rows: tuple[int, ...] | None = None) -> RecurrentView:
+        return RecurrentView(self, slots, rollback, rows)
 
 
 class RecurrentView:
     """Gathered state of a group of requests; ``update`` scatters it back. With ``rollback`` it also keeps the
-    state after each of the call's last tokens, so speculative decoding can return to any of them."""
+    state after each of the call's last tokens, so speculative decoding can return to any of them. ``rows``: the
+    batch rows of the group, on the host (None: every row of the batch)."""
 
-    def __init__(self, pool: RecurrentPool, slots: Tensor, rollback: int = 0) -> None:
-        self.pool, self.slots, self.rollback = pool, slots, rollback
+    def __init__(
+        self, pool: RecurrentPool, slots: Tensor, rollback: int = 0, rows: tuple[int, ...] | None = None
+    ) -> None:
+        self.pool, self.slots, self.rollback, self.rows = pool, slots, rollback, rows
         self.state = pool.state[slots]
         self.conv = [c[slots] for c in pool.conv]
         self.length = 0
@@ -194,7 +197,10 @@ class RecurrentView:
             self.snapshots[length] = (state, list(conv))
 
     def restore_rows(self, consumed: list[int]) -> None:
-        """Set each row's state to the snapshot after ``consumed[g]`` tokens of this call (host ints: no sync)."""
+        """Set each row's state to the snapshot after ``consumed[i]`` tokens of this call, ``consumed`` given for
+        every row of the batch (host ints: no sync); this view restores its own rows."""
+        if self.rows is not None:
+            consumed = [consumed[i] for i in self.rows]
         keys = sorted(self.snapshots)
         states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
         choice = torch.as_tensor([keys.index(c) for c in consumed], device=states.device)

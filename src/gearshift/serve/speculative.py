@@ -20,39 +20,43 @@ from torch import Tensor
 from ..generation import filter_logits
 
 
-def _probs(logits: Tensor, reqs: list) -> Tensor:
-    """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter call
-    per group of equal settings)."""
-    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(reqs):
-        groups.setdefault((max(r.params.temperature, 1e-6), r.params.top_k, r.params.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        out[index] = filter_logits(logits[index], temperature, top_k, top_p).softmax(-1)
-    return out
+class _SampledRows:
+    """The sampled requests of a round and their index tensors, built once per round: each host-to-device copy
+    waits for the GPU, so none is made inside the draft loop."""
 
+    def __init__(self, reqs: list, device: torch.device) -> None:
+        self.reqs = reqs
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault((max(r.params.temperature, 1e-6), r.params.top_k, r.params.top_p), []).append(i)
+        self.settings = [(setting, torch.tensor(rows, device=device)) for setting, rows in groups.items()]
+        free = [i for i, r in enumerate(reqs) if r.generator is None]
+        self.free = torch.tensor(free, device=device) if free else None
+        self.seeded = [(i, r.generator) for i, r in enumerate(reqs) if r.generator is not None]
 
-def _draw(probs: Tensor, reqs: list) -> Tensor:
-    """One token per row [N] from probs [N, V]: seeded requests from their own generators, the rest together."""
-    out = torch.empty(len(reqs), dtype=torch.long, device=probs.device)
-    free = [i for i, r in enumerate(reqs) if r.generator is None]
-    if free:
-        index = torch.tensor(free, device=probs.device)
-        out[index] = torch.multinomial(probs[index], 1).squeeze(-1)
-    for i, r in enumerate(reqs):
-        if r.generator is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
-    return out
+    def probs(self, logits: Tensor) -> Tensor:
+        """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter
+        call per group of equal settings)."""
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for (temperature, top_k, top_p), index in self.settings:
+            out[index] = filter_logits(logits[index], temperature, top_k, top_p).softmax(-1)
+        return out
 
+    def draw(self, probs: Tensor) -> Tensor:
+        """One token per row [N] from probs [N, V]: seeded requests from their own generators, the rest together."""
+        out = torch.empty(len(self.reqs), dtype=torch.long, device=probs.device)
+        if self.free is not None:
+            out[self.free] = torch.multinomial(probs[self.free], 1).squeeze(-1)
+        for i, generator in self.seeded:
+            out[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+        return out
 
-def _uniforms(reqs: list, k: int, device: torch.device) -> Tensor:
-    """k uniform draws per row [N, k], seeded requests from their own generators."""
-    out = torch.rand(len(reqs), k, device=device)
-    for i, r in enumerate(reqs):
-        if r.generator is not None:
-            out[i] = torch.rand(k, generator=r.generator, device=device)
-    return out
+    def uniforms(self, k: int) -> Tensor:
+        """k uniform draws per row [N, k], seeded requests from their own generators."""
+        out = torch.rand(len(self.reqs), k, device=self.settings[0][1].device)
+        for i, generator in self.seeded:
+            out[i] = torch.rand(k, generator=generator, device=out.device)
+        return out
 
 
 @torch.no_grad()
@@ -77,15 +81,17 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             starts + torch.arange(lag, device=device),
             [r.draft for r in group],
             [r.draft_slots for r in group],
+            max_position=max(r.draft_processed for r in group) + lag - 1,  # bounds known here: no device check
         )
         for r in group:
             r.draft_processed += lag
     b = len(reqs)
     base = torch.tensor([r.processed for r in reqs], device=device)
+    top = max(r.processed for r in reqs)  # the largest position the round starts from, on the host
     drafts, dslots = [r.draft for r in reqs], [r.draft_slots for r in reqs]
     greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
     sampled = [i for i, r in enumerate(reqs) if r.params.temperature != 0]
-    sampled_reqs = [reqs[i] for i in sampled]
+    rows_s = _SampledRows([reqs[i] for i in sampled], device) if sampled else None
     g_index = torch.tensor(greedy, device=device) if 0 < len(greedy) < b else None
     s_index = torch.tensor(sampled, device=device) if sampled else None
     # 2) draft k tokens, keeping the draft's recurrent state after each step
@@ -95,22 +101,22 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     x = last[:, None]
     draft_states = []
     for j in range(k):
-        logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots)
+        logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
         draft_states.append(
-            [(v.pool, v.slots, v.pool.state[v.slots].clone(), [c[v.slots].clone() for c in v.pool.conv]) for v in views]
+            [(v, v.pool.state[v.slots].clone(), [c[v.slots].clone() for c in v.pool.conv]) for v in views]
         )
         logits = logits[:, -1]
         if greedy:
             proposals[:, j] = logits.argmax(-1)  # the sampled rows are overwritten below
         if sampled:
-            q[:, j] = _probs(logits[s_index], sampled_reqs)
-            proposals[s_index, j] = _draw(q[:, j], sampled_reqs)
+            q[:, j] = rows_s.probs(logits[s_index])
+            proposals[s_index, j] = rows_s.draw(q[:, j])
         x = proposals[:, j : j + 1]
     # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots
     verify = torch.cat([last[:, None], proposals], dim=1)
     positions = base[:, None] + torch.arange(k + 1, device=device)[None]
     logits, views = engine.mixed_forward(
-        verify, positions, [r.placement for r in reqs], [r.slots for r in reqs], rollback=k + 1
+        verify, positions, [r.placement for r in reqs], [r.slots for r in reqs], rollback=k + 1, max_position=top + k
     )
     # 4) accept per row, on the device: n agreeing proposals, then the target's own token at position n
     accepted = torch.empty(b, dtype=torch.long, device=device)
@@ -122,11 +128,11 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         accepted[rows], final[rows] = n, choice.gather(1, n[:, None]).squeeze(1)
     if sampled:
         s = len(sampled)
-        p = _probs(logits[s_index].reshape(s * (k + 1), -1), [r for r in sampled_reqs for _ in range(k + 1)])
-        p = p.view(s, k + 1, -1)
+        scores = logits[s_index]
+        p = torch.stack([rows_s.probs(scores[:, j]) for j in range(k + 1)], 1)  # [S, k+1, V]
         d = proposals[s_index][:, :, None]  # [S, k, 1]
         ratio = p[:, :k].gather(2, d).squeeze(2) / q.gather(2, d).squeeze(2).clamp(min=1e-20)
-        n = (_uniforms(sampled_reqs, k, device) < ratio.clamp(max=1.0)).long().cumprod(1).sum(1)
+        n = (rows_s.uniforms(k) < ratio.clamp(max=1.0)).long().cumprod(1).sum(1)
         at = torch.arange(s, device=device)
         target = p[at, n]  # [S, V]: the target's distribution after the accepted prefix
         residual = (target - q[at, n.clamp(max=k - 1)]).clamp(min=0)
@@ -135,20 +141,22 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         # acceptances, the bonus token from the target
         rejected = ((n < k)[:, None] & (total > 0)).float()
         dist = rejected * residual / total.clamp(min=1e-30) + (1 - rejected) * target
-        accepted[s_index], final[s_index] = n, _draw(dist, sampled_reqs)
+        accepted[s_index], final[s_index] = n, rows_s.draw(dist)
     # 5) the round's one read-back
     accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
     # 6) roll recurrent state back: the target read n+1 tokens, the draft min(n+1, k)
     consumed = [n + 1 for n in accepted_n]
     for view in views:
         view.restore_rows(consumed)
-    rows = torch.arange(b, device=device)
-    choice = torch.tensor([min(n, k - 1) for n in accepted_n], device=device)
-    for layer_views in zip(*draft_states, strict=True):  # the same pool/slots across the k steps
-        pool, slots = layer_views[0][0], layer_views[0][1]
-        pool.state[slots] = torch.stack([s for _, _, s, _ in layer_views], 1)[rows, choice]
-        for ci, pool_c in enumerate(pool.conv):
-            pool_c[slots] = torch.stack([c[ci] for _, _, _, c in layer_views], 1)[rows, choice]
+    kept = [min(n, k - 1) for n in accepted_n]  # the draft step whose state each row keeps
+    for steps in zip(*draft_states, strict=True):  # one (layer, mixer) group: the same pool and rows each step
+        view = steps[0][0]
+        rows = range(b) if view.rows is None else view.rows
+        choice = torch.tensor([kept[i] for i in rows], device=device)
+        at = torch.arange(len(rows), device=device)
+        view.pool.state[view.slots] = torch.stack([state for _, state, _ in steps], 1)[at, choice]
+        for ci, pool_c in enumerate(view.pool.conv):
+            pool_c[view.slots] = torch.stack([conv[ci] for _, _, conv in steps], 1)[at, choice]
     # 7) bookkeeping, adaptive k, emit
     for row, r in enumerate(reqs):
         n = accepted_n[row]
