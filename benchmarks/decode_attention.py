@@ -45,12 +45,9 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _no_cudnn(fn, *args):
-    saved, ops.CUDNN_SDPA = ops.CUDNN_SDPA, False
-    try:
+def _without_cudnn(fn, *args):
+    with ops.cudnn_sdpa(False):
         return fn(*args)
-    finally:
-        ops.CUDNN_SDPA = saved
 
 
 def main() -> None:
@@ -81,7 +78,7 @@ def main() -> None:
             k_index = torch.where(k_index <= held, k_index, torch.full_like(k_index, -1))  # -1: empty positions
             methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: ops.attend(q, k, v, h, i, None, None, scale)}
             if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels (CUDNN_SDPA)
-                methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _no_cudnn(
+                methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _without_cudnn(
                     ops.attend, q, k, v, h, i, None, None, scale
                 )
             for chunk in args.chunks:

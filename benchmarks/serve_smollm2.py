@@ -36,6 +36,7 @@ import torch
 from gearshift.checkpoint import load_tokenizer
 from gearshift.generation import pad_left
 from gearshift.model import Supernet
+from gearshift.ops.attention import cudnn_sdpa
 from gearshift.ops.fused import fusion
 from gearshift.placement import placement_letters
 from gearshift.serve.engine import Engine, SamplingParams
@@ -325,13 +326,8 @@ def unfused(fn, *args):
 
 
 def cudnn(setting: bool, fn, *args):
-    from gearshift.ops import attention as attention_ops
-
-    saved, attention_ops.CUDNN_SDPA = attention_ops.CUDNN_SDPA, setting
-    try:
+    with cudnn_sdpa(setting):
         return fn(*args)
-    finally:
-        attention_ops.CUDNN_SDPA = saved
 
 
 def profile(fn, prompts, tokens) -> dict:

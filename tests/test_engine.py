@@ -223,7 +223,7 @@ def test_engine_benchmark_smoke(tmp_path):
 
 
 def test_reads_are_views_only_for_consecutive_slots():
-    from gearshift.serve.engine import _span
+    from gearshift.serve.pools import consecutive_span as _span
 
     assert _span([3, 4, 5]) == slice(3, 6)
     assert _span([2]) == slice(2, 3)

@@ -7,9 +7,11 @@ a query at index i sees a key at index j when j <= i, i - j < window, and j is a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +167,17 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     mask = None if mask is None else _fold_groups(mask, g)
     out = _sdpa(qf, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+@contextlib.contextmanager
+def cudnn_sdpa(allow: bool | None) -> Iterator[None]:
+    """Set CUDNN_SDPA (True / False / None = auto) inside a block, e.g. to time both kernel families."""
+    global CUDNN_SDPA
+    saved, CUDNN_SDPA = CUDNN_SDPA, allow
+    try:
+        yield
+    finally:
+        CUDNN_SDPA = saved
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:

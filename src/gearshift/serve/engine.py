@@ -23,7 +23,7 @@ from ..layers.base import StepContext
 from ..model import Supernet
 from ..ops.fused import fusion
 from ..placement import Placement, PlacementSpec, placement_letters
-from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView
+from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView, consecutive_span
 
 PREFILL_FLOP = 4e12  # work of one batched prefill forward (default prefill_tokens): ~5 ms of an H200's bf16 matmuls
 AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
@@ -599,7 +599,7 @@ class Engine:
                         if len(by_mixer) == 1
                         else row_tensors.setdefault(tuple(rows), torch.tensor(rows, device=self.device)),
                         torch.tensor(slot_list, device=self.device),
-                        _span(slot_list) if self.contiguous_reads else None,
+                        consecutive_span(slot_list) if self.contiguous_reads else None,
                         None if len(by_mixer) == 1 else tuple(rows),
                     )
                 )
@@ -767,13 +767,7 @@ class Engine:
         key = (codes, settings)
         groups = self._sample_index.get(key)
         if groups is None:
-            rows: dict[tuple, list[int]] = {}
-            for i, setting in enumerate(settings):
-                rows.setdefault(setting, []).append(i)
-            groups = [
-                (setting, None if len(idx) == len(reqs) else torch.tensor(idx, device=self.device))
-                for setting, idx in rows.items()
-            ]
+            groups = index_groups(settings, self.device)
             if len(self._sample_index) >= 64:
                 self._sample_index.pop(next(iter(self._sample_index)))
             self._sample_index[key] = groups
@@ -994,12 +988,6 @@ def _pack(rows: list[tuple[Request, int]], budget: int) -> list[list[tuple[Reque
     return parts
 
 
-def _span(slots: list[int]) -> slice | None:
-    """``slots`` as a slice when they are consecutive and ascending (reads become views, not gathers)."""
-    first = slots[0]
-    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-
-
 def _subsequence(part: tuple, whole: tuple) -> list[int] | None:
     """Indices in ``whole`` of the items of ``part``, matched in order, or None if ``part`` is not a subsequence."""
     found, j = [], 0
@@ -1011,6 +999,14 @@ def _subsequence(part: tuple, whole: tuple) -> list[int] | None:
         found.append(j)
         j += 1
     return found
+
+
+def index_groups(keys: Sequence, device: torch.device) -> list[tuple]:
+    """Rows grouped by their key, in first-seen order: (key, row index tensor, or None when it is every row)."""
+    rows: dict = {}
+    for i, key in enumerate(keys):
+        rows.setdefault(key, []).append(i)
+    return [(key, None if len(idx) == len(keys) else torch.tensor(idx, device=device)) for key, idx in rows.items()]
 
 
 def _group_by(items, key):

@@ -211,9 +211,14 @@ class RecurrentView:
             pool_c[self.slots] = convs[rows, choice].to(pool_c.dtype)
 
 
+def consecutive_span(slots: list[int]) -> slice | None:
+    """``slots`` as a slice when they are consecutive and ascending (reads become views, not gathers)."""
+    first = slots[0]
+    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+
+
 def _rows(slots: list[int], device: torch.device) -> slice | Tensor:
-    """Slots as a slice when they are consecutive and ascending (no host-to-device copy), else an index tensor."""
+    """Slots as a slice when they are consecutive (no host-to-device copy), else an index tensor."""
     slots = sorted(slots)
-    if slots == list(range(slots[0], slots[0] + len(slots))):
-        return slice(slots[0], slots[0] + len(slots))
-    return torch.tensor(slots, device=device)
+    span = consecutive_span(slots)
+    return span if span is not None else torch.tensor(slots, device=device)

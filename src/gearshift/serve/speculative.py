@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..generation import filter_logits
+from .engine import index_groups
 
 
 class _SampledRows:
@@ -25,11 +26,8 @@ class _SampledRows:
     waits for the GPU, so none is made inside the draft loop."""
 
     def __init__(self, reqs: list, device: torch.device) -> None:
-        self.reqs = reqs
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault((max(r.params.temperature, 1e-6), r.params.top_k, r.params.top_p), []).append(i)
-        self.settings = [(setting, torch.tensor(rows, device=device)) for setting, rows in groups.items()]
+        self.reqs, self.device = reqs, device
+        self.settings = index_groups([(r.params.temperature, r.params.top_k, r.params.top_p) for r in reqs], device)
         free = [i for i, r in enumerate(reqs) if r.generator is None]
         self.free = torch.tensor(free, device=device) if free else None
         self.seeded = [(i, r.generator) for i, r in enumerate(reqs) if r.generator is not None]
@@ -37,6 +35,9 @@ class _SampledRows:
     def probs(self, logits: Tensor) -> Tensor:
         """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter
         call per group of equal settings)."""
+        if len(self.settings) == 1:
+            (temperature, top_k, top_p), _ = self.settings[0]
+            return filter_logits(logits, temperature, top_k, top_p).softmax(-1)
         out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         for (temperature, top_k, top_p), index in self.settings:
             out[index] = filter_logits(logits[index], temperature, top_k, top_p).softmax(-1)
@@ -53,7 +54,7 @@ class _SampledRows:
 
     def uniforms(self, k: int) -> Tensor:
         """k uniform draws per row [N, k], seeded requests from their own generators."""
-        out = torch.rand(len(self.reqs), k, device=self.settings[0][1].device)
+        out = torch.rand(len(self.reqs), k, device=self.device)
         for i, generator in self.seeded:
             out[i] = torch.rand(k, generator=generator, device=out.device)
         return out
