@@ -10,10 +10,12 @@ chains while eager steps run the plain bodies: the same math, rounded differentl
 those two.)
 (2) reference: the eager engine (plain bodies) against each request decoded alone by ``Supernet.generate``, with
 prompts read in one fresh chunk and in chunks of 8; fp32 must give 1.0.
-(3) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
+(3) spec: speculative greedy requests whose draft steps replay CUDA graphs against the eager engine's rounds:
+identical outputs and acceptances, and outputs equal to plain decoding (fp32 must give 1.0 everywhere).
+(4) fusion: the same requests through the eager engine with the element-wise chains compiled and without, fp32
 and bf16: the fraction of identical outputs, and the largest logit difference of a forward under each
 single-mixer placement.
-(4) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
+(5) speed (with --model, e.g. the SmolLM2 supernet): decode tokens/s eager vs graphs at a few batch sizes, one
 placement and a mix, each row holding --context tokens of state.
 
     python benchmarks/engine_graphs.py --model runs/pipeline/supernet --out results/engine_graphs.json
@@ -91,6 +93,30 @@ def reference_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> 
     return row
 
 
+def spec_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """Speculative greedy requests with draft steps replayed from CUDA graphs against the eager engine's rounds:
+    identical outputs and acceptances (fractions), and outputs equal to each target decoded alone (eager engine,
+    plain). Drafts near their targets (one layer changed: acceptances, catch-ups) and far (roll-backs)."""
+    model, placements, prompts, _ = _case(dtype, device, seed)
+    pairs = [(p, p[:-1] + ("G" if p[-1] != "G" else "K")) for p in placements[:4]]
+    pairs += [(p, d) for p, d in zip(placements[4:], ["G" * 6, "K" * 6, "S" * 6, "GKGKGK"], strict=True)]
+    params = SamplingParams(max_tokens=24, stop_token_ids=())
+    runs = []
+    for graphs in (False, True):
+        engine = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=graphs, spec_k_max=4)
+        reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(prompts, pairs, strict=True)]
+        engine.run()
+        runs.append([(r.output, r.accepted, r.proposed) for r in reqs])
+    plain = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=False)
+    alone = plain.generate(prompts, [t for t, _ in pairs], params)
+    n = len(pairs)
+    return {"dtype": str(dtype), "requests": n,
+            "identical_graphs_vs_eager": sum(a[0] == b[0] for a, b in zip(*runs, strict=True)) / n,
+            "same_acceptance": sum(a[1:] == b[1:] for a, b in zip(*runs, strict=True)) / n,
+            "identical_to_plain": sum(a[0] == b for a, b in zip(runs[1], alone, strict=True)) / n,
+            "acceptance": sum(a[1] for a in runs[1]) / max(1, sum(a[2] for a in runs[1]))}  # fmt: skip
+
+
 def fusion_check(dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     """Compiled element-wise chains vs eager: identical outputs (fraction) and the largest logit difference."""
     model, placements, prompts, _ = _case(dtype, device, seed)
@@ -139,8 +165,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--parts", nargs="+", choices=["check", "reference", "fusion"], default=["check", "reference",
-                    "fusion"], help="which checks to run (the speed part runs with --model)")  # fmt: skip
+    ap.add_argument("--parts", nargs="+", choices=["check", "reference", "spec", "fusion"],
+                    default=["check", "reference", "spec", "fusion"],
+                    help="which checks to run (the speed part runs with --model)")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/engine_graphs.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -157,13 +184,13 @@ def main() -> None:
             report["check"].append({"dtype": str(dtype), "error": traceback.format_exc()})
             print(report["check"][-1]["error"], flush=True)
         write_json(args.out, report)
-    parts = {"reference": reference_check, "fusion": fusion_check}
+    parts = {"reference": reference_check, "spec": spec_check, "fusion": fusion_check}
     for dtype in (torch.float32, torch.bfloat16):
         for part, fn in parts.items():
             if part not in args.parts:
                 continue
             try:
-                with fusion(False) if part == "reference" else contextlib.nullcontext():
+                with fusion(False) if part in ("reference", "spec") else contextlib.nullcontext():
                     report.setdefault(part, []).append(fn(dtype, device))
                 print(f"{part} {report[part][-1]}", flush=True)
             except Exception:  # noqa: BLE001

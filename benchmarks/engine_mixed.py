@@ -33,9 +33,10 @@ from common import device_name, profile_cuda, sync, write_json
 
 
 def fill(engine: Engine, req, context: int) -> None:
-    """Give a request's pool slots random state for ``context`` tokens and mark its prompt as read."""
+    """Give a request's pool slots (its draft's too) random state for ``context`` tokens and mark its prompt as
+    read."""
     gen = torch.Generator(device=engine.device).manual_seed(req.id)
-    for (i, name), slot in req.slots.items():
+    for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
         pool = engine.pools[i][name]
         if isinstance(pool, AttentionPool):
             length = pool.k.shape[2]
@@ -48,10 +49,12 @@ def fill(engine: Engine, req, context: int) -> None:
             pool.state[slot].normal_(0, 0.01, generator=gen)
     req.tokens = req.prompt + [1] * (context - len(req.prompt))
     req.prompt = list(req.tokens)  # the synthetic context counts as prompt: max_tokens applies to what follows
-    req.processed = context - 1
+    req.processed = req.draft_processed = context - 1
 
 
-def decode_rate(engine: Engine, placements: list[str], context: int, steps: int, profile: bool = False) -> tuple:
+def decode_rate(
+    engine: Engine, placements: list[str], context: int, steps: int, profile: bool = False, top: int = 15
+) -> tuple:
     """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state; with
     ``profile``, also where one eager step's device time goes (the kernels a graph replays are the same)."""
     params = SamplingParams(max_tokens=steps + 4, stop_token_ids=())  # warm-up, capture, profile
@@ -76,7 +79,7 @@ def decode_rate(engine: Engine, placements: list[str], context: int, steps: int,
     prof = None
     if profile:
         graphs, engine.cuda_graphs = engine.cuda_graphs, False
-        prof = profile_cuda(engine.step)
+        prof = profile_cuda(engine.step, top)
         engine.cuda_graphs = graphs
     for r in reqs:
         engine.cancel(r)
@@ -110,6 +113,7 @@ def main() -> None:
         "eager; several values run one after the other",
     )
     ap.add_argument("--profile", action="store_true", help="profile one step of all-attention and of the mix")
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels and host ops listed per profile")
     ap.add_argument("--max-context", type=int, help="the engine's context (pool capacity); default: just enough")
     ap.add_argument(
         "--presets",
@@ -165,7 +169,9 @@ def main() -> None:
             engine = make_engine(args.batch)
             rows = []
             for name, placement in presets.items():
-                rate, prof = decode_rate(engine, [placement] * args.batch, args.context, args.steps, args.profile)
+                rate, prof = decode_rate(
+                    engine, [placement] * args.batch, args.context, args.steps, args.profile, args.profile_top
+                )
                 rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
                 print(f"{label} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
             # what an engine that switches placements globally must do with the same requests: one batch per
@@ -173,7 +179,7 @@ def main() -> None:
             part = args.batch // len(presets)
             split = {n: decode_rate(engine, [pl] * part, args.context, args.steps)[0] for n, pl in presets.items()}
             per_preset = len(presets) / sum(1 / r for r in split.values())
-            rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile)
+            rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile, args.profile_top)
         # the fair single-preset reference for a mix: the harmonic mean of the members' rates (same work per token)
         singles = {r["batch"]: r["tokens_per_s"] for r in rows}
         reference = len(mix) / sum(1 / singles[name] for name in presets for _ in range(part))

@@ -101,6 +101,39 @@ def test_speculative_requests_of_different_placements_share_a_round(model):
     assert sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
 
 
+def test_speculative_draft_steps_take_the_decode_step_path(model, monkeypatch):
+    """With CUDA graphs, a draft step is a decode step of the draft's batch composition (``_graph_decode``, keyed by
+    the rows' draft codes) and its recurrent state is snapshot from the plan's groups instead of a forward's views.
+    Here the graph is stood in for by the eager step it would replay: outputs still equal each target run alone,
+    and the drafts propose what they propose on the eager path (the same acceptances: their state rolls back
+    alike)."""
+    params = SamplingParams(max_tokens=12, stop_token_ids=())
+    pairs = [("FFFF", "FFFG"), ("GGGG", "GGGK"), ("FSGK", "FSGG")]  # drafts near their targets: acceptances
+    eager = Engine(model, max_batch=4, spec_k_max=4)
+    reference = [eager.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
+    eager.run()
+    engine = Engine(model, max_batch=4, spec_k_max=4)
+    engine.cuda_graphs = True  # the CUDA branch, on the CPU
+    replays = []
+
+    def replay(tokens, positions, placements, slots, max_position, codes=None):
+        replays.append(codes)
+        return engine.mixed_forward(tokens, positions, placements, slots, max_position=max_position, codes=codes)[0][
+            :, -1
+        ]
+
+    monkeypatch.setattr(engine, "_graph_decode", replay)
+    reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
+    engine.run()
+    for r, (target, _) in zip(reqs, pairs, strict=True):
+        assert r.output == alone(model, r.prompt, target, 12), target
+    assert 0 < sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)  # acceptances and roll-backs
+    assert [(r.accepted, r.proposed) for r in reqs] == [(r.accepted, r.proposed) for r in reference]
+    draft_codes = {r.draft_code for r in reqs}
+    assert len(draft_codes) == 3 and not draft_codes & {r.code for r in reqs}
+    assert any(codes and set(codes) == draft_codes for codes in replays)  # draft steps went through the graph path
+
+
 def test_speculative_with_itself_accepts_everything(model):
     engine = Engine(model, max_batch=2, spec_k_max=4)
     r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=16, stop_token_ids=()), draft="FSGK", spec_k=2)
@@ -165,6 +198,10 @@ def test_request_errors_and_queue_bound(model):
         engine.submit([1000], "FFFF")
     with pytest.raises(RequestError, match="temperature"):
         engine.submit([1], "FFFF", SamplingParams(temperature=-1))
+    with pytest.raises(RequestError, match="spec_k"):
+        engine.submit([1], "FFFF", draft="GGGG", spec_k=engine.spec_k_max + 1)
+    small = Engine(model, max_batch=1, spec_k_max=2)
+    small.submit([1], "FFFF")  # the default spec_k (4) is not checked without a draft
     a = engine.submit([1, 2], "FFFF", SamplingParams(max_tokens=50, stop_token_ids=()))
     engine.submit([1, 2], "FFFF")
     with pytest.raises(QueueFullError):

@@ -42,6 +42,10 @@ def test_driver_needs_its_arguments(tmp_path):
             ["--shape", "tiny", "--context", "48", "--batch", "4", "--steps", "2", "--split-kv", "0", "8"],
         ),
         ("decode_attention.py", ["--contexts", "100", "--rows", "1", "3", "--chunks", "16", "--reps", "1"]),
+        (
+            "engine_spec.py",
+            ["--shape", "tiny", "--context", "32", "--batch", "2", "--ks", "1", "2", "--steps", "2", "--rounds", "2"],
+        ),
     ],
 )
 def test_decode_benchmarks_run_on_cpu(tmp_path, script, args):
@@ -60,6 +64,13 @@ def test_decode_benchmarks_run_on_cpu(tmp_path, script, args):
     if script == "engine_mixed.py":
         assert [run["split_kv"] for run in report["runs"]] == [0, 8]
         assert all(row["tokens_per_s"] > 0 for run in report["runs"] for row in run["rows"])
+    elif script == "engine_spec.py":
+        assert [(row["draft"], row["k"]) for row in report["rows"]] == [
+            (d, k) for d in ("all-gdn", "Reg|Lklhd-10") for k in (1, 2)
+        ]
+        for row in report["rows"]:  # a round of k draft steps and a verify costs more than one plain step
+            assert row["t_round_ms"] > row["t_target_ms"] > 0
+            assert row["speedup_at_acceptance"]["0.9"] > row["speedup_at_acceptance"]["0.5"]
     else:
         assert {row["method"] for row in report["rows"]} == {"fused", "split-16"}
         assert max(row["max_abs_diff"] for row in report["rows"]) < 1e-5

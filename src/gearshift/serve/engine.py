@@ -93,6 +93,7 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)  # emitted since the last step (consumed by callers)
     label: str = ""  # the placement as letters (metrics), set on submission
     code: int = -1  # its (placement, slots) as a small int, set on admission (cheap batch-composition keys)
+    draft_code: int = -1  # the same for its draft's placement and slots (the speculative draft steps' graphs)
     key: tuple = ()  # its placement and slots, set on admission (see Engine._code)
     rank: int = 0  # its row's place in the running batch, set on admission (see Engine._admit)
     needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
@@ -276,7 +277,7 @@ class Engine:
             raise RequestError(f"token ids must lie in [0, {self.config.vocab_size})")
         if len(prompt) + 1 > self.max_context:
             raise RequestError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context}")
-        if not 1 <= spec_k <= self.spec_k_max:
+        if draft_p is not None and not 1 <= spec_k <= self.spec_k_max:  # spec_k means nothing without a draft
             raise RequestError(f"spec_k must lie in [1, {self.spec_k_max}]")
         needs = self._needs(target, draft_p)
         missing = [(i, name) for i, name in needs if name not in self.pools[i]]
@@ -361,8 +362,10 @@ class Engine:
             if req.draft is not None:
                 for i, name in enumerate(req.draft):
                     req.draft_slots[(i, name)] = self._take(i, name, taken)
-            req.key = (tuple(req.placement), tuple(sorted(req.slots.items())))
+            req.key = _composition(req.placement, req.slots)
             req.code = self._code(req.key)
+            if req.draft is not None:
+                req.draft_code = self._code(_composition(req.draft, req.draft_slots))
             rank = self._vacated.pop(req.key, None)
             req.rank = next(self._rank_counter) if rank is None else rank
             self.running.append(req)
@@ -390,6 +393,8 @@ class Engine:
             self._last_eager = None
             for req in self.running:
                 req.code = self._code(req.key)
+                if req.draft is not None:
+                    req.draft_code = self._code(_composition(req.draft, req.draft_slots))
         return self._codes.setdefault(key, len(self._codes))
 
     def _take(self, layer: int, name: str, taken: dict[tuple[int, str], list[int]]) -> int:
@@ -962,6 +967,11 @@ class _Group:
     slots: Tensor
     span: slice | None
     row_ids: tuple[int, ...] | None = None  # ``rows`` on the host (None: all of them)
+
+
+def _composition(placement: Placement, slots: dict[tuple[int, str], int]) -> tuple:
+    """A request's placement and pool slots as a hashable key (see Engine._code)."""
+    return tuple(placement), tuple(sorted(slots.items()))
 
 
 def _prefill_budget(model: Supernet, chunk: int) -> int:

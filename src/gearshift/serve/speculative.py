@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..generation import filter_logits
 from .engine import index_groups
+from .pools import RecurrentPool
 
 
 class _SampledRows:
@@ -77,13 +78,17 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             lagging.setdefault(lag, []).append(r)
     for lag, group in lagging.items():
         starts = torch.tensor([[r.draft_processed] for r in group], device=device)
-        engine.mixed_forward(
+        args = (
             torch.tensor([r.tokens[r.draft_processed : r.draft_processed + lag] for r in group], device=device),
             starts + torch.arange(lag, device=device),
             [r.draft for r in group],
             [r.draft_slots for r in group],
-            max_position=max(r.draft_processed for r in group) + lag - 1,  # bounds known here: no device check
         )
+        top = max(r.draft_processed for r in group) + lag - 1  # bounds known here: no device check
+        if lag == 1 and engine.cuda_graphs:  # one token: a draft decode step, as in step 2
+            engine._graph_decode(*args, top, tuple(r.draft_code for r in group))
+        else:
+            engine.mixed_forward(*args, max_position=top)
         for r in group:
             r.draft_processed += lag
     b = len(reqs)
@@ -95,18 +100,26 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     rows_s = _SampledRows([reqs[i] for i in sampled], device) if sampled else None
     g_index = torch.tensor(greedy, device=device) if 0 < len(greedy) < b else None
     s_index = torch.tensor(sampled, device=device) if sampled else None
-    # 2) draft k tokens, keeping the draft's recurrent state after each step
+    # 2) draft k tokens, keeping the draft's recurrent state after each step. On CUDA a draft step is a decode
+    # step of the draft's batch composition, replayed from the engine's CUDA graph of it: an eager step of a
+    # deep model costs the host more than a bandwidth-bound target step costs the GPU, which would leave
+    # nothing to gain
     last = torch.tensor([r.tokens[-1] for r in reqs], device=device)
     proposals = torch.empty(b, k, dtype=torch.long, device=device)
     q = torch.empty(len(sampled), k, engine.config.vocab_size, device=device) if sampled else None
     x = last[:, None]
+    dcodes = tuple(r.draft_code for r in reqs)
+    replayed = _recurrent_groups(engine, drafts, dslots, dcodes) if engine.cuda_graphs else None
     draft_states = []
     for j in range(k):
-        logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
-        draft_states.append(
-            [(v, v.pool.state[v.slots].clone(), [c[v.slots].clone() for c in v.pool.conv]) for v in views]
-        )
-        logits = logits[:, -1]
+        if replayed is not None:
+            logits = engine._graph_decode(x, (base + j)[:, None], drafts, dslots, top + j, dcodes)
+            groups = replayed
+        else:
+            logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
+            logits = logits[:, -1]
+            groups = [(v.pool, v.slots, v.rows) for v in views]
+        draft_states.append([(group, *_snapshot(*group)) for group in groups])
         if greedy:
             proposals[:, j] = logits.argmax(-1)  # the sampled rows are overwritten below
         if sampled:
@@ -151,13 +164,13 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         view.restore_rows(consumed)
     kept = [min(n, k - 1) for n in accepted_n]  # the draft step whose state each row keeps
     for steps in zip(*draft_states, strict=True):  # one (layer, mixer) group: the same pool and rows each step
-        view = steps[0][0]
-        rows = range(b) if view.rows is None else view.rows
+        pool, slots, rows = steps[0][0]
+        rows = range(b) if rows is None else rows
         choice = torch.tensor([kept[i] for i in rows], device=device)
         at = torch.arange(len(rows), device=device)
-        view.pool.state[view.slots] = torch.stack([state for _, state, _ in steps], 1)[at, choice]
-        for ci, pool_c in enumerate(view.pool.conv):
-            pool_c[view.slots] = torch.stack([conv[ci] for _, _, conv in steps], 1)[at, choice]
+        pool.state[slots] = torch.stack([state for _, state, _ in steps], 1)[at, choice]
+        for ci, pool_c in enumerate(pool.conv):
+            pool_c[slots] = torch.stack([conv[ci] for _, _, conv in steps], 1)[at, choice]
     # 7) bookkeeping, adaptive k, emit
     for row, r in enumerate(reqs):
         n = accepted_n[row]
@@ -171,3 +184,19 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         elif n < k // 2:
             r.spec_k = max(1, r.spec_k - 1)
         engine._emit(r, drafted[row][:n] + [finals[row]], touched)
+
+
+def _recurrent_groups(engine, placements: list, slots: list, codes: tuple) -> list[tuple]:
+    """(pool, slot index tensor, rows on the host or None for all) of each recurrent group of a batch composition,
+    from its plan, in the order of the views an eager forward of it returns."""
+    return [
+        (pool, g.slots, g.row_ids)
+        for i, groups in enumerate(engine._plan(placements, slots, codes))
+        for g in groups
+        if isinstance(pool := engine.pools[i][g.name], RecurrentPool)
+    ]
+
+
+def _snapshot(pool: RecurrentPool, slots: Tensor, rows=None) -> tuple[Tensor, list[Tensor]]:
+    """A copy of these slots' recurrent state and conv tails."""
+    return pool.state[slots].clone(), [c[slots].clone() for c in pool.conv]
