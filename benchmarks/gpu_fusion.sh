@@ -11,6 +11,7 @@
 #   spec_check     speculative rounds whose draft steps replay CUDA graphs vs eager rounds, token for token
 #   spec_*         15B shape: a speculative round's cost against plain target steps, draft steps replayed from
 #                  graphs and eager (engine_spec.py), all-attention target at 32k x 8 and 16k x 16
+#                  (SPEC_SET="32768 8;65000 4" picks the shapes, DRAFT_GRAPHS="on" the draft modes)
 #   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
 #                  (MIX_SET="mix3 16384 45;mix3 4096 0" picks them, batch 0: the largest that fits;
 #                  FUSION="on": fused chains only)
@@ -47,9 +48,10 @@ else
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
   PHASES=(--profile-steps 4) BATCHES=(64 512)
   MIXES=("mix3 16384 45" "mix4 16384 20" "mix3 32768 27") SHAPE=(--graphs) FUSION=${FUSION:-off on}
-  SPECS=("32768 8" "16384 16") SPEC=(--draft-graphs on off)
+  SPECS=("32768 8" "16384 16") SPEC=(--draft-graphs ${DRAFT_GRAPHS:-on off})
 fi
 [ -n "${MIX_SET:-}" ] && IFS=';' read -r -a MIXES <<<"$MIX_SET"
+[ -n "${SPEC_SET:-}" ] && IFS=';' read -r -a SPECS <<<"$SPEC_SET"
 stage convert python -m gearshift convert "$TEACHER" "$RUN/supernet" --window 256
 # the eager engine against Supernet.generate with SDPA kept off cuDNN's kernels (ops/attention.py CUDNN_SDPA)
 [ "$TINY" = 1 ] || stage reference_no_cudnn env GEARSHIFT_CUDNN_SDPA=0 python benchmarks/engine_graphs.py \

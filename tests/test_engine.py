@@ -101,37 +101,31 @@ def test_speculative_requests_of_different_placements_share_a_round(model):
     assert sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
 
 
-def test_speculative_draft_steps_take_the_decode_step_path(model, monkeypatch):
-    """With CUDA graphs, a draft step is a decode step of the draft's batch composition (``_graph_decode``, keyed by
-    the rows' draft codes) and its recurrent state is snapshot from the plan's groups instead of a forward's views.
-    Here the graph is stood in for by the eager step it would replay: outputs still equal each target run alone,
-    and the drafts propose what they propose on the eager path (the same acceptances: their state rolls back
-    alike)."""
-    params = SamplingParams(max_tokens=12, stop_token_ids=())
+def test_speculative_rounds_replay_graphs(model, stand_in_graphs):
+    """With CUDA graphs, a round's draft steps replay the graph of the draft's batch composition (keyed by the rows'
+    draft codes; their recurrent state is snapshot from the plan's groups) and its verify pass a graph of the
+    target's composition over k + 1 tokens, whose views carry the roll-back snapshots. With stand-in graphs on the
+    CPU: outputs equal each target run alone, and the drafts propose what they propose in eager rounds (the same
+    acceptances: their state rolls back alike)."""
+    params = SamplingParams(max_tokens=16, stop_token_ids=())
     pairs = [("FFFF", "FFFG"), ("GGGG", "GGGK"), ("FSGK", "FSGG")]  # drafts near their targets: acceptances
-    eager = Engine(model, max_batch=4, spec_k_max=4)
-    reference = [eager.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
-    eager.run()
-    engine = Engine(model, max_batch=4, spec_k_max=4)
-    engine.cuda_graphs = True  # the CUDA branch, on the CPU
-    replays = []
 
-    def replay(tokens, positions, placements, slots, max_position, codes=None):
-        replays.append(codes)
-        return engine.mixed_forward(tokens, positions, placements, slots, max_position=max_position, codes=codes)[0][
-            :, -1
-        ]
+    def run(graphs):
+        engine = Engine(model, max_batch=4, spec_k_max=4)
+        engine.cuda_graphs = graphs  # forced on a CPU engine: only the stand-in graph is used
+        reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
+        engine.run()
+        return reqs
 
-    monkeypatch.setattr(engine, "_graph_decode", replay)
-    reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
-    engine.run()
-    for r, (target, _) in zip(reqs, pairs, strict=True):
-        assert r.output == alone(model, r.prompt, target, 12), target
-    assert 0 < sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)  # acceptances and roll-backs
-    assert [(r.accepted, r.proposed) for r in reqs] == [(r.accepted, r.proposed) for r in reference]
-    draft_codes = {r.draft_code for r in reqs}
-    assert len(draft_codes) == 3 and not draft_codes & {r.code for r in reqs}
-    assert any(codes and set(codes) == draft_codes for codes in replays)  # draft steps went through the graph path
+    eager, graphed = run(False), run(True)
+    for r, (target, _) in zip(graphed, pairs, strict=True):
+        assert r.output == alone(model, r.prompt, target, 16), target
+    assert 0 < sum(r.accepted for r in graphed) < sum(r.proposed for r in graphed)  # acceptances and roll-backs
+    assert [(r.accepted, r.proposed) for r in graphed] == [(r.accepted, r.proposed) for r in eager]
+    assert len({r.draft_code for r in graphed} | {r.code for r in graphed}) == 6
+    shapes = set(stand_in_graphs.shapes)
+    assert (1, 0) in shapes and any(t > 1 and rollback == t for t, rollback in shapes)  # draft steps, verify passes
+    assert stand_in_graphs.replays > 2 * stand_in_graphs.captured
 
 
 def test_speculative_with_itself_accepts_everything(model):
@@ -312,24 +306,30 @@ class _StandInGraph:
     inputs (the engine's control flow around graphs, without CUDA)."""
 
     captured = replays = 0
+    shapes: list = []  # (tokens per row, roll-back) of each capture
 
-    def __init__(self, engine, key, placements, slots, codes=None):
+    def __init__(self, engine, key, placements, slots, codes=None, tokens=1, rollback=0):
         import types
 
         self.key, self.codes, self.slots = key, codes, list(slots)
         b = len(placements)
-        self.tokens = torch.zeros(b, 1, dtype=torch.long)
-        self.positions = torch.zeros(b, 1, dtype=torch.long)
+        self.tokens = torch.zeros(b, tokens, dtype=torch.long)
+        self.positions = torch.zeros(b, tokens, dtype=torch.long)
         self.plan = engine._plan(placements, slots, codes)
-        self.logits = torch.empty(b, engine.config.vocab_size)
+        self.logits = torch.empty(b, tokens, engine.config.vocab_size)
+        self.views = []  # refreshed by each replay, as a graph's buffers are
 
         def replay():
             _StandInGraph.replays += 1
-            out = engine.mixed_forward(self.tokens, self.positions, placements, slots, max_position=0)[0]
-            self.logits.copy_(out[:, -1])
+            out, views = engine.mixed_forward(
+                self.tokens, self.positions, placements, slots, rollback=rollback, max_position=0
+            )
+            self.logits.copy_(out)
+            self.views[:] = views
 
         self.graph = types.SimpleNamespace(replay=replay)
         _StandInGraph.captured += 1
+        _StandInGraph.shapes.append((tokens, rollback))
 
 
 @pytest.fixture
@@ -338,6 +338,7 @@ def stand_in_graphs(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "_DecodeGraph", _StandInGraph)
     _StandInGraph.captured = _StandInGraph.replays = 0
+    _StandInGraph.shapes = []
     return _StandInGraph
 
 

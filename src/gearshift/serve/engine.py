@@ -195,9 +195,9 @@ class Engine:
         # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode), on CUDA only;
         # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._graphs: dict[tuple, _DecodeGraph] = {}  # least recently replayed first
         self._padding: dict[tuple, tuple] = {}  # a shrunk batch's codes -> the graph it replays padded (_padded)
-        self._last_eager: tuple | None = None
+        self._eager_seen: deque[tuple] = deque(maxlen=4)  # keys of the latest eager forwards (see _graph_for)
         # decode one step ahead (see _decode_ahead): the next step is launched from the sampled tokens on the
         # device before the host books this step's tokens, so the GPU does not wait for the host
         self.overlap = self.device.type == "cuda"
@@ -390,7 +390,7 @@ class Engine:
             self._plans.clear()
             self._graphs.clear()
             self._padding.clear()
-            self._last_eager = None
+            self._eager_seen.clear()
             for req in self.running:
                 req.code = self._code(req.key)
                 if req.draft is not None:
@@ -492,15 +492,13 @@ class Engine:
     ) -> Tensor:
         """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition.
 
-        A composition is captured the second time it is seen in a row: the first step runs eagerly and compiles
-        every kernel it needs (capture only records, so it neither runs nor writes the pools). Graphs keep their
-        plan (index tensors) and static inputs alive; the pools are fixed buffers, positions are device data and
-        capacity is checked here, on the host. A batch that has only lost rows replays its earlier graph padded
-        (see ``_padded``) rather than capturing every smaller size.
+        Graphs keep their plan (index tensors) and static inputs alive; the pools are fixed buffers, positions
+        are device data and capacity is checked here, on the host (see ``_graph_for`` for when a composition is
+        captured). A batch that has only lost rows replays its earlier graph padded (see ``_padded``) rather than
+        capturing every smaller size.
         """
         key = self._plan_key(placements, slots, codes)
-        graph = self._graphs.get(key)
-        padded = None if graph is not None or codes is None else self._padded(codes)
+        padded = None if key in self._graphs or codes is None else self._padded(codes)
         if padded is not None:
             graph, live = padded
             self._check_context(max_position)
@@ -509,24 +507,65 @@ class Engine:
             graph.tokens[live] = tokens
             graph.positions[live] = positions
             graph.graph.replay()
-            return graph.logits[live]
+            return graph.logits[live][:, -1]
+        graph = self._graph_for(key, placements, slots, codes, 1, 0)
         if graph is None:
-            if self._last_eager != key:  # with the fused bodies a graph will replay: they compile now, not in it
-                self._last_eager = key
-                with fusion(True):
-                    logits, _ = self.mixed_forward(
-                        tokens, positions, placements, slots, max_position=max_position, codes=codes
-                    )
-                return logits[:, -1]
-            graph = _DecodeGraph(self, key, placements, slots, codes)
-            if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recent compositions
-                self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = graph
+            with fusion(True):
+                logits, _ = self.mixed_forward(
+                    tokens, positions, placements, slots, max_position=max_position, codes=codes
+                )
+            return logits[:, -1]
         self._check_context(max_position)
         graph.tokens.copy_(tokens)
         graph.positions.copy_(positions)
         graph.graph.replay()
-        return graph.logits
+        return graph.logits[:, -1]
+
+    def graph_forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        placements: Sequence[Placement],
+        slots: Sequence[dict[tuple[int, str], int]],
+        max_position: int,
+        codes: tuple[int, ...],
+        rollback: int = 0,
+    ) -> tuple[Tensor, list[RecurrentView]]:
+        """``mixed_forward`` of [B, T] tokens replayed from a CUDA graph of this composition, T and roll-back (a
+        speculative verify pass: k + 1 tokens per row, with per-token snapshots of the recurrent state). Returns
+        the graph's own logits and views: valid until its next replay. Eager where ``_graph_for`` gives no graph
+        (and on the CPU)."""
+        t = tokens.shape[1]
+        key = (*self._plan_key(placements, slots, codes), t, rollback)
+        graph = self._graph_for(key, placements, slots, codes, t, rollback) if self.cuda_graphs else None
+        if graph is None:
+            with fusion(self.cuda_graphs):
+                return self.mixed_forward(
+                    tokens, positions, placements, slots, rollback=rollback, max_position=max_position, codes=codes
+                )
+        self._check_context(max_position)
+        graph.tokens.copy_(tokens)
+        graph.positions.copy_(positions)
+        graph.graph.replay()
+        return graph.logits, graph.views
+
+    def _graph_for(self, key: tuple, placements, slots, codes, tokens: int, rollback: int) -> _DecodeGraph | None:
+        """The cached graph of ``key``, captured now if that key ran eagerly among the last few eager forwards, or
+        None: the caller then runs this forward eagerly, with the fused bodies a graph would replay, so they
+        compile now and not inside a capture (capture only records: it neither runs nor writes the pools). A
+        batch in flux (rows coming and going) thus pays no capture per step, while a composition that recurs --
+        a steady decode batch, a speculative round's draft steps and verify pass -- is captured on its second
+        forward."""
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            if key not in self._eager_seen:
+                self._eager_seen.append(key)
+                return None
+            graph = _DecodeGraph(self, key, placements, slots, codes, tokens, rollback)
+            if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recently replayed ones
+                self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graph  # (re)inserted last: the most recently replayed
+        return graph
 
     def _padded(self, codes: tuple[int, ...]) -> tuple[_DecodeGraph, Tensor] | None:
         """A cached graph to replay for a batch that lost rows: its composition holds these rows in this order
@@ -925,24 +964,27 @@ class Engine:
 
 
 class _DecodeGraph:
-    """One decode step of a fixed batch composition, captured: static token/position inputs, static logits.
+    """One forward of a fixed batch composition, captured: static token/position inputs [B, T], static logits
+    [B, T, vocab] and, with roll-back, the recurrent views whose snapshots the replay refreshes.
 
     Also holds what a padded replay needs (``Engine._padded``): its cache key, the rows' codes and slots."""
 
-    def __init__(self, engine: Engine, key: tuple, placements: Sequence[Placement], slots, codes=None) -> None:
+    def __init__(
+        self, engine: Engine, key: tuple, placements: Sequence[Placement], slots, codes=None, tokens=1, rollback=0
+    ) -> None:
         self.key, self.codes, self.slots = key, codes, list(slots)
         b = len(placements)
-        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
-        self.positions = torch.zeros(b, 1, dtype=torch.long, device=engine.device)
+        self.tokens = torch.zeros(b, tokens, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(b, tokens, dtype=torch.long, device=engine.device)
         self.plan = engine._plan(placements, slots, codes)  # index tensors must outlive any eviction from the cache
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the server's event-loop thread may make CUDA calls (a seeded request's generator) while
         # the engine's worker thread captures; under the default "global" mode such calls fail during a capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
             # max_position=0 only marks the positions as checked: the real bound is checked before each replay
-            self.logits = engine.mixed_forward(
-                self.tokens, self.positions, placements, slots, max_position=0, codes=codes
-            )[0][:, -1]
+            self.logits, self.views = engine.mixed_forward(
+                self.tokens, self.positions, placements, slots, rollback=rollback, max_position=0, codes=codes
+            )
 
 
 @dataclass

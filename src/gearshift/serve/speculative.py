@@ -126,12 +126,13 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             q[:, j] = rows_s.probs(logits[s_index])
             proposals[s_index, j] = rows_s.draw(q[:, j])
         x = proposals[:, j : j + 1]
-    # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots
+    # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots (on
+    # CUDA replayed from a graph of the composition and k, like the draft steps: its logits and views are the
+    # graph's buffers, read before anything replays it again)
     verify = torch.cat([last[:, None], proposals], dim=1)
     positions = base[:, None] + torch.arange(k + 1, device=device)[None]
-    logits, views = engine.mixed_forward(
-        verify, positions, [r.placement for r in reqs], [r.slots for r in reqs], rollback=k + 1, max_position=top + k
-    )
+    targets, tslots, codes = [r.placement for r in reqs], [r.slots for r in reqs], tuple(r.code for r in reqs)
+    logits, views = engine.graph_forward(verify, positions, targets, tslots, top + k, codes, rollback=k + 1)
     # 4) accept per row, on the device: n agreeing proposals, then the target's own token at position n
     accepted = torch.empty(b, dtype=torch.long, device=device)
     final = torch.empty(b, dtype=torch.long, device=device)
