@@ -2,9 +2,11 @@
 rows and context (15B shape by default, --heads for others).
 
 One decode step's attention in one layer, [rows, 32 query heads, 1, 128] over [rows, 8 KV heads, context, 128]
-in bf16, with the boolean mask the engine builds, replayed from a CUDA graph (the engine decodes from graphs, so
-launch gaps are not counted). Prints microseconds, the KV bytes read per microsecond (GB/s) and the largest
-difference from the fused result; writes JSON.
+in bf16 (``--queries``: more queries per row, as a speculative verify pass), with the boolean mask the engine
+builds, replayed from a CUDA graph (the engine decodes from graphs, so launch gaps are not counted). Split-KV runs
+with its softmax chain compiled (``split-N``, as in the engine's graphs) and plain (``split-N-plain``). Prints
+microseconds, the KV bytes read per microsecond (GB/s) and the largest difference from the fused result; writes
+JSON.
 
     python benchmarks/decode_attention.py --out benchmarks/results/decode_attention.json
     python benchmarks/decode_attention.py --device cpu --contexts 512 --rows 1 4 --chunks 64   # smoke run
@@ -18,6 +20,7 @@ import time
 import torch
 
 from gearshift.ops import attention as ops
+from gearshift.ops.fused import fusion
 
 from common import device_name, sync, time_it, write_json
 
@@ -45,11 +48,23 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _without_cudnn(fn, *args):
-    with ops.cudnn_sdpa(False):
-        return fn(*args)
+def _fused(q, k, v, q_index, k_index, scale, cudnn: bool | None = None):
+    """The engine's attention call with split-KV off: one masked SDPA call (cuDNN's kernels or not)."""
+    saved, ops.SPLIT_KV_CHUNK = ops.SPLIT_KV_CHUNK, 0
+    try:
+        with ops.cudnn_sdpa(cudnn):
+            return ops.attend(q, k, v, q_index, k_index, None, None, scale)
+    finally:
+        ops.SPLIT_KV_CHUNK = saved
 
 
+def _split(q, k, v, mask, scale, chunk: int, fused_chain: bool):
+    """Split-KV attention, its softmax chain compiled (as in the engine's graphs) or plain."""
+    with fusion(fused_chain):
+        return ops.split_kv_attention(q, k, v, mask, scale, chunk)
+
+
+@torch.no_grad()  # inference, as in the engine: the compiled chains run only without gradients
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +74,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, nargs=3, default=[32, 8, 128], metavar=("Q", "KV", "DIM"),
                     help="query heads, KV heads, head size (default: the 15B shape; SmolLM2: 9 3 64)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--queries", type=int, default=1, help="queries per row (a speculative verify pass: k + 1)")
     ap.add_argument("--out", default="benchmarks/results/decode_attention.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -70,32 +86,34 @@ def main() -> None:
         length = -(-(context + 16) // 256) * 256  # as the engine's pools: a little room, whole multiples of 256
         for rows in args.rows:
             gen = torch.Generator(device=device).manual_seed(rows)
-            q = torch.randn(rows, heads, 1, d, device=device, dtype=dtype, generator=gen)
+            t = args.queries
+            q = torch.randn(rows, heads, t, d, device=device, dtype=dtype, generator=gen)
             k = torch.randn(rows, kv_heads, length, d, device=device, dtype=dtype, generator=gen)
             v = torch.randn(rows, kv_heads, length, d, device=device, dtype=dtype, generator=gen)
-            held = torch.randint(context - 64, context, (rows, 1), device=device, generator=gen)
+            last = torch.randint(context - 64, context, (rows, 1), device=device, generator=gen)
+            held = last - t + 1 + torch.arange(t, device=device)  # the queries' positions [rows, t]
             k_index = torch.arange(length, device=device)[None].expand(rows, -1)
-            k_index = torch.where(k_index <= held, k_index, torch.full_like(k_index, -1))  # -1: empty positions
-            methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: ops.attend(q, k, v, h, i, None, None, scale)}
+            k_index = torch.where(k_index <= last, k_index, torch.full_like(k_index, -1))  # -1: empty positions
+            mask = ops.attention_mask(held, k_index, None, None)
+            methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: _fused(q, k, v, h, i, scale)}
             if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels (CUDNN_SDPA)
-                methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _without_cudnn(
-                    ops.attend, q, k, v, h, i, None, None, scale
-                )
+                methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _fused(q, k, v, h, i, scale, False)
             for chunk in args.chunks:
-                methods[f"split-{chunk}"] = lambda q=q, k=k, v=v, i=k_index, h=held, c=chunk: ops.split_kv_attention(
-                    q, k, v, ops.attention_mask(h, i, None, None), scale, c
-                )
+                for chain in ("fused", "plain") if device.type == "cuda" else ("plain",):
+                    methods[f"split-{chunk}" + ("-plain" if chain == "plain" and device.type == "cuda" else "")] = (
+                        lambda q=q, k=k, v=v, m=mask, c=chunk, f=chain == "fused": _split(q, k, v, m, scale, c, f)
+                    )
             kv_bytes = 2 * k.numel() * k.element_size()
             reference = methods["fused"]()
             for name, fn in methods.items():
                 seconds = timed(fn, device, args.reps)
                 diff = float((fn().float() - reference.float()).abs().max())
-                row = {"context": context, "rows": rows, "method": name, "us": seconds * 1e6}
+                row = {"context": context, "rows": rows, "queries": t, "method": name, "us": seconds * 1e6}
                 row |= {"kv_gb_per_s": kv_bytes / seconds / 1e9, "max_abs_diff": diff}
                 results.append(row)
                 print(
-                    f"ctx {context:>6} rows {rows:>3} {name:<11} {row['us']:9.1f} us {row['kv_gb_per_s']:8.0f} GB/s"
-                    f"  max|d| {diff:.1e}",
+                    f"ctx {context:>6} rows {rows:>3} x{t} {name:<15} {row['us']:9.1f} us "
+                    f"{row['kv_gb_per_s']:8.0f} GB/s  max|d| {diff:.1e}",
                     flush=True,
                 )
             del q, k, v

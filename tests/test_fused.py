@@ -6,6 +6,7 @@ import torch
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import fused
+from gearshift.ops.attention import chunk_softmax, merge_chunks
 from gearshift.ops.conv import conv_step
 from gearshift.serve.engine import Engine, SamplingParams
 
@@ -27,6 +28,8 @@ def _cases():
         (fused.decay_gates, (r(3, 1, 2, 8), r(3, 1, 2), r(2, 1), r(2, 8))),
         (fused.apply_rope, (r(3, 2, 1, 8, dtype=bf), r(3, 1, 1, 8, dtype=bf), r(3, 1, 1, 8, dtype=bf))),
         (conv_step, (r(3, 1, 12, dtype=bf), r(12, 1, 4), r(3, 3, 12, dtype=bf))),
+        (chunk_softmax, (r(2, 2, 3, 4, 8), r(2, 1, 3, 4, 8) > 0, 0.25, bf)),
+        (merge_chunks, (r(2, 2, 3, 4, 8), r(2, 2, 3, 4, 1), r(2, 2, 3, 4, 1).abs())),
     ]
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import RopeConfig
+from .fused import fusible
 
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
 MAX_MASK_ELEMENTS = 1 << 24
@@ -219,20 +220,33 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     ks = k.reshape(b * hkv * n, chunk, d)
     vs = v.reshape(b * hkv * n, chunk, d)
     qs = q.reshape(b, hkv, 1, r, d).expand(b, hkv, n, r, d).reshape(b * hkv * n, r, d)
-    scores = _bmm_fp32(qs, ks.transpose(1, 2)).view(b, hkv, n, r, chunk).mul_(scale)  # fp32, in place below
-    hidden = ~m.reshape(b, 1, r, n, chunk).transpose(2, 3)  # [B, 1, N, R, C], broadcast over KV heads
-    scores.masked_fill_(hidden, float("-inf"))
-    peak = scores.amax(-1, keepdim=True)  # -inf where a chunk has no visible key
+    scores = _bmm_fp32(qs, ks.transpose(1, 2)).view(b, hkv, n, r, chunk)  # fp32
+    visible = m.reshape(b, 1, r, n, chunk).transpose(2, 3)  # [B, 1, N, R, C], broadcast over KV heads
+    p, peak, total = chunk_softmax(scores, visible, scale, v.dtype)
+    part = _bmm_fp32(p.view(-1, r, chunk), vs).view(b, hkv, n, r, d)  # unnormalised
+    return merge_chunks(part, peak, total).reshape(b, h, t, d).to(q.dtype)
+
+
+@fusible
+def chunk_softmax(scores: Tensor, visible: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per chunk of keys: exp(scale * scores - peak) over the visible keys (in ``dtype``, for the value matmul),
+    with the chunk's peak and the sum of its weights (fp32). One fused kernel where fusion is active: the fp32
+    scores are the largest tensor of a split-KV call, read once instead of by a chain of six passes."""
+    s = (scores * scale).masked_fill(~visible, float("-inf"))
+    peak = s.amax(-1, keepdim=True)  # -inf where a chunk has no visible key
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    p = scores.sub_(peak).exp_()
-    total = p.sum(-1, keepdim=True)  # [B, Hkv, N, R, 1]
-    part = _bmm_fp32(p.view(-1, r, chunk).to(v.dtype), vs).view(b, hkv, n, r, d)  # unnormalised
-    # merge the chunks: weights exp(peak_n - max_n peak_n), zero for chunks with nothing visible
+    p = (s - peak).exp()
+    return p.to(dtype), peak, p.sum(-1, keepdim=True)
+
+
+@fusible
+def merge_chunks(part: Tensor, peak: Tensor, total: Tensor) -> Tensor:
+    """Merge the chunks' unnormalised outputs [B, Hkv, N, R, D] exactly: weights exp(peak_n - max_n peak_n), zero
+    for chunks with nothing visible. Returns fp32 [B, Hkv, R, D]."""
     peak = peak.masked_fill(total == 0, float("-inf"))
     top = peak.amax(2, keepdim=True)
     w = torch.exp(peak - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-    out = (w * part).sum(2) / (w * total).sum(2)
-    return out.reshape(b, h, t, d).to(q.dtype)
+    return (w * part).sum(2) / (w * total).sum(2)
 
 
 def _dividing_chunk(tk: int, chunk: int) -> int:
