@@ -101,6 +101,24 @@ def test_speculative_requests_of_different_placements_share_a_round(model):
     assert sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
 
 
+def test_speculative_request_in_a_shared_round_accepts_as_alone(model):
+    """Drafts whose recurrent layers form different row groups in one round: each draft's state must roll back to
+    its own row's kept step, which greedy outputs cannot show (they are the target's whatever the draft does), so
+    each request's proposals and acceptances are compared with the same request run alone."""
+    params = SamplingParams(max_tokens=16, stop_token_ids=())
+    pairs = [("FFFF", "FFFG"), ("FFFF", "FFGG"), ("GGGG", "GGGK"), ("FSGK", "FSGG"), ("SSSS", "SSKG")]
+    engine = Engine(model, max_batch=5, pool_slots=10, spec_k_max=4)  # all five in every round
+    reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS, pairs, strict=True)]
+    engine.run()
+    assert 0 < sum(r.accepted for r in reqs) < sum(r.proposed for r in reqs)
+    for r, (target, draft) in zip(reqs, pairs, strict=True):
+        single = Engine(model, max_batch=1, pool_slots=2, spec_k_max=4)
+        alone_req = single.submit(r.prompt, target, params, draft=draft, spec_k=3)
+        single.run()
+        assert r.output == alone_req.output
+        assert (r.accepted, r.proposed, r.rounds) == (alone_req.accepted, alone_req.proposed, alone_req.rounds), draft
+
+
 def test_speculative_rounds_replay_graphs(model, stand_in_graphs):
     """With CUDA graphs, a round's draft steps replay the graph of the draft's batch composition (keyed by the rows'
     draft codes; their recurrent state is snapshot from the plan's groups) and its verify pass a graph of the

@@ -458,7 +458,7 @@ class Engine:
             for g in groups:
                 pool = self.pools[i][g.name]
                 if isinstance(pool, RecurrentPool):
-                    view = pool.view(g.slots, rollback, g.row_ids)
+                    view = pool.view(g.slots, rollback, g.rows)
                     views.append(view)
                 else:
                     view = pool.view(g.slots, g.span, checked, fresh)
@@ -644,7 +644,6 @@ class Engine:
                         else row_tensors.setdefault(tuple(rows), torch.tensor(rows, device=self.device)),
                         torch.tensor(slot_list, device=self.device),
                         consecutive_span(slot_list) if self.contiguous_reads else None,
-                        None if len(by_mixer) == 1 else tuple(rows),
                     )
                 )
             plan.append(layer)
@@ -1008,7 +1007,6 @@ class _Group:
     rows: Tensor | None
     slots: Tensor
     span: slice | None
-    row_ids: tuple[int, ...] | None = None  # ``rows`` on the host (None: all of them)
 
 
 def _composition(placement: Placement, slots: dict[tuple[int, str], int]) -> tuple:

@@ -166,19 +166,17 @@ class RecurrentPool:
         """``nbytes_per_slot`` of a pool with these settings, before allocating it."""
         return heads * dk * dv * 4 + sum(conv_channels) * (kernel - 1) * torch.empty((), dtype=dtype).element_size()
 
-    def view(self, slots: Tensor, rollback: int = 0, rows: tuple[int, ...] | None = None) -> RecurrentView:
-        return RecurrentView(self, slots, rollback, rows)
+    def view(self, slots: Tensor, rollback: int = 0, index: Tensor | None = None) -> RecurrentView:
+        return RecurrentView(self, slots, rollback, index)
 
 
 class RecurrentView:
     """Gathered state of a group of requests; ``update`` scatters it back. With ``rollback`` it also keeps the
-    state after each of the call's last tokens, so speculative decoding can return to any of them. ``rows``: the
-    batch rows of the group, on the host (None: every row of the batch)."""
+    state after each of the call's last tokens, so speculative decoding can return to any of them. ``index``: the
+    batch rows of the group, on the device (None: every row of the batch)."""
 
-    def __init__(
-        self, pool: RecurrentPool, slots: Tensor, rollback: int = 0, rows: tuple[int, ...] | None = None
-    ) -> None:
-        self.pool, self.slots, self.rollback, self.rows = pool, slots, rollback, rows
+    def __init__(self, pool: RecurrentPool, slots: Tensor, rollback: int = 0, index: Tensor | None = None) -> None:
+        self.pool, self.slots, self.rollback, self.index = pool, slots, rollback, index
         self.state = pool.state[slots]
         self.conv = [c[slots] for c in pool.conv]
         self.length = 0
@@ -196,15 +194,16 @@ class RecurrentView:
         if self.rollback:
             self.snapshots[length] = (state, list(conv))
 
-    def restore_rows(self, consumed: list[int]) -> None:
-        """Set each row's state to the snapshot after ``consumed[i]`` tokens of this call, ``consumed`` given for
-        every row of the batch (host ints: no sync); this view restores its own rows."""
-        if self.rows is not None:
-            consumed = [consumed[i] for i in self.rows]
+    def restore_rows(self, consumed: Tensor) -> None:
+        """Set each row's state to the snapshot after ``consumed[i]`` tokens of this call. ``consumed`` [B] covers
+        every row of the batch and stays on the device (no read-back: a speculative round restores before its one
+        sync); this view restores its own rows."""
         keys = sorted(self.snapshots)
+        if keys != list(range(keys[0], keys[0] + len(keys))):
+            raise ValueError(f"snapshots after {keys} tokens: restoring needs consecutive ones")
+        choice = (consumed if self.index is None else consumed[self.index]) - keys[0]
+        rows = torch.arange(len(self.slots), device=choice.device)
         states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
-        choice = torch.as_tensor([keys.index(c) for c in consumed], device=states.device)
-        rows = torch.arange(len(self.slots), device=states.device)
         self.pool.state[self.slots] = states[rows, choice]
         for i, pool_c in enumerate(self.pool.conv):
             convs = torch.stack([self.snapshots[k][1][i] for k in keys], 1)

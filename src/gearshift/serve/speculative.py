@@ -118,7 +118,7 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         else:
             logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
             logits = logits[:, -1]
-            groups = [(v.pool, v.slots, v.rows) for v in views]
+            groups = [(v.pool, v.slots, v.index) for v in views]
         draft_states.append([(group, *_snapshot(*group)) for group in groups])
         if greedy:
             proposals[:, j] = logits.argmax(-1)  # the sampled rows are overwritten below
@@ -157,21 +157,19 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         rejected = ((n < k)[:, None] & (total > 0)).float()
         dist = rejected * residual / total.clamp(min=1e-30) + (1 - rejected) * target
         accepted[s_index], final[s_index] = n, rows_s.draw(dist)
-    # 5) the round's one read-back
-    accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
-    # 6) roll recurrent state back: the target read n+1 tokens, the draft min(n+1, k)
-    consumed = [n + 1 for n in accepted_n]
+    # 5) roll recurrent state back, on the device: the target read n+1 tokens, the draft min(n+1, k)
     for view in views:
-        view.restore_rows(consumed)
-    kept = [min(n, k - 1) for n in accepted_n]  # the draft step whose state each row keeps
+        view.restore_rows(accepted + 1)
+    kept = accepted.clamp(max=k - 1)  # the draft step whose state each row keeps
     for steps in zip(*draft_states, strict=True):  # one (layer, mixer) group: the same pool and rows each step
-        pool, slots, rows = steps[0][0]
-        rows = range(b) if rows is None else rows
-        choice = torch.tensor([kept[i] for i in rows], device=device)
-        at = torch.arange(len(rows), device=device)
+        pool, slots, index = steps[0][0]
+        choice = kept if index is None else kept[index]
+        at = torch.arange(len(slots), device=device)
         pool.state[slots] = torch.stack([state for _, state, _ in steps], 1)[at, choice]
         for ci, pool_c in enumerate(pool.conv):
             pool_c[slots] = torch.stack([conv[ci] for _, _, conv in steps], 1)[at, choice]
+    # 6) the round's one read-back
+    accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
     # 7) bookkeeping, adaptive k, emit
     for row, r in enumerate(reqs):
         n = accepted_n[row]
@@ -188,16 +186,16 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
 
 
 def _recurrent_groups(engine, placements: list, slots: list, codes: tuple) -> list[tuple]:
-    """(pool, slot index tensor, rows on the host or None for all) of each recurrent group of a batch composition,
+    """(pool, slot index tensor, row index tensor or None for all) of each recurrent group of a batch composition,
     from its plan, in the order of the views an eager forward of it returns."""
     return [
-        (pool, g.slots, g.row_ids)
+        (pool, g.slots, g.rows)
         for i, groups in enumerate(engine._plan(placements, slots, codes))
         for g in groups
         if isinstance(pool := engine.pools[i][g.name], RecurrentPool)
     ]
 
 
-def _snapshot(pool: RecurrentPool, slots: Tensor, rows=None) -> tuple[Tensor, list[Tensor]]:
+def _snapshot(pool: RecurrentPool, slots: Tensor, index=None) -> tuple[Tensor, list[Tensor]]:
     """A copy of these slots' recurrent state and conv tails."""
     return pool.state[slots].clone(), [c[slots].clone() for c in pool.conv]
