@@ -458,7 +458,7 @@ class Engine:
             for g in groups:
                 pool = self.pools[i][g.name]
                 if isinstance(pool, RecurrentPool):
-                    view = pool.view(g.slots, rollback, g.rows)
+                    view = pool.view(g.slots, rollback, g.rows, g.span)
                     views.append(view)
                 else:
                     view = pool.view(g.slots, g.span, checked, fresh)

@@ -166,26 +166,40 @@ class RecurrentPool:
         """``nbytes_per_slot`` of a pool with these settings, before allocating it."""
         return heads * dk * dv * 4 + sum(conv_channels) * (kernel - 1) * torch.empty((), dtype=dtype).element_size()
 
-    def view(self, slots: Tensor, rollback: int = 0, index: Tensor | None = None) -> RecurrentView:
-        return RecurrentView(self, slots, rollback, index)
+    def view(
+        self, slots: Tensor, rollback: int = 0, index: Tensor | None = None, span: slice | None = None
+    ) -> RecurrentView:
+        return RecurrentView(self, slots, rollback, index, span)
 
 
 class RecurrentView:
-    """Gathered state of a group of requests; ``update`` scatters it back. With ``rollback`` it also keeps the
-    state after each of the call's last tokens, so speculative decoding can return to any of them. ``index``: the
-    batch rows of the group, on the device (None: every row of the batch)."""
+    """The state of a group of requests; ``update`` writes it back. With ``rollback`` it also keeps the state
+    after each of the call's last tokens, so speculative decoding can return to any of them. ``index``: the batch
+    rows of the group, on the device (None: every row of the batch).
 
-    def __init__(self, pool: RecurrentPool, slots: Tensor, rollback: int = 0, index: Tensor | None = None) -> None:
+    ``span``: the slots are the contiguous range ``span``, so the state is read as a view of the pool and written
+    back by a plain copy. Otherwise both gather and scatter: at the 15B shape a step's recurrent state is ~2 MB a
+    row and layer, and the index kernels moved it at a quarter of the copy's bandwidth."""
+
+    def __init__(
+        self,
+        pool: RecurrentPool,
+        slots: Tensor,
+        rollback: int = 0,
+        index: Tensor | None = None,
+        span: slice | None = None,
+    ) -> None:
         self.pool, self.slots, self.rollback, self.index = pool, slots, rollback, index
-        self.state = pool.state[slots]
-        self.conv = [c[slots] for c in pool.conv]
+        self.read: Tensor | slice = slots if span is None else span
+        self.state = pool.state[self.read]  # read before ``update`` overwrites it (the mixers do)
+        self.conv = [c[self.read] for c in pool.conv]
         self.length = 0
         self.snapshots: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
     def update(self, state: Tensor, conv: list[Tensor], t: int) -> None:
-        self.pool.state[self.slots] = state
+        self.pool.state[self.read] = state
         for pool_c, c in zip(self.pool.conv, conv, strict=True):
-            pool_c[self.slots] = c.to(pool_c.dtype)
+            pool_c[self.read] = c.to(pool_c.dtype)
         self.length += t
         if self.rollback:
             self.snapshots[self.length] = (state, list(conv))
@@ -204,10 +218,10 @@ class RecurrentView:
         choice = (consumed if self.index is None else consumed[self.index]) - keys[0]
         rows = torch.arange(len(self.slots), device=choice.device)
         states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
-        self.pool.state[self.slots] = states[rows, choice]
+        self.pool.state[self.read] = states[rows, choice]
         for i, pool_c in enumerate(self.pool.conv):
             convs = torch.stack([self.snapshots[k][1][i] for k in keys], 1)
-            pool_c[self.slots] = convs[rows, choice].to(pool_c.dtype)
+            pool_c[self.read] = convs[rows, choice].to(pool_c.dtype)
 
 
 def consecutive_span(slots: list[int]) -> slice | None:
