@@ -196,6 +196,10 @@ class Engine:
         # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _DecodeGraph] = {}  # least recently replayed first
+        # one memory pool for all the graphs' intermediates: graphs replay one at a time and keep only their
+        # outputs (held by the graph objects, so never handed to another capture). A pool per graph held up to
+        # eight graphs' intermediates, which at the 15B shape and batch 78 ran the GPU out of memory
+        self._graph_pool = None
         self._padding: dict[tuple, tuple] = {}  # a shrunk batch's codes -> the graph it replays padded (_padded)
         self._eager_seen: deque[tuple] = deque(maxlen=4)  # keys of the latest eager forwards (see _graph_for)
         # decode one step ahead (see _decode_ahead): the next step is launched from the sampled tokens on the
@@ -533,8 +537,8 @@ class Engine:
     ) -> tuple[Tensor, list[RecurrentView]]:
         """``mixed_forward`` of [B, T] tokens replayed from a CUDA graph of this composition, T and roll-back (a
         speculative verify pass: k + 1 tokens per row, with per-token snapshots of the recurrent state). Returns
-        the graph's own logits and views: valid until its next replay. Eager where ``_graph_for`` gives no graph
-        (and on the CPU)."""
+        the graph's own logits and views: valid until the next graph replay (graphs share one memory pool). Eager
+        where ``_graph_for`` gives no graph (and on the CPU)."""
         t = tokens.shape[1]
         key = (*self._plan_key(placements, slots, codes), t, rollback)
         graph = self._graph_for(key, placements, slots, codes, t, rollback) if self.cuda_graphs else None
@@ -562,7 +566,7 @@ class Engine:
                 self._eager_seen.append(key)
                 return None
             graph = _DecodeGraph(self, key, placements, slots, codes, tokens, rollback)
-            if len(self._graphs) >= 8:  # each graph holds its own memory pool: keep the recently replayed ones
+            if len(self._graphs) >= 8:  # keep the recently replayed ones (each holds its outputs and index tensors)
                 self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = graph  # (re)inserted last: the most recently replayed
         return graph
@@ -979,11 +983,14 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the server's event-loop thread may make CUDA calls (a seeded request's generator) while
         # the engine's worker thread captures; under the default "global" mode such calls fail during a capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad():
+        pool = engine._graph_pool
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"), torch.no_grad():
             # max_position=0 only marks the positions as checked: the real bound is checked before each replay
             self.logits, self.views = engine.mixed_forward(
                 self.tokens, self.positions, placements, slots, rollback=rollback, max_position=0, codes=codes
             )
+        if pool is None:
+            engine._graph_pool = self.graph.pool()
 
 
 @dataclass
