@@ -22,6 +22,20 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def random_supernet(shape: str, device):
+    """A random supernet of a named shape ("apriel-15b" or "tiny": 8 layers, window 16) on ``device``, in bf16 on
+    CUDA and fp32 on CPU, for inference benchmarks."""
+    import torch
+
+    from gearshift.config import SupernetConfig
+    from gearshift.model import Supernet
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = SupernetConfig.apriel_15b() if shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
+    return Supernet.random(cfg, device=device, dtype=dtype).eval()
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,15 +21,13 @@ import time
 
 import torch
 
-from gearshift.config import SupernetConfig
-from gearshift.model import Supernet
 from gearshift.ops import attention as attention_ops
 from gearshift.ops.fused import fusion
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 from gearshift.serve.pools import AttentionPool, RecurrentPool
 
-from common import device_name, profile_cuda, sync, write_json
+from common import device_name, profile_cuda, random_supernet, sync, write_json
 
 
 def fill(engine: Engine, req, context: int) -> None:
@@ -125,9 +123,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny CPU shapes: threads cost more than they give
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = SupernetConfig.apriel_15b() if args.shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
-    model = Supernet.random(cfg, device=device, dtype=dtype).eval()
+    model = random_supernet(args.shape, device)
+    cfg = model.config
     n = cfg.num_layers
     presets = {
         name: paper_placement(name, n) if name in PAPER_PRESETS else model.resolve(name) for name in args.presets

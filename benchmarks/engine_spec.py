@@ -26,13 +26,11 @@ import time
 
 import torch
 
-from gearshift.config import SupernetConfig
-from gearshift.model import Supernet
 from gearshift.placement import placement_letters
 from gearshift.report import PAPER_PRESETS, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 
-from common import device_name, sync, write_json
+from common import device_name, random_supernet, sync, write_json
 from engine_mixed import decode_rate, fill
 
 ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -101,9 +99,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/engine_spec.json")
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = SupernetConfig.apriel_15b() if args.shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
-    model = Supernet.random(cfg, device=device, dtype=dtype).eval()
+    model = random_supernet(args.shape, device)
+    cfg = model.config
     n = cfg.num_layers
 
     def resolve(name: str) -> str:

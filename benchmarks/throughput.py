@@ -15,11 +15,9 @@ import gc
 
 import torch
 
-from gearshift.config import SupernetConfig
-from gearshift.model import Supernet
 from gearshift.report import H200_BANDWIDTH, PAPER_PRESETS, paper_placement, placement_report
 
-from common import device_name, synthetic_cache, time_it, write_json
+from common import device_name, random_supernet, synthetic_cache, time_it, write_json
 
 ISSUE_PRESETS = ["Reg|Lklhd-26", "Reg|Lklhd-18", "Idealized|Lklhd-6", "Reg|Lklhd-13", "Reg|Lklhd-10"]
 
@@ -80,9 +78,8 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = SupernetConfig.apriel_15b() if args.shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
-    model = Supernet.random(cfg, device=device, dtype=dtype).eval()
+    model = random_supernet(args.shape, device)
+    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
     n_layers = cfg.num_layers
     use_graph = device.type == "cuda"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

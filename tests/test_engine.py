@@ -330,6 +330,7 @@ class _StandInGraph:
         import types
 
         self.key, self.codes, self.slots = key, codes, list(slots)
+        self.decode = tokens == 1 and rollback == 0
         b = len(placements)
         self.tokens = torch.zeros(b, tokens, dtype=torch.long)
         self.positions = torch.zeros(b, tokens, dtype=torch.long)
@@ -376,6 +377,24 @@ def test_graph_decode_bookkeeping(model, stand_in_graphs):
     graphed.run()
     assert [r.output for r in got] == [r.output for r in expected]
     assert stand_in_graphs.captured >= 2 and stand_in_graphs.replays > 2 * stand_in_graphs.captured
+
+
+def test_padded_replays_use_decode_graphs_only(model, stand_in_graphs):
+    """A verify pass's graph holds codes of the same kind as a decode step's (a request's placement and slots), but
+    k + 1 tokens with roll-back: plain requests that later take the same slots must never replay it padded (their
+    recurrent state would advance k + 1 times)."""
+    engine = Engine(model, max_batch=3, spec_k_max=1)
+    engine.cuda_graphs = True
+    spec = SamplingParams(max_tokens=12, stop_token_ids=())
+    for p in PROMPTS[:3]:
+        engine.submit(p, "GGSG", spec, draft="GGGG", spec_k=1)  # k stays 1: every round verifies 2 tokens
+    engine.run()
+    assert any(not g.decode for g in engine._graphs.values())
+    plain = [SamplingParams(max_tokens=n, stop_token_ids=()) for n in (2, 6, 9)]
+    reqs = [engine.submit(p, "GGSG", sp) for p, sp in zip(PROMPTS[:3], plain, strict=True)]  # the same slots
+    engine.run()
+    for r, sp in zip(reqs, plain, strict=True):
+        assert r.output == alone(model, r.prompt, "GGSG", sp.max_tokens)
 
 
 def test_interleaved_placements_read_every_pool_as_a_view(model):

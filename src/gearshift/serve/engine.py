@@ -393,6 +393,7 @@ class Engine:
             self._codes.clear()
             self._plans.clear()
             self._graphs.clear()
+            self._graph_pool = None  # the next capture starts a fresh pool
             self._padding.clear()
             self._eager_seen.clear()
             for req in self.running:
@@ -494,17 +495,14 @@ class Engine:
         max_position: int,
         codes: tuple[int, ...] | None = None,
     ) -> Tensor:
-        """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition.
-
-        Graphs keep their plan (index tensors) and static inputs alive; the pools are fixed buffers, positions
-        are device data and capacity is checked here, on the host (see ``_graph_for`` for when a composition is
-        captured). A batch that has only lost rows replays its earlier graph padded (see ``_padded``) rather than
-        capturing every smaller size.
-        """
-        key = self._plan_key(placements, slots, codes)
-        padded = None if key in self._graphs or codes is None else self._padded(codes)
-        if padded is not None:
-            graph, live = padded
+        """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition
+        (``graph_forward`` of one token). A batch that has only lost rows replays its earlier graph padded (see
+        ``_padded``) rather than capturing every smaller size."""
+        graph = None
+        if codes is not None and self._graph_key(placements, slots, codes, 1, 0) not in self._graphs:
+            graph = self._padded(codes)
+        if graph is not None:
+            graph, live = graph
             self._check_context(max_position)
             graph.tokens.zero_()  # the missing rows decode token 0 at position 0 into their free slots
             graph.positions.zero_()
@@ -512,18 +510,7 @@ class Engine:
             graph.positions[live] = positions
             graph.graph.replay()
             return graph.logits[live][:, -1]
-        graph = self._graph_for(key, placements, slots, codes, 1, 0)
-        if graph is None:
-            with fusion(True):
-                logits, _ = self.mixed_forward(
-                    tokens, positions, placements, slots, max_position=max_position, codes=codes
-                )
-            return logits[:, -1]
-        self._check_context(max_position)
-        graph.tokens.copy_(tokens)
-        graph.positions.copy_(positions)
-        graph.graph.replay()
-        return graph.logits[:, -1]
+        return self.graph_forward(tokens, positions, placements, slots, max_position, codes)[0][:, -1]
 
     def graph_forward(
         self,
@@ -532,15 +519,17 @@ class Engine:
         placements: Sequence[Placement],
         slots: Sequence[dict[tuple[int, str], int]],
         max_position: int,
-        codes: tuple[int, ...],
+        codes: tuple[int, ...] | None = None,
         rollback: int = 0,
     ) -> tuple[Tensor, list[RecurrentView]]:
         """``mixed_forward`` of [B, T] tokens replayed from a CUDA graph of this composition, T and roll-back (a
-        speculative verify pass: k + 1 tokens per row, with per-token snapshots of the recurrent state). Returns
-        the graph's own logits and views: valid until the next graph replay (graphs share one memory pool). Eager
-        where ``_graph_for`` gives no graph (and on the CPU)."""
+        decode step, a speculative draft step, or a verify pass: k + 1 tokens per row, with per-token snapshots of
+        the recurrent state). Returns the graph's own logits and views: valid until the next graph replay (graphs
+        share one memory pool). Graphs keep their plan (index tensors) and static inputs alive; the pools are
+        fixed buffers, positions are device data and capacity is checked on the host. Eager where ``_graph_for``
+        gives no graph (and on the CPU)."""
         t = tokens.shape[1]
-        key = (*self._plan_key(placements, slots, codes), t, rollback)
+        key = self._graph_key(placements, slots, codes, t, rollback)
         graph = self._graph_for(key, placements, slots, codes, t, rollback) if self.cuda_graphs else None
         if graph is None:
             with fusion(self.cuda_graphs):
@@ -552,6 +541,9 @@ class Engine:
         graph.positions.copy_(positions)
         graph.graph.replay()
         return graph.logits, graph.views
+
+    def _graph_key(self, placements, slots, codes, tokens: int, rollback: int) -> tuple:
+        return (*self._plan_key(placements, slots, codes), tokens, rollback)
 
     def _graph_for(self, key: tuple, placements, slots, codes, tokens: int, rollback: int) -> _DecodeGraph | None:
         """The cached graph of ``key``, captured now if that key ran eagerly among the last few eager forwards, or
@@ -583,8 +575,8 @@ class Engine:
             found = None
             for graph in reversed(self._graphs.values()):  # the most recent first
                 full = graph.codes
-                if full is None or not len(codes) < len(full) <= 2 * len(codes):
-                    continue
+                if full is None or not graph.decode or not len(codes) < len(full) <= 2 * len(codes):
+                    continue  # (a verify pass's graph holds the same kind of codes, but k + 1 tokens)
                 live = _subsequence(codes, full)
                 if live is not None:
                     gone = sorted(set(range(len(full))) - set(live))
@@ -976,6 +968,7 @@ class _DecodeGraph:
         self, engine: Engine, key: tuple, placements: Sequence[Placement], slots, codes=None, tokens=1, rollback=0
     ) -> None:
         self.key, self.codes, self.slots = key, codes, list(slots)
+        self.decode = tokens == 1 and rollback == 0  # a plain decode step: may replay padded (Engine._padded)
         b = len(placements)
         self.tokens = torch.zeros(b, tokens, dtype=torch.long, device=engine.device)
         self.positions = torch.zeros(b, tokens, dtype=torch.long, device=engine.device)
