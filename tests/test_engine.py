@@ -386,13 +386,15 @@ def test_padded_replays_use_decode_graphs_only(model, stand_in_graphs):
     engine = Engine(model, max_batch=3, spec_k_max=1)
     engine.cuda_graphs = True
     spec = SamplingParams(max_tokens=12, stop_token_ids=())
-    for p in PROMPTS[:3]:
-        engine.submit(p, "GGSG", spec, draft="GGGG", spec_k=1)  # k stays 1: every round verifies 2 tokens
+    # drafts in pools of their own, k = 1 throughout: the three rows verify 2 tokens together
+    first = [engine.submit(p, "GGSG", spec, draft="KKKK", spec_k=1) for p in PROMPTS[:3]]
     engine.run()
-    assert any(not g.decode for g in engine._graphs.values())
+    verify = [g for g in engine._graphs.values() if not g.decode and len(g.codes) == 3]
+    assert verify and verify[0].codes == tuple(r.code for r in first)
     plain = [SamplingParams(max_tokens=n, stop_token_ids=()) for n in (2, 6, 9)]
-    reqs = [engine.submit(p, "GGSG", sp) for p, sp in zip(PROMPTS[:3], plain, strict=True)]  # the same slots
+    reqs = [engine.submit(p, "GGSG", sp) for p, sp in zip(PROMPTS[:3], plain, strict=True)]
     engine.run()
+    assert [r.code for r in reqs] == [r.code for r in first]  # the same placement and slots: the same codes
     for r, sp in zip(reqs, plain, strict=True):
         assert r.output == alone(model, r.prompt, "GGSG", sp.max_tokens)
 
