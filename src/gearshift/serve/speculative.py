@@ -128,7 +128,7 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         x = proposals[:, j : j + 1]
     # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots (on
     # CUDA replayed from a graph of the composition and k, like the draft steps: its logits and views are the
-    # graph's buffers, read before anything replays it again)
+    # graph's buffers, read below before any graph replays again)
     verify = torch.cat([last[:, None], proposals], dim=1)
     positions = base[:, None] + torch.arange(k + 1, device=device)[None]
     targets, tslots, codes = [r.placement for r in reqs], [r.slots for r in reqs], tuple(r.code for r in reqs)
@@ -197,5 +197,5 @@ def _recurrent_groups(engine, placements: list, slots: list, codes: tuple) -> li
 
 
 def _snapshot(pool: RecurrentPool, slots: Tensor, index=None) -> tuple[Tensor, list[Tensor]]:
-    """A copy of these slots' recurrent state and conv tails."""
-    return pool.state[slots].clone(), [c[slots].clone() for c in pool.conv]
+    """A copy of these slots' recurrent state and conv tails (indexing by a tensor gathers: a copy already)."""
+    return pool.state[slots], [c[slots] for c in pool.conv]
