@@ -191,6 +191,27 @@ def test_thinning_keeps_exactly_the_needed_tensors(tiny_model, tmp_path):
         thinned.resolve("KKKK")
 
 
+def test_thinning_in_memory_matches_the_thinned_checkpoint(tiny_model, tmp_path):
+    """``Supernet.thin_`` (what ``gearshift serve --only-presets`` does after loading) drops the same mixers and
+    presets as ``thin`` writes, in place, and leaves the kept placements' logits unchanged."""
+    keep = ["FSGK", "FFGG"]
+    model = Supernet(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    model.add_preset("kept", "FSGG")
+    model.add_preset("dropped", "KKKK")
+    thin(model, keep, tmp_path)
+    before = {p: logits(model, p) for p in keep + ["FSGG"]}
+    assert model.thin_(keep) is model
+    assert model.state_dict().keys() == Supernet.from_pretrained(tmp_path).state_dict().keys()
+    assert set(model.presets) == set(model.preset_meta) == {"kept"}
+    for p, want in before.items():
+        torch.testing.assert_close(logits(model, p), want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="layer 0"):
+        model.resolve("KKKK")
+    with pytest.raises(ValueError, match="at least one"):
+        model.thin_([])
+
+
 def write(path, config, tensors):
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))

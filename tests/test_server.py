@@ -217,9 +217,13 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
     assert "1 of them with full-attention layers at once" in capsys.readouterr().out
     assert main([*args, "--state-memory-gb", "1e-9"]) != 0
     assert "decoding state does not fit" in capsys.readouterr().err
-    assert main([*args, "--only-presets", "FG", "GG"]) == 0  # state only for the mixers these two use
-    assert {(i, n) for i, layer in enumerate(apps[2].state.engine.pools) for n in layer} == {(0, "attention"),
-        (0, "gdn"), (1, "gdn")}  # fmt: skip
+    assert main([*args, "--only-presets", "FG", "GG"]) == 0  # state and weights only for the mixers these two use
+    used = {(0, "attention"), (0, "gdn"), (1, "gdn")}
+    assert {(i, n) for i, layer in enumerate(apps[2].state.engine.pools) for n in layer} == used
+    model = apps[2].state.engine.model
+    assert {(i, n) for i, block in enumerate(model.blocks) for n in block.mixer.mixers} == used
+    assert main([*args, "--only-presets", "turbo"]) != 0
+    assert "turbo" in capsys.readouterr().err
     assert main([*args, "--prefill-tokens", "96"]) == 0 and apps[3].state.engine.prefill_tokens == 96
     assert apps[2].state.engine.prefill_tokens == 16384  # the default for a tiny model: the upper bound
     assert main([*args, "--prefill-tokens", "-1"]) != 0

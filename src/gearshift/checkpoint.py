@@ -561,23 +561,14 @@ def thin(
     """
     from .model import Supernet
 
-    if not placements:
-        raise ValueError("thinning needs at least one placement to keep")
-    resolved = [model.resolve(p) for p in placements]
-    keep = [{p[i] for p in resolved} for i in range(model.config.num_layers)]
-    layers = []
-    for i, layer in enumerate(model.config.layers):
-        mixers = {n: m for n, m in layer.mixers.items() if n in keep[i]}
-        main = layer.main_mixer if layer.main_mixer in mixers else resolved[0][i]
-        layers.append(LayerConfig(mixers=mixers, main_mixer=main, mlp=layer.mlp))
-    cfg = model.config.replace(layers=tuple(layers))
+    cfg = model.thinned_config(placements)
     with torch.device("meta"):
         thinned = Supernet(cfg)
     wanted = thinned.state_dict().keys()
     state = {k: v for k, v in model.state_dict().items() if k in wanted}
     thinned.load_state_dict(state, assign=True, strict=True)
     for name, placement in model.presets.items():
-        if all(placement[i] in keep[i] for i in range(cfg.num_layers)):
+        if all(m in layer.mixers for m, layer in zip(placement, cfg.layers, strict=True)):
             thinned.add_preset(name, placement, **model.preset_meta.get(name, {}))
     save(thinned, path, copy_from=copy_from, **save_kwargs)
 

@@ -165,6 +165,36 @@ class Supernet(nn.Module):
         self.presets[name] = resolve_placement(placement, self.config, self.presets)
         self.preset_meta[name] = dict(meta)
 
+    def thinned_config(self, placements: Sequence[PlacementSpec]) -> SupernetConfig:
+        """This model's config keeping, per layer, only the mixers that some of ``placements`` uses (a layer's
+        default mixer becomes the first placement's where it is dropped)."""
+        if not placements:
+            raise ValueError("thinning needs at least one placement to keep")
+        resolved = [self.resolve(p) for p in placements]
+        layers = []
+        for i, layer in enumerate(self.config.layers):
+            keep = {p[i] for p in resolved}
+            mixers = {n: m for n, m in layer.mixers.items() if n in keep}
+            main = layer.main_mixer if layer.main_mixer in mixers else resolved[0][i]
+            layers.append(LayerConfig(mixers=mixers, main_mixer=main, mlp=layer.mlp))
+        return self.config.replace(layers=tuple(layers))
+
+    def thin_(self, placements: Sequence[PlacementSpec]) -> Supernet:
+        """Drop, in place, every mixer that none of ``placements`` uses in its layer, and the presets that need a
+        dropped one. A server of a few presets then holds only their weights: for the paper's three mixes on
+        the 15B shape, 37.5 of 49.3 GB, the rest left to decoding state. ``gearshift thin`` writes the same
+        model as a checkpoint."""
+        cfg = self.thinned_config(placements)
+        for block, layer in zip(self.blocks, cfg.layers, strict=True):
+            for name in [n for n in block.mixer.mixers if n not in layer.mixers]:
+                del block.mixer.mixers[name]
+        self.config = cfg
+        for name, placement in list(self.presets.items()):
+            if any(m not in layer.mixers for m, layer in zip(placement, cfg.layers, strict=True)):
+                del self.presets[name]
+                self.preset_meta.pop(name, None)
+        return self
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.blocks

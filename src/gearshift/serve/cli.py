@@ -22,6 +22,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "bfloat16": torch.bfloat16,
     }[args.dtype]
     model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.only_presets:  # the weights of mixers no served preset uses are dropped too: room for more state
+        model.thin_(args.only_presets)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; the server needs one to read text")
@@ -83,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--only-presets",
         nargs="+",
         metavar="PRESET",
-        help="serve only these presets (names or placement letters): decoding state is allocated only for the "
-        "mixers they use, so more requests fit; other presets and placements get 400",
+        help="serve only these presets (names or placement letters): the weights of the mixers they do not use "
+        "are dropped and decoding state is allocated only for the mixers they use, so more requests fit; other "
+        "presets and placements get 400",
     )
     s.set_defaults(fn=cmd_serve)
