@@ -7,8 +7,8 @@ shape where self-speculation can pay: a target step bound by reading long KV cac
 none. Every row holds ``context`` tokens of random state (target and draft pools); then, in one engine:
 - the plain decode rate of the target and of each draft (CUDA graphs): a target step ``t_target`` and a draft
   step ``t_draft`` per batch;
-- speculative rounds at a fixed k, ``t_round`` each: k draft steps (replayed from graphs, and eager with
-  ``--draft-graphs off``), one target forward over k + 1 tokens, the roll-back of both.
+- speculative rounds at a fixed k, ``t_round`` each: k draft steps and one target forward over k + 1 tokens
+  (replayed from graphs, or eager with ``--draft-graphs off``), the roll-back of both.
 
 With acceptance a per draft token (independent), a round emits E = (1 - a^(k+1)) / (1 - a) tokens per row, and
 a fully accepted round (probability a^k) leaves the draft one token to read in the next: the speed-up over plain
@@ -43,7 +43,8 @@ def speedup(a: float, k: int, t_target: float, t_round: float, t_draft: float) -
 
 
 def break_even(k: int, t_target: float, t_round: float, t_draft: float) -> float | None:
-    """The acceptance at which rounds pay for themselves (speed-up 1), by bisection; None if not even near 1."""
+    """The acceptance at which rounds pay for themselves (speed-up 1), by bisection; None if they lose even at
+    99.9% acceptance."""
     lo, hi = 0.0, 0.999
     if speedup(hi, k, t_target, t_round, t_draft) < 1:
         return None
@@ -95,7 +96,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="plain decode steps timed")
     ap.add_argument("--rounds", type=int, default=6, help="speculative rounds timed")
     ap.add_argument("--draft-graphs", nargs="+", choices=["on", "off"], default=["on"],
-                    help="draft steps replayed from CUDA graphs (on) or eager (off); both: one row each")  # fmt: skip
+                    help="a round's forwards (draft steps, verify pass) replayed from CUDA graphs (on) or run "
+                    "eagerly (off); both: one row each")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/engine_spec.json")
     args = ap.parse_args()
     device = torch.device(args.device)
