@@ -50,13 +50,8 @@ def fill(engine: Engine, req, context: int) -> None:
     req.processed = req.draft_processed = context - 1
 
 
-def decode_rate(
-    engine: Engine, placements: list[str], context: int, steps: int, profile: bool = False, top: int = 15
-) -> tuple:
-    """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state; with
-    ``profile``, also where one eager step's device time goes (the kernels a graph replays are the same)."""
-    params = SamplingParams(max_tokens=steps + 4, stop_token_ids=())  # warm-up, capture, profile
-    reqs = [engine.submit([1, 2], p, params) for p in placements]
+def start_filled(engine: Engine, reqs: list, context: int) -> list:
+    """Admit these submitted requests together (all must fit) and give each ``context`` tokens of state."""
     engine._admit()
     if len(engine.running) != len(reqs):
         raise SystemExit(
@@ -65,6 +60,16 @@ def decode_rate(
         )
     for r in reqs:
         fill(engine, r, context)
+    return reqs
+
+
+def decode_rate(
+    engine: Engine, placements: list[str], context: int, steps: int, profile: bool = False, top: int = 15
+) -> tuple:
+    """Decode tokens/s of a batch of these placements, each row holding ``context`` tokens of state; with
+    ``profile``, also where one eager step's device time goes (the kernels a graph replays are the same)."""
+    params = SamplingParams(max_tokens=steps + 4, stop_token_ids=())  # warm-up, capture, profile
+    reqs = start_filled(engine, [engine.submit([1, 2], p, params) for p in placements], context)
     engine.step()  # warm-up (with CUDA graphs: eager, compiling the kernels)
     if engine.cuda_graphs:
         engine.step()  # the capture, then the first replay

@@ -31,7 +31,7 @@ from gearshift.report import PAPER_PRESETS, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
 
 from common import device_name, random_supernet, sync, write_json
-from engine_mixed import decode_rate, fill
+from engine_mixed import decode_rate, start_filled
 
 ACCEPTANCE = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -58,11 +58,7 @@ def round_seconds(engine: Engine, target: str, draft: str, k: int, context: int,
     """Seconds per speculative round of a batch of ``engine.max_batch`` rows at k, and the acceptance seen."""
     params = SamplingParams(max_tokens=(rounds + 4) * (k + 1), stop_token_ids=())
     reqs = [engine.submit([1, 2], target, params, draft=draft, spec_k=k) for _ in range(engine.max_batch)]
-    engine._admit()
-    if len(engine.running) != len(reqs):
-        raise SystemExit(f"only {len(engine.running)} of {len(reqs)} speculative requests fit: lower --batch")
-    for r in reqs:
-        fill(engine, r, context)
+    start_filled(engine, reqs, context)
 
     def one_round() -> None:
         for r in reqs:

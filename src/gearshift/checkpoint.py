@@ -568,7 +568,7 @@ def thin(
     state = {k: v for k, v in model.state_dict().items() if k in wanted}
     thinned.load_state_dict(state, assign=True, strict=True)
     for name, placement in model.presets.items():
-        if all(m in layer.mixers for m, layer in zip(placement, cfg.layers, strict=True)):
+        if cfg.holds(placement):
             thinned.add_preset(name, placement, **model.preset_meta.get(name, {}))
     save(thinned, path, copy_from=copy_from, **save_kwargs)
 

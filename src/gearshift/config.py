@@ -8,6 +8,7 @@ is validated and typed here, so that every later stage can trust it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,10 @@ class SupernetConfig:
     @property
     def default_placement(self) -> tuple[str, ...]:
         return tuple(layer.main_mixer for layer in self.layers)
+
+    def holds(self, placement: Sequence[str]) -> bool:
+        """Whether every layer holds the mixer this (resolved) placement names for it."""
+        return all(name in layer.mixers for name, layer in zip(placement, self.layers, strict=True))
 
     def replace(self, **changes: Any) -> SupernetConfig:
         return dataclasses.replace(self, **changes)

@@ -190,7 +190,7 @@ class Supernet(nn.Module):
                 del block.mixer.mixers[name]
         self.config = cfg
         for name, placement in list(self.presets.items()):
-            if any(m not in layer.mixers for m, layer in zip(placement, cfg.layers, strict=True)):
+            if not cfg.holds(placement):
                 del self.presets[name]
                 self.preset_meta.pop(name, None)
         return self

@@ -438,7 +438,7 @@ class Engine:
         """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection; each
-        view covers the rows of its group (``RecurrentView.rows``).
+        view covers the rows of its group (``RecurrentView.index``).
         ``max_position``: the largest position in ``positions``, known on the host; the pools then skip their
         own (synchronising) capacity checks. ``last_only``: logits of the last position only (prefill).
         ``codes``: the rows' ``Request.code`` (a cheaper key for the batch's plan). ``fresh``: every row starts
@@ -498,11 +498,11 @@ class Engine:
         """Next-token logits [B, vocab] of a decode step, replayed from a CUDA graph of this batch composition
         (``graph_forward`` of one token). A batch that has only lost rows replays its earlier graph padded (see
         ``_padded``) rather than capturing every smaller size."""
-        graph = None
+        padded = None
         if codes is not None and self._graph_key(placements, slots, codes, 1, 0) not in self._graphs:
-            graph = self._padded(codes)
-        if graph is not None:
-            graph, live = graph
+            padded = self._padded(codes)
+        if padded is not None:
+            graph, live = padded
             self._check_context(max_position)
             graph.tokens.zero_()  # the missing rows decode token 0 at position 0 into their free slots
             graph.positions.zero_()

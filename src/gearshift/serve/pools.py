@@ -171,6 +171,14 @@ class RecurrentPool:
     ) -> RecurrentView:
         return RecurrentView(self, slots, rollback, index, span)
 
+    def restore(self, read: Tensor | slice, states: list[Tensor], convs: list[list[Tensor]], choice: Tensor) -> None:
+        """Write back, for each row i of a group (slots ``read``), its candidate ``choice[i]`` among ``states``
+        ([G, H, K, V] each) and the matching conv tails (speculative roll-back, on the device)."""
+        rows = torch.arange(len(choice), device=choice.device)
+        self.state[read] = torch.stack(states, 1)[rows, choice]
+        for i, pool_c in enumerate(self.conv):
+            pool_c[read] = torch.stack([conv[i] for conv in convs], 1)[rows, choice].to(pool_c.dtype)
+
 
 class RecurrentView:
     """The state of a group of requests; ``update`` writes it back. With ``rollback`` it also keeps the state
@@ -216,12 +224,8 @@ class RecurrentView:
         if keys != list(range(keys[0], keys[0] + len(keys))):
             raise ValueError(f"snapshots after {keys} tokens: restoring needs consecutive ones")
         choice = (consumed if self.index is None else consumed[self.index]) - keys[0]
-        rows = torch.arange(len(self.slots), device=choice.device)
-        states = torch.stack([self.snapshots[k][0] for k in keys], 1)  # [G, n, H, K, V]
-        self.pool.state[self.read] = states[rows, choice]
-        for i, pool_c in enumerate(self.pool.conv):
-            convs = torch.stack([self.snapshots[k][1][i] for k in keys], 1)
-            pool_c[self.read] = convs[rows, choice].to(pool_c.dtype)
+        states, convs = zip(*(self.snapshots[k] for k in keys), strict=True)
+        self.pool.restore(self.read, list(states), list(convs), choice)
 
 
 def consecutive_span(slots: list[int]) -> slice | None:

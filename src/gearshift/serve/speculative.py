@@ -164,10 +164,7 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     for steps in zip(*draft_states, strict=True):  # one (layer, mixer) group: the same pool and rows each step
         pool, slots, index = steps[0][0]
         choice = kept if index is None else kept[index]
-        at = torch.arange(len(slots), device=device)
-        pool.state[slots] = torch.stack([state for _, state, _ in steps], 1)[at, choice]
-        for ci, pool_c in enumerate(pool.conv):
-            pool_c[slots] = torch.stack([conv[ci] for _, _, conv in steps], 1)[at, choice]
+        pool.restore(slots, [state for _, state, _ in steps], [conv for _, _, conv in steps], choice)
     # 6) the round's one read-back
     accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
     # 7) bookkeeping, adaptive k, emit
