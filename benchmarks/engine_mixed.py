@@ -11,6 +11,8 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
     python benchmarks/engine_mixed.py --graphs --fusion off on ...   # eager vs compiled element-wise chains
     python benchmarks/engine_mixed.py --presets 'Reg|Lklhd-26' 'Reg|Lklhd-18' 'Reg|Lklhd-10' --batch 64   # no all-FA:
         # larger batches fit, where each row's state outweighs the extra mixers' weights
+    python benchmarks/engine_mixed.py --pools sized --thin --batch 0 --batch-limit 256 ...   # an engine per run,
+        # pools sized to its rows, weights of unused mixers dropped: the largest batches one GPU holds
 """
 
 from __future__ import annotations
@@ -124,6 +126,21 @@ def main() -> None:
         default=["all-attention", "Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10"],
         help="the paper presets (report.PAPER_PRESETS) or all-<mixer> placements to time alone and evenly mixed",
     )
+    ap.add_argument(
+        "--pools",
+        choices=["union", "sized"],
+        default="union",
+        help="union: one engine whose every pool holds --batch slots (any row may use any served preset); sized: "
+        "an engine per run whose pools hold exactly that run's rows (Engine(placement_slots=...)), so a mixed "
+        "row holds only its own preset's state and larger batches fit",
+    )
+    ap.add_argument(
+        "--thin",
+        action="store_true",
+        help="drop the weights of mixers no timed preset uses (Supernet.thin_, as `gearshift serve --only-presets` "
+        "does): memory for more rows, same kernels",
+    )
+    ap.add_argument("--batch-limit", type=int, default=128, help="--batch 0 searches batches up to this")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -136,22 +153,44 @@ def main() -> None:
     }
     if args.batch % len(presets):
         raise SystemExit(f"--batch {args.batch} does not split evenly over {len(presets)} presets")
-    # the engine holds state only for the mixers these presets use (Engine(placements=...)), as a server started
-    # with --only-presets does: memory for more rows, same kernels
     served = list(presets.values())
+    if args.thin:
+        model.thin_(served)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    def make_engine(batch: int) -> Engine:
+    def make_engine(batch: int, rows: dict[str, int] | None = None) -> Engine:
+        """union (``rows`` None): pools for the mixers the presets use, ``batch`` slots each, as a server started
+        with --only-presets; sized: pools that hold ``rows[name]`` requests of each preset."""
         ctx = args.max_context or args.context + args.steps + 8
-        return Engine(model, max_batch=batch, max_context=ctx, cuda_graphs=args.graphs, placements=served)
+        kw = dict(max_batch=batch, max_context=ctx, cuda_graphs=args.graphs)
+        if args.pools == "union":
+            return Engine(model, **kw, placements=served)
+        return Engine(model, **kw, placement_slots={presets[name]: count for name, count in rows.items()})
 
-    if args.batch == 0:  # the largest batch whose single-preset runs all fit the state budget
-        for batch in range(128 // len(presets) * len(presets), 0, -len(presets)):
-            try:
-                fits = make_engine(batch).full_attention_slots >= batch
-            except ValueError:
-                fits = False
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    def release() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def runs_of(batch: int) -> list[dict[str, int] | None]:
+        """The engines' sizes one setting needs: each preset alone, then the mix (sized pools)."""
+        if args.pools == "union":
+            return [None]
+        return [{name: batch} for name in presets] + [dict.fromkeys(presets, batch // len(presets))]
+
+    if args.batch == 0:  # the largest batch whose every run fits the state budget
+        for batch in range(args.batch_limit // len(presets) * len(presets), 0, -len(presets)):
+            fits = True
+            for rows in runs_of(batch):
+                try:
+                    engine = make_engine(batch, rows)
+                    fits = engine.full_attention_slots >= batch if rows is None else True
+                except ValueError:
+                    fits = False
+                engine = None
+                release()
+                if not fits:
+                    break
             if fits:
                 break
         else:
@@ -163,22 +202,30 @@ def main() -> None:
     mix = [list(presets.values())[i % len(presets)] for i in range(args.batch)]
     moved = {name: batch_bytes_per_step(model, [p] * args.batch, context=args.context) for name, p in presets.items()}
     floor = batch_bytes_per_step(model, mix, context=args.context) / (sum(moved.values()) / len(moved)) - 1
+    part = args.batch // len(presets)
     runs = []
     for chunk, fuse in itertools.product(args.split_kv, args.fusion):
         attention_ops.SPLIT_KV_CHUNK = chunk
         label = f"split-KV {chunk:<5} fusion {fuse:<3}"
         with fusion(fuse == "on"):
-            engine = make_engine(args.batch)
+            engine = make_engine(args.batch) if args.pools == "union" else None  # union: one engine for all runs
             rows = []
             for name, placement in presets.items():
+                if args.pools == "sized":
+                    engine = None
+                    release()
+                    engine = make_engine(args.batch, {name: args.batch})
                 rate, prof = decode_rate(
                     engine, [placement] * args.batch, args.context, args.steps, args.profile, args.profile_top
                 )
                 rows.append({"batch": name, "tokens_per_s": rate} | ({"profile": prof} if prof else {}))
                 print(f"{label} {name:<16} x{args.batch}: {rate:10.1f} tok/s", flush=True)
+            if args.pools == "sized":
+                engine = None
+                release()
+                engine = make_engine(args.batch, dict.fromkeys(presets, part))
             # what an engine that switches placements globally must do with the same requests: one batch per
             # preset (batch / presets rows each), one after the other; its rate is the harmonic mean of theirs
-            part = args.batch // len(presets)
             split = {n: decode_rate(engine, [pl] * part, args.context, args.steps)[0] for n, pl in presets.items()}
             per_preset = len(presets) / sum(1 / r for r in split.values())
             rate, prof = decode_rate(engine, mix, args.context, args.steps, args.profile, args.profile_top)
@@ -199,11 +246,10 @@ def main() -> None:
             flush=True,
         )
         runs.append({"split_kv": chunk, "fusion": fuse, "graphs": engine.cuda_graphs, "rows": rows})
-        del engine
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        engine = None
+        release()
     meta = {"device": device_name(device), "shape": args.shape, "context": args.context, "batch": args.batch}
-    meta["presets"] = args.presets
+    meta |= {"presets": args.presets, "pools": args.pools, "thin": args.thin}
     meta["modelled_bytes_per_step"] = moved | {"mixed": batch_bytes_per_step(model, mix, context=args.context)}
     # one setting: the flat layout of earlier results (rows at the top level)
     write_json(args.out, meta | (runs[0] if len(runs) == 1 else {"runs": runs}))

@@ -14,11 +14,13 @@
 #                  (SPEC_SET="32768 8;65000 4" picks the shapes, DRAFT_GRAPHS="on" the draft modes)
 #   mix*           15B-shape mixed- vs single-preset batches at the largest sizes that fit, chains eager vs fused
 #                  (MIX_SET="mix3 16384 45;mix3 4096 0" picks them, batch 0: the largest that fits;
-#                  FUSION="on": fused chains only)
+#                  FUSION="on": fused chains only; a set named mix3s / mix4s: an engine per run with pools
+#                  sized to its rows and thinned weights, engine_mixed.py --pools sized --thin)
 #
 #   bash benchmarks/gpu_fusion.sh RUN TEACHER          # e.g. TEACHER=/root/carry/teacher/...gguf
 #   TINY=1 bash benchmarks/gpu_fusion.sh /tmp/fusion smollm2   # CPU smoke run (tiny shapes; GPU-only stages skipped)
-#   SKIP="stage ..." skips stages by name; TRACE_METHODS="..." picks the traces' methods (serve_smollm2.py).
+#   GRAPH_PARTS="check reference" picks engine_graphs' parts; SKIP="stage ..." skips stages by name;
+#   TRACE_METHODS="..." picks the traces' methods (serve_smollm2.py).
 # Logs: RUN/<stage>.log, one line per stage in RUN/stages.log, "all done" at the end.
 set -u
 { # one compound command: bash reads all of it before running it
@@ -43,7 +45,7 @@ if [ "$TINY" = 1 ]; then
   MIXES=("mix3 64 3" "mix4 64 4") SHAPE=(--shape tiny --device cpu) FUSION=${FUSION:-off}
   SPECS=("64 2") SPEC=(--shape tiny --device cpu --ks 2)
 else
-  stage engine_graphs python benchmarks/engine_graphs.py --parts check reference fusion --out "$RUN/engine_graphs.json"
+  stage engine_graphs python benchmarks/engine_graphs.py --parts ${GRAPH_PARTS:-check reference fusion} --out "$RUN/engine_graphs.json"
   stage spec_check python benchmarks/engine_graphs.py --parts spec --out "$RUN/spec_check.json"
   TRACES=(--teacher "$TEACHER" --trace-batches 64 256 512 --profile)
   PHASES=(--profile-steps 4) BATCHES=(64 512)
@@ -73,9 +75,11 @@ done
 for mix in "${MIXES[@]}"; do
   read -r set ctx batch <<<"$mix"
   presets=("Reg|Lklhd-26" "Reg|Lklhd-18" "Reg|Lklhd-10")
-  [ "$set" = mix4 ] && presets=(all-attention "${presets[@]}")
-  stage "${set}_${ctx}_${batch}" python benchmarks/engine_mixed.py "${SHAPE[@]}" --context "$ctx" --batch "$batch" \
-    --presets "${presets[@]}" --fusion $FUSION --profile --profile-top 40 --out "$RUN/${set}_${ctx}_${batch}.json"
+  [[ "$set" == mix4* ]] && presets=(all-attention "${presets[@]}")
+  sized=()
+  [[ "$set" == *s ]] && sized=(--pools sized --thin --batch-limit 256)
+  stage "${set}_${ctx}_${batch}" python benchmarks/engine_mixed.py "${SHAPE[@]}" "${sized[@]}" --context "$ctx" \
+    --batch "$batch" --presets "${presets[@]}" --fusion $FUSION --profile --profile-top 40 --out "$RUN/${set}_${ctx}_${batch}.json"
 done
 echo "[$(date +%T)] all done" | tee -a "$RUN/stages.log"
 exit

@@ -239,7 +239,8 @@ def test_stop_tokens_and_context_limit(model, overlap):
     assert long.finish_reason == "context" and len(long.tokens) == 20
 
 
-def test_engine_benchmark_smoke(tmp_path):
+def test_engine_benchmark_smoke_with_sized_pools(tmp_path):
+    """engine_mixed.py with an engine per run whose pools hold exactly its rows, on thinned weights."""
     import json
     import subprocess
     import sys
@@ -247,27 +248,12 @@ def test_engine_benchmark_smoke(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_mixed.py"
     out = tmp_path / "e.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--shape",
-            "tiny",
-            "--device",
-            "cpu",
-            "--context",
-            "24",
-            "--batch",
-            "4",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    rows = json.loads(out.read_text())["rows"]
+    args = ["--shape", "tiny", "--device", "cpu", "--context", "24", "--batch", "0", "--batch-limit", "9"]
+    args += ["--steps", "2", "--pools", "sized", "--thin", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["batch"] == 8 and report["pools"] == "sized" and report["thin"]  # 4 presets: 8 of at most 9
+    rows = report["rows"]
     assert rows[-1]["batch"] == "mixed" and all(r["tokens_per_s"] > 0 for r in rows)
 
 
@@ -590,6 +576,44 @@ def test_engine_for_some_placements_holds_only_their_state(model):
     for i, r in enumerate(reqs[:-1]):
         assert r.output == alone(model, PROMPTS[i % len(PROMPTS)], served[i % 3], 6)
     assert reqs[-1].output == alone(model, PROMPTS[0], "FSGK", 6)
+
+
+def test_pools_sized_per_placement(model):
+    """Engine(placement_slots=...) gives each pool the requests of the placements that use it, so a mix holds
+    per request only its own state: less memory than pools of max_batch slots each for the same batch. A request
+    beyond its placement's count runs in slots that others share with it and leave free, or waits; every output
+    equals the request run alone."""
+    sized = Engine(model, max_batch=4, max_context=40, placement_slots={"FSGK": 2, "GGGG": 1, "FSGG": 1})
+    assert [{n: pool.alloc.n for n, pool in layer.items()} for layer in sized.pools] == [
+        {"attention": 3, "gdn": 1}, {"sliding_window": 3, "gdn": 1}, {"gdn": 4}, {"kda": 2, "gdn": 2}
+    ]  # fmt: skip
+    union = Engine(model, max_batch=4, max_context=40, placements=["FSGK", "GGGG", "FSGG"])
+    assert sized.memory_bytes() < union.memory_bytes()
+    assert sized.full_attention_slots == 3 and sized.placement_slots is not None
+    params = SamplingParams(max_tokens=6, stop_token_ids=())
+    order = ["GGGG", "GGGG", "FSGK", "FSGG", "FSGK"]
+    reqs = [sized.submit(PROMPTS[i], pl, params) for i, pl in enumerate(order)]
+    sized.step()
+    # the second all-GDN request finds layer 0's one GDN slot taken and waits; the rest fit
+    assert [r.label for r in sized.running] == ["GGGG", "FSGK", "FSGG", "FSGK"]
+    while sized.has_work():
+        sized.step()
+    for i, (pl, r) in enumerate(zip(order, reqs, strict=True)):
+        assert r.output == alone(model, PROMPTS[i], pl, 6), pl
+    assert all(pool.alloc.available == pool.alloc.n for layer in sized.pools for pool in layer.values())
+    with pytest.raises(RequestError, match="no kda state in layer 0"):
+        sized.submit([1, 2], "KKKK")
+
+
+def test_pools_sized_per_placement_errors(model):
+    with pytest.raises(ValueError, match="give it alone"):
+        Engine(model, placements=["GGGG"], placement_slots={"GGGG": 1})
+    with pytest.raises(ValueError, match="whole number of requests"):
+        Engine(model, placement_slots={"GGGG": 0})
+    with pytest.raises(ValueError, match="not a valid|unknown|placement"):
+        Engine(model, placement_slots={"nonsense": 1})
+    with pytest.raises(ValueError, match="reserved requests' pools need .* over the state budget"):
+        Engine(model, max_context=40, state_memory=1000, placement_slots={"FFFF": 2})
 
 
 def test_decoding_one_step_ahead(model):

@@ -228,6 +228,15 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
     assert apps[2].state.engine.prefill_tokens == 16384  # the default for a tiny model: the upper bound
     assert main([*args, "--prefill-tokens", "-1"]) != 0
     assert "prefill" in capsys.readouterr().err
+    assert main([*args, "--only-presets", "FG=3", "GG=1"]) == 0  # pools sized per preset: 3 + 1 in shared ones
+    sized = apps[4].state.engine
+    assert [{n: p.alloc.n for n, p in layer.items()} for layer in sized.pools] == [
+        {"attention": 3, "gdn": 1},
+        {"gdn": 4},
+    ]
+    assert "room reserved for 3 of FG, 1 of GG" in capsys.readouterr().out
+    assert main([*args, "--only-presets", "FG=3", "GG"]) != 0
+    assert "PRESET=N" in capsys.readouterr().err
     for app in apps:
         app.state.worker.stop()
 

@@ -21,9 +21,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
     }[args.dtype]
+    presets, reserved = _served(args.only_presets)
     model = Supernet.from_pretrained(args.model, device=device, dtype=dtype)
-    if args.only_presets:  # the weights of mixers no served preset uses are dropped too: room for more state
-        model.thin_(args.only_presets)
+    if presets:  # the weights of mixers no served preset uses are dropped too: room for more state
+        model.thin_(presets)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     tokenizer = load_tokenizer(args.model)
@@ -38,16 +39,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefill_tokens=args.prefill_tokens,
         cuda_graphs=args.cuda_graphs,
         state_memory=None if args.state_memory_gb is None else int(args.state_memory_gb * 2**30),
-        placements=args.only_presets,
+        placements=None if reserved else presets,
+        placement_slots=reserved,
+    )
+    room = (
+        f"{engine.full_attention_slots} of them with full-attention layers at once"
+        if reserved is None
+        else "room reserved for " + ", ".join(f"{n} of {p}" for p, n in reserved.items())
     )
     print(
         f"decoding state: {engine.memory_bytes() / 2**20:.1f} MiB of pools; up to {engine.max_batch} requests, "
-        f"{engine.full_attention_slots} of them with full-attention layers at once (context {engine.max_context})",
+        f"{room} (context {engine.max_context})",
         flush=True,
     )
     app = create_app(engine, tokenizer, name=args.name, quality_floor=args.quality_floor)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _served(specs: list[str] | None) -> tuple[list[str] | None, dict[str, int] | None]:
+    """``--only-presets`` entries as (presets, requests reserved per preset or None): ``P`` or ``P=N``, the
+    latter on every entry or none."""
+    if not specs:
+        return None, None
+    counted = [spec.rpartition("=") for spec in specs]
+    if not any(sep for _, sep, _ in counted):
+        return list(specs), None
+    if not all(sep and n.isdigit() and int(n) > 0 for _, sep, n in counted):
+        raise ValueError(f"--only-presets: give every preset a count of requests (PRESET=N, N >= 1) or none: {specs}")
+    reserved: dict[str, int] = {}
+    for name, _, n in counted:
+        reserved[name] = reserved.get(name, 0) + int(n)
+    return list(reserved), reserved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,9 +109,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--only-presets",
         nargs="+",
-        metavar="PRESET",
+        metavar="PRESET[=N]",
         help="serve only these presets (names or placement letters): the weights of the mixers they do not use "
         "are dropped and decoding state is allocated only for the mixers they use, so more requests fit; other "
-        "presets and placements get 400",
+        "presets and placements get 400. With =N on every preset, each pool holds room for the N requests of "
+        "every preset that uses it (not --max-batch apiece), so each request holds only its own preset's state",
     )
     s.set_defaults(fn=cmd_serve)

@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +123,7 @@ class Engine:
         cuda_graphs: bool = True,
         state_memory: int | None = None,
         placements: Sequence[PlacementSpec] | None = None,
+        placement_slots: Mapping[PlacementSpec, int] | None = None,
     ) -> None:
         """``pool_slots``: slots per pool (default ``max_batch``; speculative requests hold draft slots too).
         ``state_memory``: bytes for all decoding state. When the pools of ``pool_slots`` requests exceed it, the
@@ -135,7 +136,13 @@ class Engine:
         ``placements``: the only placements (and drafts) this engine will serve, as preset names or letters. Pools
         are then allocated only for the (layer, mixer) pairs they use -- a KV pool only in the layers where one
         of them has full attention -- so the memory holds more requests; others get a RequestError. Default:
-        every mixer of every layer."""
+        every mixer of every layer.
+        ``placement_slots``: the served placements (and drafts) with the number of requests of each that the pools
+        hold room for at once. Each pool then gets the sum over the placements that use it, rather than
+        ``pool_slots`` apiece: with pools sized for every request in every pool, a mix of presets holds, per
+        request, the state of every mixer any of them uses; sized this way, each request holds only its own.
+        Requests beyond a placement's count run when the pools they need have room (slots that other placements
+        share with it and leave free), else wait. Must fit the state budget."""
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -150,6 +157,17 @@ class Engine:
         self.spec_k_max = spec_k_max
         slots = pool_slots or max_batch
         self.served: tuple[Placement, ...] | None = None
+        reserved: dict[Placement, int] | None = None
+        if placement_slots is not None:
+            if placements is not None or pool_slots is not None:
+                raise ValueError("placement_slots names the served placements and sizes the pools: give it alone")
+            reserved = {}
+            for p, count in placement_slots.items():
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    raise ValueError(f"placement_slots: {p!r} needs a whole number of requests >= 1, got {count!r}")
+                key = model.resolve(p)
+                reserved[key] = reserved.get(key, 0) + count
+            placements = list(reserved)
         if placements is not None:
             self.served = tuple(dict.fromkeys(model.resolve(p) for p in placements))
             if not self.served:
@@ -167,18 +185,28 @@ class Engine:
         if state_memory is None and self.device.type == "cuda":  # free memory, counting torch's unused cache
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             self.state_budget = int(AUTO_STATE_FRACTION * (torch.cuda.mem_get_info(self.device)[0] + cached))
-        self.full_attention_slots = self._full_attention_slots(specs, slots, self.state_budget)
-        self.pools: list[dict[str, AttentionPool | RecurrentPool]] = [
-            {
-                name: cls(
-                    self.full_attention_slots if _grows(cls, kw.get("window")) else slots,
-                    **kw,
-                    device=self.device,
-                    dtype=self.dtype,
-                )
-                for name, (cls, kw) in layer.items()
+        if reserved is None:
+            self.full_attention_slots = self._full_attention_slots(specs, slots, self.state_budget)
+            counts = [
+                {
+                    name: self.full_attention_slots if _grows(cls, kw.get("window")) else slots
+                    for name, (cls, kw) in layer.items()
+                }
+                for layer in specs
+            ]
+        else:
+            counts = self._reserved_slots(specs, reserved, self.state_budget)
+            grow = {
+                (i, n)
+                for i, layer in enumerate(specs)
+                for n, (cls, kw) in layer.items()
+                if _grows(cls, kw.get("window"))
             }
-            for layer in specs
+            self.full_attention_slots = min(max_batch, sum(c for p, c in reserved.items() if grow & set(enumerate(p))))
+        self.placement_slots = reserved
+        self.pools: list[dict[str, AttentionPool | RecurrentPool]] = [
+            {name: cls(count[name], **kw, device=self.device, dtype=self.dtype) for name, (cls, kw) in layer.items()}
+            for layer, count in zip(specs, counts, strict=True)
         ]
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -255,6 +283,27 @@ class Engine:
                 "or the batch, or raise the budget"
             )
         return int(min(slots, fit))
+
+    def _reserved_slots(
+        self, specs: list[dict[str, tuple[type, dict]]], reserved: dict[Placement, int], budget: int | None
+    ) -> list[dict[str, int]]:
+        """Slots per pool for ``placement_slots``: the requests of every placement that uses the pool."""
+        counts: list[dict[str, int]] = [dict.fromkeys(layer, 0) for layer in specs]
+        for placement, count in reserved.items():
+            for i, name in enumerate(placement):
+                counts[i][name] += count
+        total = sum(
+            cls.slot_bytes(**kw, dtype=self.dtype) * counts[i][name]
+            for i, layer in enumerate(specs)
+            for name, (cls, kw) in layer.items()
+        )
+        if budget is not None and total > budget:
+            raise ValueError(
+                f"decoding state does not fit: the reserved requests' pools need {_size(total)} at a context of "
+                f"{self.max_context} tokens, over the state budget of {_size(budget)}; reserve fewer requests or "
+                "lower the context"
+            )
+        return counts
 
     # ------------------------------------------------------------------ requests
     def submit(
