@@ -578,6 +578,21 @@ def test_engine_for_some_placements_holds_only_their_state(model):
     assert reqs[-1].output == alone(model, PROMPTS[0], "FSGK", 6)
 
 
+def test_window_longer_than_the_context_is_not_a_ring(model):
+    """A sliding window (6) plus spare room longer than the engine's context (9) gets a pool of the context's
+    length that never wraps: prompts read in chunks, plain and speculative decoding stay exact."""
+    engine = Engine(model, max_batch=4, max_context=9, prefill_chunk=2, spec_k_max=3)
+    ring = engine.pools[1]["sliding_window"]
+    assert ring.k.shape[2] == 9 and not ring.wraps
+    assert Engine(model, max_context=40, spec_k_max=3).pools[1]["sliding_window"].wraps  # 6 + 4 < 40
+    params = SamplingParams(max_tokens=5, stop_token_ids=())
+    plain = [engine.submit(PROMPTS[1], pl, params) for pl in ("SSSS", "FSGK")]
+    spec = engine.submit(PROMPTS[1], "SSSS", params, draft="GGGG", spec_k=3)
+    engine.run()
+    for r, pl in zip(plain + [spec], ("SSSS", "FSGK", "SSSS"), strict=True):
+        assert r.output == alone(model, PROMPTS[1], pl, 5), pl
+
+
 def test_pools_sized_per_placement(model):
     """Engine(placement_slots=...) gives each pool the requests of the placements that use it, so a mix holds
     per request only its own state: less memory than pools of max_batch slots each for the same batch. A request

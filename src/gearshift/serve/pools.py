@@ -46,9 +46,10 @@ class SlotAllocator:
 
 
 def attention_length(capacity: int, window: int | None, spare: int) -> int:
-    """Positions per slot: the context (FA) or the window plus room for a chunk (SWA ring). Long pools come in
-    whole multiples of LENGTH_ALIGN, so split-KV decoding chunks them by a view."""
-    length = capacity if window is None else window + spare
+    """Positions per slot: the context (FA) or the window plus room for a chunk (SWA ring), but never more than
+    the context (a window longer than the context never wraps). Long pools come in whole multiples of
+    LENGTH_ALIGN, so split-KV decoding chunks them by a view."""
+    length = capacity if window is None else min(capacity, window + spare)
     return -(-length // LENGTH_ALIGN) * LENGTH_ALIGN if length > 4 * LENGTH_ALIGN else length
 
 
@@ -60,6 +61,7 @@ class AttentionPool:
     ) -> None:
         self.window = window
         length = attention_length(capacity, window, spare)
+        self.wraps = window is not None and length < capacity  # a ring that overwrites its oldest positions
         self.k = torch.zeros(slots, heads, length, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         # token index held by each position of each slot (-1 empty); full attention stores token i at i
@@ -117,7 +119,7 @@ class AttentionView:
                 rows[:, t - keep :], pos[:, t - keep :], k_new[:, :, t - keep :], v_new[:, :, t - keep :], length
             )
             return k_new, v_new, pos
-        write_first = p.window is None or t <= length - p.window + 1
+        write_first = not p.wraps or t <= length - p.window + 1
         if write_first:
             self._write(rows, pos, k_new, v_new, length)
             return p.k[self.read], p.v[self.read], p.index[self.read]
