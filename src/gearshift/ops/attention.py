@@ -38,13 +38,12 @@ SPLIT_KV_MAX_QUERIES = 16
 # which pays at long context (the 15B engine at 16k: 1372 tokens/s with them, 1025 without), but cuDNN builds an
 # execution plan for each new shape, paid on the host, and short calls do not earn it back (SmolLM2 traces at
 # batch 512, keys ~200: 45.2k tokens/s with cuDNN everywhere, 42.9k with cuDNN only in graph captures, 53.5k
-# without). None = auto (the default): cuDNN for calls over at least CUDNN_MIN_KEYS keys (the threshold lies
-# between those two measured points; it is not measured more finely). GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
-_cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
-if _cudnn_env not in ("auto", "1", "0"):
-    raise ValueError(f"GEARSHIFT_CUDNN_SDPA must be auto, 1 or 0, not {_cudnn_env!r}")
-CUDNN_SDPA: bool | None = {"auto": None, "1": True, "0": False}[_cudnn_env]
-CUDNN_MIN_KEYS = 8192
+# without). None = auto (the default): cuDNN for calls over at least CUDNN_MIN_KEYS keys. 4096 takes in the
+# 15B shape's sliding-window rings (4,352 keys): with cuDNN, a step's attention kernels took 1.3-1.4x less time
+# and three-preset batches at 2k-16k context made 8-19% more tokens/s (tenth session); the traces' calls stay
+# far below it.
+# GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
+CUDNN_MIN_KEYS = 4096
 
 
 def rope_inv_freq(head_size: int, rope: RopeConfig, device: torch.device | None = None) -> Tensor:
