@@ -56,3 +56,16 @@ def test_auto_split_only_where_the_fused_kernel_leaves_the_gpu_idle(monkeypatch)
     assert ops.auto_split_chunk(8, 1024, 132) == 0  # short context
     monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", -1)
     assert ops._split_kv_chunk(torch.zeros(1, 8, 8192, 4)) == 0  # auto: never on CPU
+
+
+def test_cudnn_rule():
+    """cuDNN's kernels from CUDNN_MIN_KEYS keys (the 15B shape's 4,352-key sliding-window rings take them, short
+    trace calls do not); cudnn_sdpa(True / False) forces either way."""
+    from gearshift.ops import attention as ops
+
+    assert ops.cudnn_allowed(4352) and ops.cudnn_allowed(16640) and not ops.cudnn_allowed(256)
+    with ops.cudnn_sdpa(False):
+        assert not ops.cudnn_allowed(16640)
+    with ops.cudnn_sdpa(True):
+        assert ops.cudnn_allowed(256)
+    assert ops.CUDNN_SDPA is None  # restored: auto

@@ -43,6 +43,10 @@ SPLIT_KV_MAX_QUERIES = 16
 # and three-preset batches at 2k-16k context made 8-19% more tokens/s (tenth session); the traces' calls stay
 # far below it.
 # GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
+_cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
+if _cudnn_env not in ("auto", "1", "0"):
+    raise ValueError(f"GEARSHIFT_CUDNN_SDPA must be auto, 1 or 0, not {_cudnn_env!r}")
+CUDNN_SDPA: bool | None = {"auto": None, "1": True, "0": False}[_cudnn_env]
 CUDNN_MIN_KEYS = 4096
 
 
@@ -180,9 +184,14 @@ def cudnn_sdpa(allow: bool | None) -> Iterator[None]:
         CUDNN_SDPA = saved
 
 
+def cudnn_allowed(keys: int) -> bool:
+    """Whether a CUDA SDPA call over ``keys`` keys may use cuDNN's kernels (CUDNN_SDPA, else CUDNN_MIN_KEYS)."""
+    return CUDNN_SDPA if CUDNN_SDPA is not None else keys >= CUDNN_MIN_KEYS
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
-    """torch SDPA, kept off cuDNN's kernels on CUDA where CUDNN_SDPA says so."""
-    if not q.is_cuda or (CUDNN_SDPA if CUDNN_SDPA is not None else k.shape[-2] >= CUDNN_MIN_KEYS):
+    """torch SDPA, kept off cuDNN's kernels on CUDA where ``cudnn_allowed`` says so."""
+    if not q.is_cuda or cudnn_allowed(k.shape[-2]):
         return F.scaled_dot_product_attention(q, k, v, **kw)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
