@@ -127,3 +127,23 @@ def test_gradient_check_tells_right_from_wrong_kernels(per_channel):
     assert agree and cosine > 0.9999
     agree, cosine = delta_rule_gradients_agree(wrong_backward, chunk_delta_rule, per_channel, shape=shape)
     assert not agree and cosine < 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fla's kernels need CUDA (run on the GPU machine)"))])  # fmt: skip
+def test_in_place_decode(per_channel, device):
+    """``delta_rule(in_place=True)`` writes the final state over the initial one and returns that tensor, equal to
+    the recurrence; on CUDA through fla's kernel (GDN's decay broadcast over K), also for a non-contiguous state
+    (no in-place kernel there: a copy keeps the contract). With a recorded tail it is refused."""
+    from gearshift.ops.dispatch import delta_rule
+
+    q, k, v, g, beta, s0 = (x.to(device) for x in inputs(per_channel, t=3, dk=64, dv=64))
+    for state in (s0.clone(), s0.transpose(0, 1).contiguous().transpose(0, 1)):
+        ref_o, ref_state = recurrent_delta_rule(*(x.cpu() for x in (q, k, v, g, beta)), 0.125, s0.cpu())
+        o, final, _ = delta_rule(q, k, v, g, beta, 0.125, state, in_place=True)
+        assert final is state
+        torch.testing.assert_close(final.cpu(), ref_state, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(o.cpu().float(), ref_o, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="in_place"):
+        delta_rule(q, k, v, g, beta, 0.125, s0.clone(), record_last=1, in_place=True)

@@ -184,6 +184,7 @@ class RecurrentCache:
         self.conv: list[Tensor | None] = [None] * n_convs  # each [B, K-1, C]
         self.state: Tensor | None = None  # [B, HV, K, V] float32
         self.rollback = rollback
+        self.in_place = False  # mixers may not write the new state over ``state`` (it is not ours alone)
         self.length = 0
         # snapshots[n] = (state, conv tails) after the first n tokens, for the last `rollback` positions
         self.snapshots: dict[int, tuple[Tensor, list[Tensor]]] = {}

@@ -52,7 +52,10 @@ class GatedDeltaNet(Mixer):
             beta = beta * ctx.token_mask[..., None]
         record = 0 if cache is None else cache.rollback
         state0 = None if cache is None else cache.state
-        o, state, states = delta_rule(q, k, v, g, beta, c.key_head_dim**-0.5, state0, record_last=record)
+        in_place = not record and state0 is not None and cache.in_place  # engine pools: no copy-back
+        o, state, states = delta_rule(
+            q, k, v, g, beta, c.key_head_dim**-0.5, state0, record_last=record, in_place=in_place
+        )
         if cache is not None:
             advance_recurrent_cache(cache, state, [new_tail], [(tail, mixed)], states, c.conv_kernel)
         o = gated_rms_norm(o, self.norm.weight, z.view(b, t, c.value_heads, c.value_head_dim), c.norm_eps, "silu")

@@ -64,7 +64,8 @@ class KimiDeltaAttention(Mixer):
             beta = beta * mask
         record = 0 if cache is None else cache.rollback
         state0 = None if cache is None else cache.state
-        o, state, states = delta_rule(q, k, v, g, beta, d**-0.5, state0, record_last=record)
+        in_place = not record and state0 is not None and cache.in_place  # engine pools: no copy-back
+        o, state, states = delta_rule(q, k, v, g, beta, d**-0.5, state0, record_last=record, in_place=in_place)
         if cache is not None:
             advance_recurrent_cache(cache, state, tails, inputs, states, c.conv_kernel)
         gate = self.g_b_proj(self.g_a_proj(x)).view(b, t, h, d)

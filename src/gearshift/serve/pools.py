@@ -202,12 +202,15 @@ class RecurrentView:
         self.pool, self.slots, self.rollback, self.index = pool, slots, rollback, index
         self.read: Tensor | slice = slots if span is None else span
         self.state = pool.state[self.read]  # read before ``update`` overwrites it (the mixers do)
+        # decode kernels may write the new state over ``state``: for a view of the pool that is the write-back
+        self.in_place = not rollback
         self.conv = [c[self.read] for c in pool.conv]
         self.length = 0
         self.snapshots: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
     def update(self, state: Tensor, conv: list[Tensor], t: int) -> None:
-        self.pool.state[self.read] = state
+        if state is not self.state or not isinstance(self.read, slice):  # else already written, in place
+            self.pool.state[self.read] = state
         for pool_c, c in zip(self.pool.conv, conv, strict=True):
             pool_c[self.read] = c.to(pool_c.dtype)
         self.length += t
