@@ -141,9 +141,39 @@ def test_in_place_decode(per_channel, device):
     q, k, v, g, beta, s0 = (x.to(device) for x in inputs(per_channel, t=3, dk=64, dv=64))
     for state in (s0.clone(), s0.transpose(0, 1).contiguous().transpose(0, 1)):
         ref_o, ref_state = recurrent_delta_rule(*(x.cpu() for x in (q, k, v, g, beta)), 0.125, s0.cpu())
-        o, final, _ = delta_rule(q, k, v, g, beta, 0.125, state, in_place=True)
+        with torch.no_grad():  # decoding (with gradients, fla's chunked kernels run)
+            o, final, _ = delta_rule(q, k, v, g, beta, 0.125, state, in_place=True)
         assert final is state
         torch.testing.assert_close(final.cpu(), ref_state, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(o.cpu().float(), ref_o, atol=2e-4, rtol=2e-4)
     with pytest.raises(ValueError, match="in_place"):
         delta_rule(q, k, v, g, beta, 0.125, s0.clone(), record_last=1, in_place=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's kernels need CUDA (run on the GPU machine)")
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fla_in_place_kernel_agrees_with_the_public_one(per_channel):
+    from gearshift.ops.dispatch import _in_place_usable, in_place_decode_agrees
+
+    assert in_place_decode_agrees(torch.device("cuda"), per_channel)
+    assert _in_place_usable(torch.device("cuda"), per_channel)
+
+
+def test_in_place_kernel_is_checked_once_and_never_in_a_capture(monkeypatch):
+    """The in-place decode kernel is used only after an eager check on that GPU agreed; a graph capture never runs
+    the check (it uses the public kernel until an eager call has checked)."""
+    from gearshift.ops import dispatch
+
+    calls = []
+    monkeypatch.setattr(dispatch, "_in_place_verdicts", {})
+    monkeypatch.setattr(dispatch, "_fla_recurrent_in_place", lambda: object())
+    monkeypatch.setattr(dispatch, "in_place_decode_agrees", lambda device, per_channel: calls.append(1) or per_channel)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not dispatch._in_place_usable(torch.device("cuda", 0), True) and not calls
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert dispatch._in_place_usable(torch.device("cuda", 0), True)
+    assert not dispatch._in_place_usable(torch.device("cuda", 0), False)  # a kind whose check disagreed
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert dispatch._in_place_usable(torch.device("cuda", 0), True) and len(calls) == 2  # checked once each
+    monkeypatch.setattr(dispatch, "_fla_recurrent_in_place", lambda: None)
+    assert not dispatch._in_place_usable(torch.device("cuda", 1), True)  # an fla without the kernel

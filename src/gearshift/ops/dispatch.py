@@ -251,6 +251,69 @@ def _fla_gradients_check(index: int, per_channel: bool) -> tuple[bool, float]:
     return agree, cosine
 
 
+_in_place_verdicts: dict[tuple[int, bool], bool] = {}
+
+
+def _in_place_usable(device: torch.device, per_channel: bool) -> bool:
+    """Whether decoding may use ``_fla_recurrent_in_place``: it exists, and on this GPU it gives what fla's public
+    decode kernel gives (output and final state, written in place) on random inputs. Checked once per GPU and
+    kind, in an eager call: never inside a graph capture, whose eager warm-up step has checked already."""
+    if _fla_recurrent_in_place() is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, per_channel)
+    if key not in _in_place_verdicts:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _in_place_verdicts[key] = in_place_decode_agrees(torch.device("cuda", index), per_channel)
+    return _in_place_verdicts[key]
+
+
+def in_place_decode_agrees(device: torch.device, per_channel: bool, atol: float = 1e-4) -> bool:
+    """fla's in-place recurrent forward against its public decode kernel (GDN: ``fused_recurrent_gated_delta_rule``,
+    the decay broadcast over K for the in-place one; KDA: ``fused_recurrent_kda``), fp32, random inputs shaped
+    like a layer's. A kernel that runs can still compute something else; decoding keeps the public kernels
+    (and a copy of the state) if these disagree."""
+    _, public_gdn, _, public_kda = _fla_ops()
+    gen = torch.Generator().manual_seed(0)
+    b, t, h, hv, d = 2, 3, 2, 4, 64
+
+    def rand(*size: int) -> Tensor:
+        return torch.randn(*size, generator=gen).to(device)
+
+    q = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
+    k = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
+    v, beta, state = rand(b, t, hv, d), torch.rand(b, t, hv, generator=gen).to(device), rand(b, hv, d, d)
+    g = -torch.rand(b, t, hv, d, generator=gen).to(device)
+    if not per_channel:
+        g = g[..., :1].expand(b, t, hv, d).contiguous()  # one decay per head, broadcast over K
+    public = public_kda if per_channel else public_gdn
+    try:
+        with torch.no_grad():
+            ref_o, ref_state = public(
+                q, k, v, g=g if per_channel else g[..., 0], beta=beta, scale=d**-0.5,
+                initial_state=state.clone(), output_final_state=True,
+            )  # fmt: skip
+            fwd = _fla_recurrent_in_place()
+            o, final = fwd(q, k, v, g, beta, initial_state=state, scale=d**-0.5, output_final_state=True,
+                           inplace_final_state=True)  # fmt: skip
+        agree = (
+            final.data_ptr() == state.data_ptr()
+            and torch.allclose(o.float(), ref_o.float(), atol=atol)
+            and torch.allclose(state, ref_state.float(), atol=atol)
+        )
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails here is not used
+        warnings.warn(f"fla's in-place recurrent forward failed on {device} ({exc})", stacklevel=3)
+        return False
+    if not agree:
+        warnings.warn(
+            f"fla's in-place recurrent forward disagrees with its {'KDA' if per_channel else 'GDN'} decode kernel on "
+            f"{device}: decoding keeps the public kernel and copies the state back",
+            stacklevel=3,
+        )
+    return agree
+
+
 def _fla_delta_rule(q, k, v, g, beta, scale, initial_state, in_place=False):
     chunk_gdn, recurrent_gdn, chunk_kda, recurrent_kda = _fla_ops()
     per_channel = g.dim() == 4
@@ -259,7 +322,7 @@ def _fla_delta_rule(q, k, v, g, beta, scale, initial_state, in_place=False):
     q, k = q.to(dtype), k.to(dtype)
     g = g.float()
     state = None if initial_state is None else initial_state.float()
-    fwd = _fla_recurrent_in_place() if decoding else None
+    fwd = _fla_recurrent_in_place() if decoding and _in_place_usable(q.device, per_channel) else None
     if fwd is not None:
         # decode through the per-channel kernel for GDN too (its scalar decay broadcast over K: the same
         # recurrence), writing the final state over the initial one when asked and possible
