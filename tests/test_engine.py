@@ -620,6 +620,25 @@ def test_pools_sized_per_placement(model):
         sized.submit([1, 2], "KKKK")
 
 
+def test_has_room_counts_free_slots_and_the_waiting(model):
+    """``has_room``: a free row and, in every pool of the placement, a slot beyond what waiting requests need."""
+    engine = Engine(model, max_batch=3, max_context=40, placement_slots={"FSGK": 1, "GGGG": 1})
+    assert engine.has_room("GGGG") and engine.has_room("FSGK")
+    params = SamplingParams(max_tokens=4, stop_token_ids=())
+    engine.submit([1, 2], "GGGG", params)  # waiting: it will take layer 0's only GDN slot
+    assert not engine.has_room("GGGG") and engine.has_room("FSGK")
+    engine.step()  # running now: the same
+    assert not engine.has_room("GGGG") and engine.has_room("FSGK")
+    assert not engine.has_room("KKKK") and not engine.has_room("nonsense")  # not served, unknown
+    engine.submit([3], "FSGK", params)
+    assert not engine.has_room("FSGK")
+    engine.run()
+    assert engine.has_room("GGGG") and engine.has_room("FSGK")
+    busy = Engine(model, max_batch=1, max_context=40)
+    busy.submit([1], "FFFF", params)
+    assert not busy.has_room("GGGG")  # no free row
+
+
 def test_pools_sized_per_placement_errors(model):
     with pytest.raises(ValueError, match="give it alone"):
         Engine(model, placements=["GGGG"], placement_slots={"GGGG": 1})

@@ -194,6 +194,12 @@ def test_auto_policy_walks_up_the_speed_ladder_with_load():
     policy = AutoPolicy(infos, quality_floor=0.5)
     assert [policy.choose(load) for load in (0.0, 0.5, 0.75, 1.0, 3.0)] == ["q", "q", "m", "f", "f"]
     assert AutoPolicy(infos).choose(5.0) == "x"
+    # a preset that could not start now (its pools full) gives way to the nearest one that could, faster first
+    room = {"q": False, "m": True, "f": False}
+    assert policy.choose(0.0, room.get) == "m"
+    assert policy.choose(1.0, room.get) == "m"  # f is full: the slower neighbour
+    assert policy.choose(0.75, {"q": True, "m": False, "f": True}.get) == "f"
+    assert policy.choose(0.75, lambda name: False) == "m"  # none could: the load's own
     with pytest.raises(ValueError, match="floor"):
         AutoPolicy(infos, quality_floor=0.95)
 

@@ -369,6 +369,26 @@ class Engine:
                 self.waiting.remove(request)
                 self._finish(request, "cancelled")
 
+    def has_room(self, placement: PlacementSpec) -> bool:
+        """Whether a request of this placement submitted now could start at the next step: a free row, and a slot
+        in each of its pools beyond those the waiting requests need (they go first). For ``auto``: a preset whose
+        pools are full would wait even while another one's have room."""
+        try:
+            needs = self._needs(self.model.resolve(placement), None)
+        except ValueError:
+            return False
+        with self.lock:
+            if len(self.running) + len(self.waiting) >= self.max_batch:
+                return False
+            taken: dict[tuple[int, str], int] = {}
+            for req in self.waiting:
+                for key, count in req.needs.items():
+                    taken[key] = taken.get(key, 0) + count
+            return all(
+                key[1] in self.pools[key[0]] and self.pools[key[0]][key[1]].alloc.available - taken.get(key, 0) >= count
+                for key, count in needs.items()
+            )
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

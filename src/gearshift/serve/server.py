@@ -196,7 +196,7 @@ def create_app(
             if policy is None:
                 raise ApiError(400, "this checkpoint stores no presets, so 'auto' has nothing to choose from")
             load = (engine.queue_depth + len(engine.running)) / engine.max_batch
-            chosen = policy.choose(load)
+            chosen = policy.choose(load, lambda preset: engine.has_room(presets[preset]))
             return chosen, chosen
         if requested is None:
             return "default", default
