@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -370,24 +370,32 @@ class Engine:
                 self._finish(request, "cancelled")
 
     def has_room(self, placement: PlacementSpec) -> bool:
-        """Whether a request of this placement submitted now could start at the next step: a free row, and a slot
-        in each of its pools beyond those the waiting requests need (they go first). For ``auto``: a preset whose
-        pools are full would wait even while another one's have room."""
-        try:
-            needs = self._needs(self.model.resolve(placement), None)
-        except ValueError:
-            return False
+        """Whether a request of this placement submitted now could start at the next step (see ``room_check``)."""
+        return self.room_check()(placement)
+
+    def room_check(self) -> Callable[[PlacementSpec], bool]:
+        """A snapshot of the free rows and pool slots, as a test of whether a request of a placement submitted now
+        could start at the next step: a free row, and a slot in each of its pools beyond those the waiting
+        requests need (they go first). For ``auto``, which tries several presets per request: one that would
+        wait may give way to one that would start."""
         with self.lock:
             if len(self.running) + len(self.waiting) >= self.max_batch:
-                return False
-            taken: dict[tuple[int, str], int] = {}
+                return lambda placement: False
+            free = {
+                (i, name): pool.alloc.available for i, layer in enumerate(self.pools) for name, pool in layer.items()
+            }
             for req in self.waiting:
                 for key, count in req.needs.items():
-                    taken[key] = taken.get(key, 0) + count
-            return all(
-                key[1] in self.pools[key[0]] and self.pools[key[0]][key[1]].alloc.available - taken.get(key, 0) >= count
-                for key, count in needs.items()
-            )
+                    free[key] -= count
+
+        def check(placement: PlacementSpec) -> bool:
+            try:
+                needs = self._needs(self.model.resolve(placement), None)
+            except ValueError:
+                return False
+            return all(free.get(key, 0) >= count for key, count in needs.items())
+
+        return check
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -196,7 +196,8 @@ def create_app(
             if policy is None:
                 raise ApiError(400, "this checkpoint stores no presets, so 'auto' has nothing to choose from")
             load = (engine.queue_depth + len(engine.running)) / engine.max_batch
-            chosen = policy.choose(load, lambda preset: engine.has_room(presets[preset]))
+            room = engine.room_check()  # one snapshot for the presets auto tries
+            chosen = policy.choose(load, lambda preset: room(presets[preset]))
             return chosen, chosen
         if requested is None:
             return "default", default
