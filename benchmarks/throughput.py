@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    model = random_supernet(args.shape, device)
+    model = random_supernet(args.shape, device).fuse_projections_()  # inference layout, as the engine's
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
     n_layers = cfg.num_layers
     use_graph = device.type == "cuda"

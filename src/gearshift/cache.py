@@ -178,7 +178,8 @@ class WindowKVCache:
 
 
 class RecurrentCache:
-    """Conv tails (one per short convolution) and the fp32 recurrent state of a GDN or KDA layer."""
+    """Conv tails and the fp32 recurrent state of a GDN or KDA layer (one tail each: both run their short convs
+    as one depthwise conv over the channels side by side)."""
 
     def __init__(self, n_convs: int, rollback: int = 0) -> None:
         self.conv: list[Tensor | None] = [None] * n_convs  # each [B, K-1, C]
@@ -369,7 +370,7 @@ def synthetic_cache(
                 convs = [2 * mixer.key_dim + mixer.value_dim]
             else:
                 heads, dk, dv = c.heads, c.head_dim, c.head_dim
-                convs = [c.heads * c.head_dim] * 3
+                convs = [3 * c.heads * c.head_dim]  # the three convs side by side
             layer.state = 0.01 * torch.randn(batch, heads, dk, dv, device=device)
             layer.conv = [torch.randn(batch, c.conv_kernel - 1, n, device=device, dtype=dtype) for n in convs]
         layer.length = context

@@ -465,6 +465,13 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and owning its storage: safetensors refuses tensors that share memory, as the parts of
+    weights laid out together do (``Supernet.fuse_projections_``)."""
+    whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t.contiguous() if whole else t.clone(memory_format=torch.contiguous_format)
+
+
 def save(
     model,
     path: str | Path,
@@ -480,7 +487,7 @@ def save(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _standalone(v.detach()) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     limit = _parse_size(max_shard_size)

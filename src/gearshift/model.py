@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import SupernetCache
 from .config import AttentionConfig, GDNConfig, KDAConfig, LayerConfig, MixerConfig, MLPConfig, SupernetConfig
 from .layers.attention import Attention
-from .layers.base import Mixer, RMSNorm, StepContext
+from .layers.base import Mixer, RMSNorm, StepContext, fuse_linears_, linear_outputs
 from .layers.gdn import GatedDeltaNet
 from .layers.kda import KimiDeltaAttention
 from .ops.fused import ACTIVATIONS, gated_activation
@@ -48,8 +48,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), self.activation))
+            gate, up = linear_outputs(x, (self.gate_proj, self.up_proj))
+            return self.down_proj(gated_activation(gate, up, self.activation))
         return self.down_proj(self.act(self.up_proj(x)))
+
+    def fuse_(self) -> None:
+        """The gate and up projections as one matmul in inference (see ``Mixer.fuse_``)."""
+        if self.gated:
+            fuse_linears_((self.gate_proj, self.up_proj))
 
 
 class MixerSet(nn.Module):
@@ -193,6 +199,19 @@ class Supernet(nn.Module):
             if not cfg.holds(placement):
                 del self.presets[name]
                 self.preset_meta.pop(name, None)
+        return self
+
+    def fuse_projections_(self) -> Supernet:
+        """Lay out, in place, the weights that read the same input as one tensor each: a mixer's input projections
+        (and KDA's convs and low-rank up-projections), an MLP's gate and up. Inference (gradients off) then runs
+        one matmul for each such set, so a decode step launches fewer kernels -- which matters most in a batch
+        that mixes presets, where every layer runs one chain per mixer group. Names, shapes and values stay; a
+        later ``.to()`` or ``load_state_dict(assign=True)`` undoes it (run it again after). The serving engine
+        runs it on its model."""
+        for block in self.blocks:
+            block.mlp.fuse_()
+            for mixer in block.mixer.mixers.values():
+                mixer.fuse_()
         return self
 
     @property

@@ -8,7 +8,7 @@ from ..cache import FullKVCache, WindowKVCache
 from ..config import AttentionConfig
 from ..ops.attention import attend
 from ..ops.fused import apply_rope
-from .base import Mixer, StepContext
+from .base import Mixer, StepContext, fuse_linears_, linear_outputs
 
 
 class Attention(Mixer):
@@ -25,9 +25,10 @@ class Attention(Mixer):
     def forward(self, x: Tensor, ctx: StepContext, cache: FullKVCache | WindowKVCache | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x).view(b, t, c.heads, c.head_size).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.head_groups, c.head_size).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.head_groups, c.head_size).transpose(1, 2)
+        q, k, v = linear_outputs(x, self._qkv)
+        q = q.view(b, t, c.heads, c.head_size).transpose(1, 2)
+        k = k.view(b, t, c.head_groups, c.head_size).transpose(1, 2)
+        v = v.view(b, t, c.head_groups, c.head_size).transpose(1, 2)
         cos, sin = ctx.rope(c.head_size, c.rope, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -38,6 +39,13 @@ class Attention(Mixer):
         valid = ctx.key_valid(k_index)
         o = attend(q, keys, values, ctx.q_index, k_index, valid, c.window_size, c.head_size**-0.5, exact)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, c.heads * c.head_size))
+
+    @property
+    def _qkv(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def fuse_(self) -> None:
+        fuse_linears_(self._qkv)
 
     def new_cache(self, rollback: int = 0, capacity: int = 0) -> FullKVCache | WindowKVCache:
         if self.cfg.window_size is None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import RecurrentCache
@@ -52,12 +54,90 @@ class Mixer(nn.Module):
 
     kind: str
 
+    def fuse_(self) -> None:
+        """Lay out the weights that read the same input as one tensor each (``fuse_parameters_``), so inference
+        runs one matmul where it ran several. Names, shapes and values do not change."""
+
     def new_cache(self, rollback: int = 0, capacity: int = 0):  # pragma: no cover - interface
         raise NotImplementedError
 
     def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:  # pragma: no cover - interface
         """Bytes of decoding state one sequence needs at ``context`` tokens."""
         raise NotImplementedError
+
+
+def fuse_parameters_(params: Sequence[Tensor], stack: bool = False) -> None:
+    """Re-lay ``params`` as consecutive parts of one new tensor, in place: concatenated along dim 0, or stacked
+    (``stack``, equal shapes). Each parameter keeps its name, shape and value and becomes a view of that tensor,
+    which ``fused_view`` returns. Projections that read the same input then take one matmul in decoding instead
+    of one each: a decode step is a chain of small kernels, and a mixed batch runs one chain per mixer group."""
+    if fused_view(params, stack, inference=False) is not None:
+        return  # already laid out together
+    with torch.no_grad():
+        whole = torch.stack(list(params)) if stack else torch.cat(list(params))
+    start = 0
+    for p in params:
+        rows = 1 if stack else p.shape[0]
+        p.data = whole[start] if stack else whole[start : start + rows]
+        start += rows
+
+
+def fused_view(params: Sequence[Tensor], stack: bool = False, inference: bool = True) -> Tensor | None:
+    """``params`` as one tensor (as ``fuse_parameters_`` lays them out), a view and no copy, or None where they
+    are not laid out so (never fused, or their data was replaced since: ``.to()``, ``load_state_dict(assign=True)``,
+    FSDP) or, with ``inference``, where gradients are wanted (a view of one parameter's storage would route
+    every gradient to that parameter)."""
+    first = params[0]
+    if inference and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in params:
+        same_shape = p.shape == first.shape if stack else p.shape[1:] == first.shape[1:]
+        if not (
+            same_shape
+            and p.dtype == first.dtype
+            and p.is_contiguous()
+            and p.untyped_storage().data_ptr() == storage
+            and p.storage_offset() == offset
+        ):
+            return None
+        offset += p.numel()
+    size = (len(params), *first.shape) if stack else (sum(p.shape[0] for p in params), *first.shape[1:])
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.insert(0, step)
+        step *= n
+    return first.detach().as_strided(size, strides, first.storage_offset())
+
+
+def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> Tensor | None:
+    """The outputs of ``linears`` on the same input ``x`` side by side, [..., sum of out_features], from one matmul
+    where ``Mixer.fuse_`` laid their weights (and biases) out together; else None."""
+    weight = fused_view([m.weight for m in linears])
+    if weight is None:
+        return None
+    bias = None
+    if linears[0].bias is not None:
+        bias = fused_view([m.bias for m in linears])
+        if bias is None:
+            return None
+    return F.linear(x, weight, bias)
+
+
+def linear_outputs(x: Tensor, linears: Sequence[nn.Linear]) -> list[Tensor]:
+    """Each of ``linears`` applied to ``x``: views of one matmul's output where their weights are laid out
+    together (``fused_linear``), else one matmul each."""
+    y = fused_linear(x, linears)
+    if y is None:
+        return [m(x) for m in linears]
+    return list(y.split([m.out_features for m in linears], dim=-1))
+
+
+def fuse_linears_(linears: Sequence[nn.Linear]) -> None:
+    """``fuse_parameters_`` for the weights (and biases) of linear layers that read the same input."""
+    fuse_parameters_([m.weight for m in linears])
+    if linears[0].bias is not None:
+        fuse_parameters_([m.bias for m in linears])
 
 
 class RMSNorm(nn.Module):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import RecurrentCache
 from ..config import GDNConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
-from ..ops.fused import decay_gates, gated_rms_norm, l2norm
-from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache
+from ..ops.fused import activate_qkv, decay_gates, gated_rms_norm
+from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache, fuse_linears_, linear_outputs
 
 
 class GatedDeltaNet(Mixer):
@@ -35,17 +34,14 @@ class GatedDeltaNet(Mixer):
         b, t, _ = x.shape
         c = self.cfg
         kd, vd = self.key_dim, self.value_dim
-        q, k, v, z = self.in_proj_qkvz(x).split([kd, kd, vd, vd], dim=-1)
-        beta_logit, a = self.in_proj_ba(x).split([c.value_heads, c.value_heads], dim=-1)
-        mixed = torch.cat([q, k, v], dim=-1)
+        qkvz, ba = linear_outputs(x, self._in_projs)
+        mixed, z = qkvz.split([2 * kd + vd, vd], dim=-1)  # [q | k | v] (the conv's input) and the output gate
+        beta_logit, a = ba.split([c.value_heads, c.value_heads], dim=-1)
         if ctx.token_mask is not None:  # padding is an exact identity: no conv input, no decay, no write
             mixed = mixed * ctx.token_mask[..., None].to(mixed.dtype)
         tail = None if cache is None else cache.conv[0]
         conv_out, new_tail = causal_conv1d(mixed, self.convolution.weight, tail)
-        q, k, v = F.silu(conv_out).split([kd, kd, vd], dim=-1)
-        q = l2norm(q.view(b, t, c.key_heads, c.key_head_dim))
-        k = l2norm(k.view(b, t, c.key_heads, c.key_head_dim))
-        v = v.reshape(b, t, c.value_heads, c.value_head_dim)
+        q, k, v = activate_qkv(conv_out, kd, c.key_head_dim, c.value_head_dim, "silu")
         g, beta = decay_gates(a, beta_logit, self.A_log, self.dt_bias)
         if ctx.token_mask is not None:
             g = g * ctx.token_mask[..., None]
@@ -60,6 +56,13 @@ class GatedDeltaNet(Mixer):
             advance_recurrent_cache(cache, state, [new_tail], [(tail, mixed)], states, c.conv_kernel)
         o = gated_rms_norm(o, self.norm.weight, z.view(b, t, c.value_heads, c.value_head_dim), c.norm_eps, "silu")
         return self.out_proj(o.reshape(b, t, vd))
+
+    @property
+    def _in_projs(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.in_proj_qkvz, self.in_proj_ba
+
+    def fuse_(self) -> None:
+        fuse_linears_(self._in_projs)
 
     def new_cache(self, rollback: int = 0, capacity: int = 0) -> RecurrentCache:
         return RecurrentCache(n_convs=1, rollback=rollback)

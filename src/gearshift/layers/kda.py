@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import RecurrentCache
 from ..config import KDAConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
-from ..ops.fused import decay_gates, gated_rms_norm, l2norm
-from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache
+from ..ops.fused import activate_qkv, decay_gates, gated_rms_norm
+from .base import (
+    Mixer,
+    NormWeight,
+    ShortConv,
+    StepContext,
+    advance_recurrent_cache,
+    fuse_linears_,
+    fuse_parameters_,
+    fused_linear,
+    fused_view,
+)
 
 
 class KimiDeltaAttention(Mixer):
@@ -42,23 +51,25 @@ class KimiDeltaAttention(Mixer):
         b, t, _ = x.shape
         c = self.cfg
         h, d = c.heads, c.head_dim
-        act = F.silu if c.conv_activation == "silu" else torch.sigmoid
+        p = h * d
         mask = None if ctx.token_mask is None else ctx.token_mask[..., None]
-        inputs, outputs, tails = [], [], []
-        for i, (proj, conv) in enumerate(
-            ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv))
-        ):
-            y = proj(x)
-            if mask is not None:  # padding is an exact identity: no conv input, no decay, no write
-                y = y * mask.to(y.dtype)
-            tail = None if cache is None else cache.conv[i]
-            out, new_tail = causal_conv1d(y, conv.weight, tail)
-            inputs.append((tail, y))
-            outputs.append(act(out).view(b, t, h, d))
-            tails.append(new_tail)
-        q, k, v = l2norm(outputs[0]), l2norm(outputs[1]), outputs[2]
-        g_raw = self.f_b_proj(self.f_a_proj(x)).view(b, t, h, d).float()
-        g, beta = decay_gates(g_raw, self.beta_proj(x), self.A_log[:, None], self.dt_bias.view(h, d))
+        # every projection of x at once: [q | k | v] (the three convs' input, side by side), the low-rank decay's
+        # and gate's first halves, beta's logit
+        y = fused_linear(x, self._in_projs)
+        if y is None:
+            y = torch.cat([proj(x) for proj in self._in_projs], dim=-1)
+        qkv, low_rank, beta_logit = y.split([3 * p, 2 * d, h], dim=-1)
+        if mask is not None:  # padding is an exact identity: no conv input, no decay, no write
+            qkv = qkv * mask.to(qkv.dtype)
+        tail = None if cache is None else cache.conv[0]
+        # the three depthwise convs are one over the 3p channels (their weights side by side)
+        conv = fused_view(self._convs)
+        if conv is None:
+            conv = torch.cat(self._convs)
+        out, new_tail = causal_conv1d(qkv, conv, tail)
+        q, k, v = activate_qkv(out, p, d, d, c.conv_activation)
+        g_raw, gate = self._low_rank(low_rank)
+        g, beta = decay_gates(g_raw.view(b, t, h, d).float(), beta_logit, self.A_log[:, None], self.dt_bias.view(h, d))
         if mask is not None:
             g = g * mask[..., None]
             beta = beta * mask
@@ -67,13 +78,38 @@ class KimiDeltaAttention(Mixer):
         in_place = not record and state0 is not None and cache.in_place  # engine pools: no copy-back
         o, state, states = delta_rule(q, k, v, g, beta, d**-0.5, state0, record_last=record, in_place=in_place)
         if cache is not None:
-            advance_recurrent_cache(cache, state, tails, inputs, states, c.conv_kernel)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(b, t, h, d)
-        o = gated_rms_norm(o, self.norm.weight, gate, c.norm_eps, c.gate_activation)
-        return self.o_proj(o.reshape(b, t, h * d))
+            advance_recurrent_cache(cache, state, [new_tail], [(tail, qkv)], states, c.conv_kernel)
+        o = gated_rms_norm(o, self.norm.weight, gate.view(b, t, h, d), c.norm_eps, c.gate_activation)
+        return self.o_proj(o.reshape(b, t, p))
+
+    def _low_rank(self, low_rank: Tensor) -> tuple[Tensor, Tensor]:
+        """The decay's and the output gate's second (up) projections, [..., 2d] -> two [..., p]: one batched
+        matmul where ``fuse_`` stacked their weights."""
+        d = self.cfg.head_dim
+        f_a, g_a = low_rank.split([d, d], dim=-1)
+        stacked = fused_view([self.f_b_proj.weight, self.g_b_proj.weight], stack=True)
+        if stacked is None:
+            return self.f_b_proj(f_a), self.g_b_proj(g_a)
+        lead = low_rank.shape[:-1]
+        pair = low_rank.reshape(-1, 2, d).transpose(0, 1)  # [2, N, d], a view
+        up = torch.bmm(pair, stacked.transpose(1, 2))  # [2, N, p]
+        return up[0].view(*lead, -1), up[1].view(*lead, -1)
+
+    @property
+    def _in_projs(self) -> tuple[nn.Linear, ...]:
+        return self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.beta_proj
+
+    @property
+    def _convs(self) -> list[Tensor]:
+        return [self.q_conv.weight, self.k_conv.weight, self.v_conv.weight]
+
+    def fuse_(self) -> None:
+        fuse_linears_(self._in_projs)
+        fuse_parameters_([self.f_b_proj.weight, self.g_b_proj.weight], stack=True)
+        fuse_parameters_(self._convs)
 
     def new_cache(self, rollback: int = 0, capacity: int = 0) -> RecurrentCache:
-        return RecurrentCache(n_convs=3, rollback=rollback)
+        return RecurrentCache(n_convs=1, rollback=rollback)  # one tail for the three convs, [B, K-1, 3p]
 
     def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
         c = self.cfg

@@ -72,25 +72,23 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+@fusible
 def attention_mask(q_index: Tensor, k_index: Tensor, k_valid: Tensor | None, window: int | None) -> Tensor:
     """Boolean mask [B or 1, 1, Tq, Tk]: key j visible from query i.
 
     q_index [Tq] or [B, Tq] and k_index [Tk] or [B, Tk] are token indices (-1 marks an empty cache slot); per-row
     indices serve engines whose requests sit at different positions. k_valid [B, Tk] marks real (non-padding)
     keys. Every query also sees itself, so a padding query never has an empty row (SDPA would return NaN there
-    and poison later layers).
+    and poison later layers). One fused kernel where fusion is active (an engine's decode step builds one mask
+    per attention group and layer).
     """
     qi, kj = q_index[..., :, None], k_index[..., None, :]
     visible = (kj <= qi) & (kj >= 0)
     if window is not None:
-        visible &= qi - kj < window
-    if visible.dim() == 2:
-        visible, self_key = visible[None], (kj == qi)[None]
-    else:
-        self_key = kj == qi
+        visible = visible & (qi - kj < window)
     if k_valid is not None:
-        visible = (visible & k_valid[:, None, :]) | self_key
-    return visible[:, None]
+        visible = (visible & k_valid[..., None, :]) | (kj == qi)
+    return visible[None, None] if visible.dim() == 2 else visible[:, None]
 
 
 def attend(
@@ -168,7 +166,8 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
         return _sdpa(q, k, v, attn_mask=mask, scale=scale)
     g = h // hkv
     qf = q.reshape(b, hkv, g * t, d)  # head h = kv * g + j (the repeat_interleave convention)
-    mask = None if mask is None else _fold_groups(mask, g)
+    if mask is not None and t > 1:  # one query per head: its mask row broadcasts over the g folded rows
+        mask = _fold_groups(mask, g)
     out = _sdpa(qf, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
 

@@ -115,6 +115,20 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 @fusible
+def activate_qkv(
+    y: Tensor, key_dim: int, key_head_dim: int, value_head_dim: int, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The short conv's output [B, T, q | k | v] -> q, k (L2-normalised per head), v, each [B, T, heads, dim] and
+    contiguous (the delta-rule kernels want that): the activation (silu or sigmoid) and both norms in one pass."""
+    b, t, _ = y.shape
+    act = torch.sigmoid(y) if activation == "sigmoid" else torch.nn.functional.silu(y)
+    q, k, v = act.split([key_dim, key_dim, act.shape[-1] - 2 * key_dim], dim=-1)
+    q = l2norm(q.reshape(b, t, -1, key_head_dim))
+    k = l2norm(k.reshape(b, t, -1, key_head_dim))
+    return q, k, v.reshape(b, t, -1, value_head_dim).contiguous()
+
+
+@fusible
 def gated_rms_norm(x: Tensor, weight: Tensor, gate: Tensor, eps: float, activation: str) -> Tensor:
     """weight * rmsnorm(x) * act(gate), per head over the last dim (the output norm of GDN and KDA)."""
     xf = x.float()

@@ -181,7 +181,8 @@ def _prefill_seconds(model: Any, placement: str, tokens: int, iters: int) -> flo
 def _random_model(config: SupernetConfig, device: torch.device, dtype: torch.dtype) -> Any:
     from ..model import Supernet
 
-    return Supernet.random(config, device=device, dtype=dtype).eval()
+    # timed in the serving engine's weight layout (one matmul per set of projections that share an input)
+    return Supernet.random(config, device=device, dtype=dtype).eval().fuse_projections_()
 
 
 def timed_costs(

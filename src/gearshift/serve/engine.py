@@ -9,7 +9,9 @@ with a draft placement decode speculatively (``speculative.py``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +30,12 @@ from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView, c
 PREFILL_FLOP = 4e12  # work of one batched prefill forward (default prefill_tokens): ~5 ms of an H200's bf16 matmuls
 AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
 ADMIT_LOOKAHEAD = 256  # waiting requests passed over (blocked) at most per admission pass, beyond the free rows
+# The mixer groups of a layer run on their own CUDA streams (see Engine.mixed_forward). GEARSHIFT_GROUP_STREAMS:
+# auto (default: on CUDA), 0 (one stream, as before), 1 (same as auto; there are no streams on the CPU).
+_streams_env = os.environ.get("GEARSHIFT_GROUP_STREAMS", "auto")
+if _streams_env not in ("auto", "0", "1"):
+    raise ValueError(f"GEARSHIFT_GROUP_STREAMS must be auto, 0 or 1, not {_streams_env!r}")
+GROUP_STREAMS = _streams_env != "0"
 
 
 def _size(n: int) -> str:
@@ -125,7 +133,9 @@ class Engine:
         placements: Sequence[PlacementSpec] | None = None,
         placement_slots: Mapping[PlacementSpec, int] | None = None,
     ) -> None:
-        """``pool_slots``: slots per pool (default ``max_batch``; speculative requests hold draft slots too).
+        """The engine lays out ``model``'s weights for inference, in place (``Supernet.fuse_projections_``: same
+        names and values, fewer matmuls per step).
+        ``pool_slots``: slots per pool (default ``max_batch``; speculative requests hold draft slots too).
         ``state_memory``: bytes for all decoding state. When the pools of ``pool_slots`` requests exceed it, the
         full-attention pools (the only ones that grow with the context) get fewer slots, and requests that need
         them wait while others run. Default: no limit on CPU, 85% of the free memory on CUDA.
@@ -143,7 +153,7 @@ class Engine:
         request, the state of every mixer any of them uses; sized this way, each request holds only its own.
         Requests beyond a placement's count run when the pools they need have room (slots that other placements
         share with it and leave free), else wait. Must fit the state budget."""
-        self.model = model.eval()
+        self.model = model.eval().fuse_projections_()  # fewer, larger matmuls per mixer group
         self.config = model.config
         self.device = model.device
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -235,6 +245,10 @@ class Engine:
         self.overlap = self.device.type == "cuda"
         self._pending: _Pending | None = None
         self._sample_index: dict[tuple, list[tuple[tuple, Tensor | None]]] = {}  # see _sample_on_device
+        # side streams for a layer's second, third, ... mixer group (see mixed_forward); the same ones every step,
+        # so their first (eager) use sets up cuBLAS and cuDNN for them before any graph captures them
+        self.group_streams = GROUP_STREAMS and self.device.type == "cuda"
+        self._side_streams: list[torch.cuda.Stream] = []
 
     def _pool_spec(self, mixer) -> tuple[type, dict]:
         """The pool class and its settings (all but slots, device and dtype) for one mixer's decoding state."""
@@ -256,7 +270,7 @@ class Engine:
                 conv_channels=channels,
                 kernel=c.conv_kernel,
             )
-        channels = [c.heads * c.head_dim] * 3
+        channels = [3 * c.heads * c.head_dim]  # one tail for the three convs (see KimiDeltaAttention)
         return RecurrentPool, dict(
             heads=c.heads, dk=c.head_dim, dv=c.head_dim, conv_channels=channels, kernel=c.conv_kernel
         )
@@ -537,31 +551,57 @@ class Engine:
         for i, (block, groups) in enumerate(zip(model.blocks, self._plan(placements, slots, codes), strict=True)):
             x = block.input_layernorm(h)
             out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(x)
-            for g in groups:
-                pool = self.pools[i][g.name]
-                if isinstance(pool, RecurrentPool):
-                    view = pool.view(g.slots, rollback, g.rows, g.span)
-                    views.append(view)
-                else:
-                    view = pool.view(g.slots, g.span, checked, fresh)
-                ctx = contexts.get(id(g.rows))
-                if ctx is None:
-                    pos = positions if g.rows is None else positions[g.rows]
-                    if token_mask is None:
-                        ctx = StepContext(pos, pos)
+            side = self._fork(len(groups) - 1)
+            for g, stream in zip(groups, [None, *side] if side else [None] * len(groups), strict=True):
+                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                    pool = self.pools[i][g.name]
+                    if isinstance(pool, RecurrentPool):
+                        view = pool.view(g.slots, rollback, g.rows, g.span)
+                        views.append(view)
                     else:
-                        real = token_mask if g.rows is None else token_mask[g.rows]
-                        ctx = StepContext(pos, pos.clamp(min=0), token_mask=real, padded=True)
-                    contexts[id(g.rows)] = ctx
-                if g.rows is None:  # every row uses this mixer here: no gather, no scatter
-                    out = block.mixer.mixers[g.name](x, ctx, view)
-                else:
-                    out[g.rows] = block.mixer.mixers[g.name](x[g.rows], ctx, view)
+                        view = pool.view(g.slots, g.span, checked, fresh)
+                    ctx = contexts.get(id(g.rows))
+                    if ctx is None:
+                        pos = positions if g.rows is None else positions[g.rows]
+                        if token_mask is None:
+                            ctx = StepContext(pos, pos)
+                        else:
+                            real = token_mask if g.rows is None else token_mask[g.rows]
+                            ctx = StepContext(pos, pos.clamp(min=0), token_mask=real, padded=True)
+                        contexts[id(g.rows)] = ctx
+                    if g.rows is None:  # every row uses this mixer here: no gather, no scatter
+                        out = block.mixer.mixers[g.name](x, ctx, view)
+                    else:
+                        out[g.rows] = block.mixer.mixers[g.name](x[g.rows], ctx, view)
+            self._join(side)
             h = h + out
             h = h + block.mlp(block.post_attention_layernorm(h))
         if last_only:
             h = h[:, -1:]
         return model.logits(model.model.norm(h)), views
+
+    def _fork(self, n: int) -> list[torch.cuda.Stream]:
+        """``n`` side streams that start after the work queued so far on the current stream (none where group
+        streams are off). A layer's mixer groups touch disjoint rows and their own pools, so they may run at once:
+        a group of a mixed batch is a chain of small kernels (a few dozen rows each), which alone leaves most of
+        the GPU idle, and one stream would run the groups' chains one after another."""
+        if not self.group_streams or n <= 0:
+            return []
+        while len(self._side_streams) < n:
+            self._side_streams.append(torch.cuda.Stream(self.device))
+        main = torch.cuda.current_stream(self.device)
+        side = self._side_streams[:n]
+        for stream in side:
+            stream.wait_stream(main)
+        return side
+
+    def _join(self, side: list[torch.cuda.Stream]) -> None:
+        """The current stream waits for the side streams' work (everything after reads the groups' outputs).
+        Tensors made on a side stream and read later on another stream are ordered through these joins and the
+        next forks, and are freed back to their own stream's memory: reuse is ordered too."""
+        main = torch.cuda.current_stream(self.device) if side else None
+        for stream in side:
+            main.wait_stream(stream)
 
     def _graph_decode(
         self,

@@ -144,7 +144,8 @@ class AttentionView:
 
 
 class RecurrentPool:
-    """fp32 recurrent state [slots, H, K, V] + conv tails [slots, K-1, C] per convolution (GDN: 1, KDA: 3)."""
+    """fp32 recurrent state [slots, H, K, V] + conv tails [slots, K-1, C] (GDN: one conv over [q | k | v]; KDA:
+    its three convs side by side)."""
 
     def __init__(
         self, slots: int, heads: int, dk: int, dv: int, conv_channels: list[int], kernel: int, device, dtype
