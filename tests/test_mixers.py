@@ -141,3 +141,20 @@ def test_fused_mlp_and_model_match_naive(tiny_config):
         got = model(ids[None], "KGSF")[0]
         ref = naive.model_logits(model, ids, model.resolve("KGSF"))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_attention_with_qkv_bias():
+    """Qwen2-style q/k/v biases are laid out together with their weights."""
+    from gearshift.config import AttentionConfig
+    from gearshift.layers.attention import Attention
+
+    torch.manual_seed(0)
+    mod = Attention(32, AttentionConfig(heads=4, head_groups=2, head_size=8, qkv_bias=True)).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = mod(x, ctx_for(5, 2))
+        mod.fuse_()
+        with _MatmulCount(mod) as counter:
+            after = mod(x, ctx_for(5, 2))
+    assert counter.count == 2
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)

@@ -114,13 +114,12 @@ def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> Tensor | None:
     """The outputs of ``linears`` on the same input ``x`` side by side, [..., sum of out_features], from one matmul
     where ``Mixer.fuse_`` laid their weights (and biases) out together; else None."""
     weight = fused_view([m.weight for m in linears])
-    if weight is None:
+    biases = [m.bias for m in linears]
+    if weight is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
         return None
-    bias = None
-    if linears[0].bias is not None:
-        bias = fused_view([m.bias for m in linears])
-        if bias is None:
-            return None
+    bias = None if biases[0] is None else fused_view(biases)
+    if biases[0] is not None and bias is None:
+        return None
     return F.linear(x, weight, bias)
 
 
@@ -135,9 +134,12 @@ def linear_outputs(x: Tensor, linears: Sequence[nn.Linear]) -> list[Tensor]:
 
 def fuse_linears_(linears: Sequence[nn.Linear]) -> None:
     """``fuse_parameters_`` for the weights (and biases) of linear layers that read the same input."""
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return  # some with a bias, some without: they stay separate matmuls
     fuse_parameters_([m.weight for m in linears])
-    if linears[0].bias is not None:
-        fuse_parameters_([m.bias for m in linears])
+    if biases[0] is not None:
+        fuse_parameters_(biases)
 
 
 class RMSNorm(nn.Module):
