@@ -115,12 +115,12 @@ def fused_linear(x: Tensor, linears: Sequence[nn.Linear]) -> Tensor | None:
     where ``Mixer.fuse_`` laid their weights (and biases) out together; else None."""
     weight = fused_view([m.weight for m in linears])
     biases = [m.bias for m in linears]
-    if weight is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
+    if weight is None:
         return None
-    bias = None if biases[0] is None else fused_view(biases)
-    if biases[0] is not None and bias is None:
-        return None
-    return F.linear(x, weight, bias)
+    if all(b is None for b in biases):
+        return F.linear(x, weight)
+    bias = None if any(b is None for b in biases) else fused_view(biases)
+    return None if bias is None else F.linear(x, weight, bias)
 
 
 def linear_outputs(x: Tensor, linears: Sequence[nn.Linear]) -> list[Tensor]:

@@ -86,9 +86,9 @@ class KimiDeltaAttention(Mixer):
         """The decay's and the output gate's second (up) projections, [..., 2d] -> two [..., p]: one batched
         matmul where ``fuse_`` stacked their weights."""
         d = self.cfg.head_dim
-        f_a, g_a = low_rank.split([d, d], dim=-1)
         stacked = fused_view([self.f_b_proj.weight, self.g_b_proj.weight], stack=True)
         if stacked is None:
+            f_a, g_a = low_rank.split([d, d], dim=-1)
             return self.f_b_proj(f_a), self.g_b_proj(g_a)
         lead = low_rank.shape[:-1]
         pair = low_rank.reshape(-1, 2, d).transpose(0, 1)  # [2, N, d], a view

@@ -599,7 +599,9 @@ class Engine:
         """The current stream waits for the side streams' work (everything after reads the groups' outputs).
         Tensors made on a side stream and read later on another stream are ordered through these joins and the
         next forks, and are freed back to their own stream's memory: reuse is ordered too."""
-        main = torch.cuda.current_stream(self.device) if side else None
+        if not side:
+            return
+        main = torch.cuda.current_stream(self.device)
         for stream in side:
             main.wait_stream(stream)
 
