@@ -2,7 +2,8 @@
 that gives at each acceptance rate.
 
 Random weights accept almost nothing, so this does not measure acceptance: ``serve_smollm2.py`` does, on a
-supernet distilled from SmolLM2 (41-56% per draft token there, BENCHMARKS.md). It measures the cost side, on the
+supernet distilled from SmolLM2 (41-56% per draft token there, BENCHMARKS.md, "Self-speculative decoding"). It
+measures the cost side, on the
 shape where self-speculation can pay: a target step bound by reading long KV caches, and a draft that reads
 none. Every row holds ``context`` tokens of random state (target and draft pools); then, in one engine:
 - the plain decode rate of the target and of each draft (CUDA graphs): a target step ``t_target`` and a draft

@@ -1,5 +1,5 @@
 """The GPU session driver is bash that runs unattended on a rented GPU: at least make sure it parses, names the
-stages BENCHMARKS.md tells users to skip or look for, and refuses to start without its arguments."""
+stages BENCHMARKS.md cites, and refuses to start without its arguments."""
 
 import re
 import shutil

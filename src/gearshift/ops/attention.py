@@ -33,15 +33,15 @@ SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
-# Whether SDPA may pick cuDNN's kernels on CUDA. Measured on the H200 (BENCHMARKS.md, eighth session): they are
-# the fastest decode kernels (1.1-1.9x the memory-efficient ones at 128-16k keys, benchmarks/decode_attention.py),
-# which pays at long context (the 15B engine at 16k: 1372 tokens/s with them, 1025 without), but cuDNN builds an
-# execution plan for each new shape, paid on the host, and short calls do not earn it back (SmolLM2 traces at
-# batch 512, keys ~200: 45.2k tokens/s with cuDNN everywhere, 42.9k with cuDNN only in graph captures, 53.5k
-# without). None = auto (the default): cuDNN for calls over at least CUDNN_MIN_KEYS keys. 4096 takes in the
-# 15B shape's sliding-window rings (4,352 keys): with cuDNN, a step's attention kernels took 1.3-1.4x less time
-# and three-preset batches at 2k-16k context made 8-19% more tokens/s (tenth session); the traces' calls stay
-# far below it.
+# Whether SDPA may pick cuDNN's kernels on CUDA. Measured on the H200 by benchmarks/decode_attention.py and
+# benchmarks/engine_mixed.py (BENCHMARKS.md, "Decode attention"): they are the fastest decode kernels (about 2x
+# the ones SDPA picks without them at 32k-64k keys), which pays at long context (the 15B engine at 16k: 1370
+# tokens/s with them, 1025 without), but cuDNN builds an execution plan for each new shape, paid on the host, and
+# short calls do not earn it back (SmolLM2 traces at batch 512, keys ~200: 45.2k tokens/s with cuDNN everywhere,
+# 43.0k with cuDNN only in graph captures, 53.5k without). None = auto (the default): cuDNN for calls over at
+# least CUDNN_MIN_KEYS keys. 4096 takes in the 15B shape's sliding-window rings (4,352 keys): with cuDNN, a step's
+# attention kernels took 1.3-1.4x less time and three-preset batches at 2k-16k context made 8-19% more tokens/s;
+# the traces' calls stay far below it.
 # GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
 _cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
 if _cudnn_env not in ("auto", "1", "0"):

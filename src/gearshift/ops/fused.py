@@ -2,7 +2,8 @@
 
 A decode step is memory- and launch-bound: an RMSNorm written in plain PyTorch is six kernels, a GDN layer's
 gates and norms two dozen, and a batch that mixes presets runs one such chain per mixer group (the engine's
-mixed steps launch ~2.8x the kernels of a single-preset step, BENCHMARKS.md). ``@fusible`` marks a pure function
+mixed steps launch about twice the kernels of a single-preset step: benchmarks/engine_mixed.py --profile,
+BENCHMARKS.md, "Mixed-preset batches"). ``@fusible`` marks a pure function
 of tensors whose eager body is the reference; where fusion is active, calls go to a ``torch.compile`` version of
 the same body (dynamic shapes, one graph, no breaks). Fusion is for decode steps captured in CUDA graphs (see
 ``fusion_active``): the engine's graphs and ``Supernet.generate``'s. Training (gradients on), eager calls and the

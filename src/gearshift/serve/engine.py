@@ -231,7 +231,8 @@ class Engine:
         self._rank_counter = itertools.count()  # row ranks (see _admit)
         self._vacated: dict[tuple, int] = {}  # (placement, slots) of a finished request -> its row rank
         # decode steps replayed from CUDA graphs, one per batch composition (see _graph_decode), on CUDA only;
-        # checked token for token against eager decoding on the H200 (benchmarks/engine_graphs.py, BENCHMARKS.md)
+        # checked token for token against eager decoding on the H200 by benchmarks/engine_graphs.py (BENCHMARKS.md,
+        # "GPU equivalence checks")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, _DecodeGraph] = {}  # least recently replayed first
         # one memory pool for all the graphs' intermediates: graphs replay one at a time and keep only their
