@@ -19,9 +19,9 @@ from gearshift.serve.server import create_app
 
 
 class LiveServer:
-    def __init__(self, model, tokenizer, **engine_kw):
+    def __init__(self, model, tokenizer, app_kw=None, **engine_kw):
         self.engine = Engine(model, **engine_kw)
-        app = create_app(self.engine, tokenizer, name="gs", quality_floor=0.5)
+        app = create_app(self.engine, tokenizer, name="gs", quality_floor=0.5, **(app_kw or {}))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

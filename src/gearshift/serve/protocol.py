@@ -3,6 +3,7 @@ engine (FastAPI validates a body against them and declares them in the served Op
 
 Fields follow OpenAI's completions and chat completions, with vLLM's extras where clients use them (``top_k``,
 ``ignore_eos``, ``stop_token_ids``) and gearshift's own (``preset``, ``placement``, ``draft``, ``spec_k``).
+A check across fields names the field it refuses first ("field: why"), which becomes the error's ``param``.
 Unknown fields are ignored, as vLLM does, so clients that send more than this server reads still work; fields
 this server cannot honour (penalties, ``logit_bias``, ``best_of`` > ``n``, non-text content) are refused with
 400 rather than silently dropped.
@@ -68,11 +69,11 @@ class _Sampling(BaseModel):
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
         if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+            raise ValueError("presence_penalty: penalties are not supported (leave them 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("logit_bias: not supported")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+            raise ValueError("stream_options: only allowed with stream: true")
         return self
 
     def stop_strings(self) -> list[str]:
@@ -94,15 +95,15 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _completion(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of other than n is not supported")
+            raise ValueError("best_of: values other than n are not supported")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise ValueError("suffix: not supported")
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens must be at least 1 (0 only with echo: scoring the prompt)")
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo: scoring the prompt)")
         if isinstance(self.prompt, str) and not self.prompt:
-            raise ValueError("prompt is empty")
+            raise ValueError("prompt: empty")
         if isinstance(self.prompt, list) and any(isinstance(p, str) and not p for p in self.prompt):
-            raise ValueError("prompt holds an empty string")
+            raise ValueError("prompt: holds an empty string")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -130,7 +131,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
+            raise ValueError(f"content: a {self.role} message needs content")
         return self
 
     def text(self) -> str:
@@ -154,7 +155,7 @@ class ChatCompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _chat(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
+            raise ValueError("response_format: only {'type': 'text'} is supported")
         return self

@@ -254,8 +254,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     path = [str(x) for x in best.get("loc", ()) if not _union_tag(x)]
     if path and path[0] == "body":
         path = path[1:]
-    param = ".".join(path) or None
     message = str(best.get("msg", "invalid value")).removeprefix("Value error, ")
+    field, sep, rest = message.partition(": ")
+    if sep and field.isidentifier():  # a check across fields names its field first (see protocol.py)
+        path, message = [*path, field], rest
+    param = ".".join(path) or None
     if param is None and best.get("type") in ("model_attributes_type", "dict_type"):
         message = "the request body must be a JSON object (content-type: application/json)"
     return ApiError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
@@ -269,7 +272,7 @@ def _union_tag(part: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- body size limit
 class BodyLimit:
     """ASGI middleware: request bodies over ``limit`` bytes get 413 (declared or streamed), before the app reads
-    them. The body is read here and replayed to the app, whose later ``receive`` calls (disconnect watching)
+    them, as OpenAI's error JSON (recent FastAPI's own ``max_body_size`` answers a declared length in plain text). The body is read here and replayed to the app, whose later ``receive`` calls (disconnect watching)
     reach the client as usual."""
 
     def __init__(self, app, limit: int, on_reject: Callable[[], None] | None = None) -> None:
@@ -281,7 +284,7 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(send)
+            await self._too_large(scope, receive, send)
             return
         chunks, size = [], 0
         while True:
@@ -291,7 +294,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._too_large(send)
+                await self._too_large(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -306,11 +309,11 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send) -> None:
+    async def _too_large(self, scope, receive, send) -> None:
         if self.on_reject is not None:
             self.on_reject()
         error = ApiError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
-        await error.response()(None, None, send)
+        await error.response()(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------- the app
