@@ -13,8 +13,8 @@ import uvicorn
 
 import train_fixtures as fx
 from gearshift.model import Supernet
-from gearshift.serve.engine import Engine
 from gearshift.serve import server as server_module
+from gearshift.serve.engine import Engine
 from gearshift.serve.server import create_app
 
 

@@ -14,6 +14,7 @@ from schemathesis.checks import not_a_server_error
 
 import train_fixtures as fx
 from gearshift.model import Supernet
+
 from fuzz_bodies import chat_bodies, completion_bodies
 from test_server import LiveServer
 
@@ -76,7 +77,6 @@ def test_fuzz_raw_bytes(fuzz_server, raw):
 
 def test_engine_alive_after_fuzzing(fuzz_server):
     check_alive(fuzz_server)
-
 
 
 def test_schemathesis(fuzz_server):

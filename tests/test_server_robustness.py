@@ -19,6 +19,7 @@ import train_fixtures as fx
 from gearshift import generation
 from gearshift.model import Supernet
 from gearshift.serve.engine import Engine
+
 from test_server import LiveServer, greedy_text
 
 
@@ -76,7 +77,7 @@ def test_tiny_temperature_top_p_and_nan_never_kill_the_engine(srv, model_and_tok
         r = post(srv, {"model": "gs", "prompt": "w1 w2 w3", "max_tokens": 6, **extra})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expect, (extra, r.text)
     for bad in ("NaN", "Infinity", "-Infinity"):
-        r = post(srv, '{"model": "gs", "prompt": "w1", "temperature": %s}' % bad)
+        r = post(srv, '{"model": "gs", "prompt": "w1", "temperature": ' + bad + "}")
         assert_openai_error(r, 400, "temperature")
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
     chat = client.chat.completions.create(

@@ -38,29 +38,34 @@ def token_logprobs(logits: Tensor, tokens: Tensor | Sequence[int], top: int) -> 
 
 
 def completion_logprobs(
+    tokens: Sequence[int],
     entries: Sequence[TokenLogprob | None],
     strings: Callable[[Sequence[int]], list[str]],
     offsets: Sequence[int],
     k: int,
 ) -> dict:
     """OpenAI's completions format: ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict of up to ``k``
-    alternatives plus the token itself, as vLLM gives it; None for the first prompt token) and ``text_offset``.
-    ``strings`` maps token ids to their text (one call for every id needed)."""
-    ids = sorted({t for e in entries if e is not None for t in (e.token, *(i for i, _ in e.top[:k]))})
+    alternatives plus the token itself, as vLLM gives it) and ``text_offset``, for ``tokens``; an entry of None
+    (the first prompt token: nothing before it predicts it) has a null log-probability. ``strings`` maps token
+    ids to their text (one call for every id needed)."""
+    ids = sorted({*tokens, *(i for e in entries if e is not None for i, _ in e.top[:k])})
     text = dict(zip(ids, strings(ids), strict=True))
-    tokens, token_lps, tops = [], [], []
+    token_lps, tops = [], []
     for e in entries:
-        if e is None:  # the first prompt token: nothing before it to predict it
-            tokens.append(None)
+        if e is None:
             token_lps.append(None)
             tops.append(None)
             continue
-        tokens.append(text[e.token])
         token_lps.append(_finite(e.logprob))
         alternatives = {text[i]: _finite(v) for i, v in e.top[:k]}
         alternatives.setdefault(text[e.token], _finite(e.logprob))
         tops.append(alternatives)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": list(offsets)}
+    return {
+        "tokens": [text[t] for t in tokens],
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": list(offsets),
+    }
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], strings: Callable[[Sequence[int]], list[str]], k: int) -> dict:

@@ -271,8 +271,9 @@ def _union_tag(part: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------- body size limit
 class BodyLimit:
-    """ASGI middleware: request bodies over ``limit`` bytes get 413 (declared or streamed), before the app reads
-    them, as OpenAI's error JSON (recent FastAPI's own ``max_body_size`` answers a declared length in plain text). The body is read here and replayed to the app, whose later ``receive`` calls (disconnect watching)
+    """ASGI middleware: request bodies over ``limit`` bytes get 413 (declared or streamed) before the app reads
+    them, as OpenAI's error JSON (recent FastAPI's own ``max_body_size`` answers a declared length in plain
+    text). The body is read here and replayed to the app, whose later ``receive`` calls (disconnect watching)
     reach the client as usual."""
 
     def __init__(self, app, limit: int, on_reject: Callable[[], None] | None = None) -> None:
@@ -587,14 +588,20 @@ def create_app(
             entries = c.prompt_logprobs or [None] * len(prompts[c.prompt])
             _, offsets = await off_loop(token_offsets, tokenizer, prompts[c.prompt])
             return text, await off_loop(
-                completion_logprobs, entries, lambda ids: token_strings(tokenizer, ids), offsets, logprobs_k
+                completion_logprobs,
+                prompts[c.prompt],
+                entries,
+                lambda ids: token_strings(tokenizer, ids),
+                offsets,
+                logprobs_k,
             )
 
         def output_logprobs(c: _Choice, base: int, entries, offsets) -> dict:
             strings = lambda ids: token_strings(tokenizer, ids)  # noqa: E731
             if kind == "chat":
                 return chat_logprobs(entries, strings, logprobs_k or 0)
-            return completion_logprobs(entries, strings, [base + o for o in offsets], logprobs_k)
+            tokens = [e.token for e in entries]
+            return completion_logprobs(tokens, entries, strings, [base + o for o in offsets], logprobs_k)
 
         def failed_error(c: _Choice) -> ApiError:
             if worker.shutting_down:
