@@ -215,7 +215,8 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
 
     path = fx.supernet_dir(tmp_path / "sn")
     apps = []
-    monkeypatch.setattr(server_module, "serve", lambda app, *a, **kw: apps.append(app))
+    served = []
+    monkeypatch.setattr(server_module, "serve", lambda app, *a, **kw: apps.append(app) or served.append(kw))
     args = ["serve", str(path), "--device", "cpu", "--max-batch", "4", "--max-context", "64"]
     assert main(args) == 0 and apps
     full = apps[0].state.engine
@@ -245,6 +246,9 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
         {"gdn": 4},
     ]
     assert "room reserved for 3 of FG, 1 of GG" in capsys.readouterr().out
+    assert served[0]["drain_timeout"] == 30.0  # the default
+    assert main([*args, "--drain-timeout", "2.5", "--max-body-mb", "1"]) == 0 and served[-1]["drain_timeout"] == 2.5
+    assert apps[-1].user_middleware[0].kwargs["limit"] == 2**20
     assert main([*args, "--only-presets", "FG=3", "GG"]) != 0
     assert "PRESET=N" in capsys.readouterr().err
     for app in apps:

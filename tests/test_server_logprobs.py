@@ -272,3 +272,90 @@ def test_lm_eval_local_chat_completions(setup, lm_eval_tasks):
     )
     assert "exact_match,none" in out["results"]["gs_gen"]
     assert all(isinstance(s["resps"][0][0], str) for s in out["samples"]["gs_gen"])
+
+
+# ---------------------------------------------------------------------------------------------- the engine itself
+def _engine_case(model, device, cuda_graphs):
+    """Scoring, logprob and plain requests in one engine (mixed placements, a padded first prefill chunk, chunks
+    of 4): returns the requests after running them."""
+    from gearshift.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, max_batch=6, prefill_chunk=4, cuda_graphs=cuda_graphs)
+    prompts = [[9, 14, 22, 8, 30, 11, 40], [5, 9], [12, 30, 7, 44, 3, 21, 9, 10, 8], [7, 7, 7]]
+    reqs = [
+        engine.submit(prompts[0], "GG", SamplingParams(max_tokens=0, prompt_logprobs=2)),
+        engine.submit(prompts[1], "FK", SamplingParams(max_tokens=6, logprobs=2, stop_token_ids=())),
+        engine.submit(prompts[2], "FF", SamplingParams(max_tokens=5, prompt_logprobs=1, logprobs=0)),
+        engine.submit(prompts[3], "GG", SamplingParams(max_tokens=6, stop_token_ids=())),
+        engine.submit(prompts[3], "FK", SamplingParams(max_tokens=6, logprobs=1, stop_token_ids=()), draft="GG"),
+    ]
+    engine.run()
+    assert not engine.running and engine._logprob_requests == 0
+    return reqs
+
+
+def _check_against_forward(model, reqs):
+    for req in reqs:
+        placement = "".join({"attention": "F", "gdn": "G", "kda": "K"}[m] for m in req.placement)
+        ref = reference(model.cpu(), req.tokens, placement)
+        if req.prompt_logprobs is not None:
+            assert req.prompt_logprobs[0] is None and len(req.prompt_logprobs) == len(req.prompt)
+            for i, entry in enumerate(req.prompt_logprobs[1:], start=1):
+                assert entry.token == req.prompt[i]
+                assert entry.logprob == pytest.approx(float(ref[i - 1, req.prompt[i]]), abs=1e-3)
+                assert [t for t, _ in entry.top] == ref[i - 1].topk(req.params.prompt_logprobs).indices.tolist()
+        if req.params.logprobs is not None:
+            assert [e.token for e in req.logprobs] == req.output
+            for j, entry in enumerate(req.logprobs):
+                position = len(req.prompt) - 1 + j
+                assert entry.logprob == pytest.approx(float(ref[position, entry.token]), abs=1e-3)
+                assert len(entry.top) == req.params.logprobs
+        else:
+            assert req.logprobs == []
+
+
+def test_engine_prompt_and_output_logprobs(setup):
+    model, _, _, _ = setup
+    reqs = _engine_case(model, "cpu", cuda_graphs=False)
+    assert reqs[0].output == [] and reqs[0].finish_reason == "length"
+    _check_against_forward(model, reqs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and decode-ahead need a GPU")
+def test_engine_logprobs_and_failures_on_cuda(setup, monkeypatch):
+    """On the GPU (CUDA graphs, decoding one step ahead): logprobs equal the model's forward, plain requests
+    decode what they decode without logprob requests beside them, and a row whose logits turn NaN fails alone
+    (no device-side assert in torch.multinomial)."""
+    import copy
+
+    from gearshift.serve.engine import Engine, SamplingParams
+
+    model, _, _, _ = setup
+    gpu = copy.deepcopy(model).to("cuda").fuse_projections_()
+    _check_against_forward(copy.deepcopy(model), _engine_case(gpu, "cuda", cuda_graphs=True))
+    engine = Engine(gpu, max_batch=4, cuda_graphs=True)
+    plain = [engine.submit([5, 9, 12], "GG", SamplingParams(max_tokens=24, stop_token_ids=())) for _ in range(3)]
+    engine.run()
+    original = Engine._decode_logits
+    steps = {"n": 0}
+
+    def poisoned(self, reqs, *a, **kw):
+        logits = original(self, reqs, *a, **kw)
+        steps["n"] += 1
+        if steps["n"] == 5:
+            logits = logits.clone()
+            logits[1] = float("nan")
+        return logits
+
+    monkeypatch.setattr(Engine, "_decode_logits", poisoned)
+    reqs = [
+        engine.submit([5, 9, 12], "GG", SamplingParams(max_tokens=24, temperature=0.8, stop_token_ids=()))
+        for _ in range(3)  # unseeded: the decode-ahead path, which samples on the device
+    ]
+    engine.run()
+    assert [r.finish_reason for r in reqs].count("error") == 1 and reqs[1].finish_reason == "error"
+    assert all(len(r.output) == 24 for i, r in enumerate(reqs) if i != 1)
+    monkeypatch.undo()
+    again = [engine.submit([5, 9, 12], "GG", SamplingParams(max_tokens=24, stop_token_ids=())) for _ in range(3)]
+    engine.run()
+    assert [r.output for r in again] == [r.output for r in plain]
