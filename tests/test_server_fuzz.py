@@ -52,7 +52,7 @@ def send(server, path, body):
         assert ("choices" in payload) if r.status_code == 200 else set(payload["error"]) >= {"message", "param"}
 
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 @FUZZ
