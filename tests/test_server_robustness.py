@@ -347,9 +347,11 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(model_and_
         assert 500 in codes, codes
         idle(server.engine)
         monkeypatch.setattr(Engine, "_admit", lambda self: (_ for _ in ()).throw(RuntimeError("admit broke")))
-        r = post(server, {"model": "gs", "prompt": "w1", "max_tokens": 2})
-        assert_openai_error(r, 500)
-        monkeypatch.undo()
+        for _ in range(3):  # three failed steps in a row: /health says so (503) ...
+            assert_openai_error(post(server, {"model": "gs", "prompt": "w1", "max_tokens": 2}), 500)
+        assert_openai_error(httpx.get(server.url + "/health"), 503)
+        monkeypatch.undo()  # ... until a step succeeds again: requests are still taken meanwhile
+        assert post(server, {"model": "gs", "prompt": "w1", "max_tokens": 2}).status_code == 200
         assert_alive(server)
         assert server.engine.failed_steps == 0
     finally:

@@ -252,6 +252,7 @@ class Engine:
         self.lock = threading.RLock()  # the server submits from its event loop while a worker thread steps
         self.finished_count = 0
         self.failed_steps = 0  # consecutive steps in which some requests failed (see _contain); 0 after a clean one
+        self.last_failure_at = -math.inf  # time.perf_counter() of the last failed step
         self._logprob_requests = 0  # queued or running requests with params.logprobs (0: no step looks for them)
         self._step_failed = False
         self._admit_idle: tuple | None = None  # see _admit
@@ -595,6 +596,7 @@ class Engine:
             self._fail(req, message, touched)
         self._pending = None
         self._step_failed = True
+        self.last_failure_at = time.perf_counter()
 
     def abort_all(self, error: str) -> list[Request]:
         """Fail every waiting and running request (an unrecoverable step, a shutdown's drain timeout); returns

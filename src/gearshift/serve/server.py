@@ -40,7 +40,8 @@ from .text import Detokenizer, token_offsets, token_strings
 
 log = logging.getLogger("gearshift.server")
 MAX_BODY_BYTES = 8 * 2**20  # default request body limit (413 beyond): far more than any prompt the context holds
-UNHEALTHY_AFTER = 3  # consecutive engine steps that failed requests before /health answers 503
+UNHEALTHY_AFTER = 3  # consecutive engine steps that failed requests before /health answers 503 ...
+UNHEALTHY_FOR = 30.0  # ... for this many seconds after the last failure (a quiet engine is not judged forever)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -85,7 +86,9 @@ class EngineWorker:
 
     @property
     def healthy(self) -> bool:
-        return self.thread.is_alive() and self.engine.failed_steps < UNHEALTHY_AFTER
+        failing = self.engine.failed_steps >= UNHEALTHY_AFTER
+        recent = time.perf_counter() - self.engine.last_failure_at < UNHEALTHY_FOR
+        return self.thread.is_alive() and not (failing and recent)
 
     def submit(self, requests: list[Request], queue: asyncio.Queue) -> None:
         """Queue prepared requests (all or none: QueueFullError); their updates go to ``queue`` as (index, Update)."""
@@ -128,6 +131,8 @@ class EngineWorker:
                 log.exception("an engine step failed; failing every request in the engine")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 touched = self.engine.abort_all(f"the engine failed: {self.last_error}")
+                self.engine.failed_steps += 1
+                self.engine.last_failure_at = time.perf_counter()
             self._notify(touched)
 
     def _notify(self, touched: list[Request]) -> None:
@@ -234,6 +239,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
+        self.settled = False  # the request it answers already has its outcome in the metrics
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -501,8 +507,6 @@ def create_app(
         return out
 
     def start(requests: list[Request], queue: asyncio.Queue) -> None:
-        if not worker.healthy:
-            raise ApiError(503, f"the engine is failing: {worker.last_error}", "server_error")
         try:
             worker.submit(requests, queue)
         except QueueFullError as exc:
@@ -605,8 +609,11 @@ def create_app(
 
         def failed_error(c: _Choice) -> ApiError:
             if worker.shutting_down:
-                return ApiError(503, c.error or "the server is shutting down", "server_error", code="shutting_down")
-            return ApiError(500, c.error or "the engine failed this request", "server_error")
+                error = ApiError(503, c.error or "the server is shutting down", "server_error", code="shutting_down")
+            else:
+                error = ApiError(500, c.error or "the engine failed this request", "server_error")
+            error.settled = True  # counted as failed, not as rejected
+            return error
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -718,11 +725,11 @@ def create_app(
         metrics.record(preset, "rejected", [], 0, time.perf_counter())
 
     async def rejected(fn, body):
-        """Run a handler; a 4xx or 429 before generation counts as a rejected request."""
+        """Run a handler; an error before generation (4xx, 429) counts as a rejected request."""
         try:
             return await fn()
         except ApiError as exc:
-            if exc.status < 500:
+            if not exc.settled:  # refused before anything ran (4xx, 429)
                 model_id = body.model or name
                 reject(body.preset or (model_id[len(name) + 1 :] if model_id.startswith(name + ":") else "default"))
             raise
