@@ -142,8 +142,8 @@ def test_non_streaming_disconnect_cancels_promptly(srv):
     with pytest.raises(httpx.ReadTimeout):
         post(srv, body, timeout=httpx.Timeout(5.0, read=0.3))  # the client gives up: its connection closes
     hung_up = time.time()
-    idle(srv.engine, timeout=3.0)
-    assert time.time() - hung_up < 3.0 and srv.engine.finished_count >= before + 4
+    idle(srv.engine, timeout=10.0)  # (it generated for 37 s before; a loaded CI box gets some slack)
+    assert time.time() - hung_up < 10.0 and srv.engine.finished_count >= before + 4
     metrics = httpx.get(srv.url + "/metrics").text
     assert 'gearshift_requests_total{preset="default",outcome="cancelled"}' in metrics
 
