@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import tempfile
 import time
@@ -107,6 +108,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bodies = [("/v1/completions", b) for b in draw(completion_bodies(), half, args.seed)]
     bodies += [("/v1/chat/completions", b) for b in draw(chat_bodies(), args.requests - half, args.seed + 1)]
+    random.Random(args.seed).shuffle(bodies)  # both endpoints all along: a run cut short still covers both
     drawn = time.perf_counter() - t0
     flags = ["--device", "cpu", "--max-batch", "16", "--max-queue", "256", "--max-context", str(args.max_context)]
     with ServerProcess(ckpt, *flags, log=work / "server.log") as server:
