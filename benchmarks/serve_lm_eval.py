@@ -74,6 +74,7 @@ def main() -> None:
     baseline = next(r for r in doc["rows"] if r["preset"] == "all-attention")
 
     import lm_eval
+    import lm_eval.models  # noqa: F401 - its registry is filled lazily only while empty
     from lm_eval.tasks import TaskManager
 
     folder = work / "tasks"

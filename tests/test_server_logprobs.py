@@ -223,6 +223,8 @@ def test_lm_eval_local_completions_scores_through_the_server(setup, lm_eval_task
     live server; every log-likelihood it records is the model's own (its forward's log-softmax summed over the
     continuation, lm-eval's token split), and the accuracies follow from them."""
     import lm_eval
+    import lm_eval.models  # noqa: F401 - lm-eval fills its model registry lazily only while it is empty, and
+    # gearshift's own adapter (test_evals_lm_eval.py) may have registered itself in this process already
 
     model, tok, server, path = setup
     args = (
@@ -259,6 +261,7 @@ def test_lm_eval_local_completions_scores_through_the_server(setup, lm_eval_task
 
 def test_lm_eval_local_chat_completions(setup, lm_eval_tasks):
     import lm_eval
+    import lm_eval.models  # noqa: F401 - see above
 
     _, _, server, _ = setup
     out = lm_eval.simple_evaluate(
