@@ -13,14 +13,15 @@ import uvicorn
 
 import train_fixtures as fx
 from gearshift.model import Supernet
+from gearshift.serve import server as server_module
 from gearshift.serve.engine import Engine
 from gearshift.serve.server import create_app
 
 
 class LiveServer:
-    def __init__(self, model, tokenizer, **engine_kw):
+    def __init__(self, model, tokenizer, app_kw=None, **engine_kw):
         self.engine = Engine(model, **engine_kw)
-        app = create_app(self.engine, tokenizer, name="gs", quality_floor=0.5)
+        app = create_app(self.engine, tokenizer, name="gs", quality_floor=0.5, **(app_kw or {}))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -56,8 +57,11 @@ def server(model_and_tok):
 
 
 def greedy_text(model, tok, ids, placement, n):
+    """The greedy continuation's text as it reads after the prompt (with its leading space), and its ids."""
     out = model.generate([ids], placement, max_new_tokens=n, eos_token_id=model.config.eos_ids())[0, len(ids) :]
-    return tok.decode(out.tolist(), skip_special_tokens=True), out.tolist()
+    ids, out = list(ids), out.tolist()
+    full, prompt = tok.decode(ids + out, skip_special_tokens=True), tok.decode(ids, skip_special_tokens=True)
+    return full[len(prompt) :], out
 
 
 def test_models_and_health(server):
@@ -114,11 +118,11 @@ def test_auto_speculative_stop_and_metrics(server, model_and_tok):
     cut = httpx.post(
         server.url + "/v1/completions", json={**body, "model": "gs:quality", "max_tokens": 10, "stop": full[2]}
     ).json()
-    assert cut["choices"][0]["text"] == " ".join(full[:2]) + " " and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == " " + " ".join(full[:2]) + " " and cut["choices"][0]["finish_reason"] == "stop"
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "gearshift_queue_depth",
-        'gearshift_generated_tokens_total{preset="quality"}',
+        'gearshift_generated_tokens_total{preset="quality",outcome="finished"}',
         "gearshift_request_latency_seconds",
         "gearshift_speculative_acceptance_rate",
     ):
@@ -133,7 +137,7 @@ def test_auto_speculative_stop_and_metrics(server, model_and_tok):
         ("/v1/completions", {"model": "other", "prompt": "w1"}, 404, "not found"),
         ("/v1/completions", {"model": "gs", "prompt": ""}, 400, "prompt"),
         ("/v1/completions", {"model": "gs", "prompt": "w1", "temperature": -1}, 400, "temperature"),
-        ("/v1/completions", {"model": "gs", "prompt": "w1", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"model": "gs", "prompt": "w1", "n": 0}, 400, "n: "),
         ("/v1/completions", {"model": "gs", "prompt": "w1 " * 600}, 400, "context"),
         ("/v1/completions", {"model": "gs", "prompt": "w1", "placement": "FX"}, 400, "unknown preset or placement"),
         ("/v1/chat/completions", {"model": "gs", "messages": []}, 400, "messages"),
@@ -211,7 +215,8 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
 
     path = fx.supernet_dir(tmp_path / "sn")
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    served = []
+    monkeypatch.setattr(server_module, "serve", lambda app, *a, **kw: apps.append(app) or served.append(kw))
     args = ["serve", str(path), "--device", "cpu", "--max-batch", "4", "--max-context", "64"]
     assert main(args) == 0 and apps
     full = apps[0].state.engine
@@ -241,6 +246,9 @@ def test_serve_command_sizes_the_state_to_its_budget(tmp_path, monkeypatch, caps
         {"gdn": 4},
     ]
     assert "room reserved for 3 of FG, 1 of GG" in capsys.readouterr().out
+    assert served[0]["drain_timeout"] == 30.0  # the default
+    assert main([*args, "--drain-timeout", "2.5", "--max-body-mb", "1"]) == 0 and served[-1]["drain_timeout"] == 2.5
+    assert apps[-1].user_middleware[0].kwargs["limit"] == 2**20
     assert main([*args, "--only-presets", "FG=3", "GG"]) != 0
     assert "PRESET=N" in capsys.readouterr().err
     for app in apps:

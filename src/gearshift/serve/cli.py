@@ -8,12 +8,10 @@ import torch
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ..checkpoint import load_tokenizer
     from ..model import Supernet
     from .engine import Engine
-    from .server import create_app
+    from .server import create_app, serve
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {
@@ -52,8 +50,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{room} (context {engine.max_context})",
         flush=True,
     )
-    app = create_app(engine, tokenizer, name=args.name, quality_floor=args.quality_floor)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    app = create_app(
+        engine,
+        tokenizer,
+        name=args.name,
+        quality_floor=args.quality_floor,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
+    serve(app, args.host, args.port, drain_timeout=args.drain_timeout)
     return 0
 
 
@@ -115,4 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "presets and placements get 400. With =N on every preset, each pool holds room for the N requests of "
         "every preset that uses it (not --max-batch apiece), so each request holds only its own preset's state",
     )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds that in-flight requests get to finish after SIGTERM/SIGINT; then they end with an error and "
+        "the server exits (a second signal exits at once)",
+    )
+    s.add_argument("--max-body-mb", type=float, default=8.0, help="request bodies over this get 413")
     s.set_defaults(fn=cmd_serve)

@@ -10,7 +10,10 @@ with a draft placement decode speculatively (``speculative.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import logging
+import math
 import os
 import threading
 import time
@@ -21,11 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..generation import is_greedy
 from ..layers.base import StepContext
 from ..model import Supernet
 from ..ops.fused import fusion
 from ..placement import Placement, PlacementSpec, placement_letters
+from .logprobs import TokenLogprob, token_logprobs
 from .pools import AttentionPool, PoolFullError, RecurrentPool, RecurrentView, consecutive_span
+
+log = logging.getLogger("gearshift.engine")
 
 PREFILL_FLOP = 4e12  # work of one batched prefill forward (default prefill_tokens): ~5 ms of an H200's bf16 matmuls
 AUTO_STATE_FRACTION = 0.85  # CUDA: decoding state may take this share of the free memory (the rest: activations)
@@ -60,18 +67,35 @@ class RequestError(ValueError):
 
 @dataclass
 class SamplingParams:
+    """``max_tokens`` 0 scores the prompt only (with ``prompt_logprobs``): nothing is generated.
+    ``logprobs``: record each generated token's log-probability under the model (its raw distribution, before
+    temperature and filtering) and this many most likely alternatives; ``prompt_logprobs`` the same for every
+    prompt token after the first. None: nothing is computed (no full-vocabulary work for such requests)."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     max_tokens: int = 64
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_tokens < 1:
+        numbers = (self.temperature, self.top_p)
+        if (
+            not all(isinstance(x, int | float) and math.isfinite(x) for x in numbers)
+            or self.temperature < 0
+            or not 0 < self.top_p <= 1
+            or self.top_k < 0
+            or self.max_tokens < 0
+            or (self.max_tokens == 0 and self.prompt_logprobs is None)
+            or any(k is not None and k < 0 for k in (self.logprobs, self.prompt_logprobs))
+        ):
             raise RequestError(
                 f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k}, "
-                f"max_tokens={self.max_tokens}"
+                f"max_tokens={self.max_tokens} (0 only to score the prompt: with prompt_logprobs), "
+                f"logprobs={self.logprobs}, prompt_logprobs={self.prompt_logprobs}"
             )
 
 
@@ -106,6 +130,10 @@ class Request:
     rank: int = 0  # its row's place in the running batch, set on admission (see Engine._admit)
     needs: dict[tuple[int, str], int] = field(default_factory=dict)  # slots per (layer, mixer) pool, set on submission
     stops: frozenset[int] = frozenset()  # the stop token ids (the model's EOS ids by default), set on submission
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None first), with prompt_logprobs
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
+    scoring: bool = False  # it only scores its prompt (max_tokens 0): it reads all but its last token, emits nothing
 
     @property
     def output(self) -> list[int]:
@@ -223,6 +251,10 @@ class Engine:
         self._ids = itertools.count()
         self.lock = threading.RLock()  # the server submits from its event loop while a worker thread steps
         self.finished_count = 0
+        self.failed_steps = 0  # consecutive steps in which some requests failed (see _contain); 0 after a clean one
+        self.last_failure_at = -math.inf  # time.perf_counter() of the last failed step
+        self._logprob_requests = 0  # queued or running requests with params.logprobs (0: no step looks for them)
+        self._step_failed = False
         self._admit_idle: tuple | None = None  # see _admit
         self.tokens_by_placement: dict[str, int] = {}
         self.contiguous_reads = True  # read the pool slices of consecutive slots as views (False: always gather)
@@ -331,8 +363,25 @@ class Engine:
         spec_k: int = 4,
     ) -> Request:
         """Queue a request; raises RequestError for bad input and QueueFullError when the queue is at its bound."""
-        params = params or SamplingParams()
+        req = self.prepare(prompt, placement, params, draft=draft, spec_k=spec_k)
+        self.enqueue([req])
+        return req
+
+    def prepare(
+        self,
+        prompt: Sequence[int],
+        placement: PlacementSpec = None,
+        params: SamplingParams | None = None,
+        *,
+        draft: PlacementSpec = None,
+        spec_k: int = 4,
+    ) -> Request:
+        """A checked request, not queued yet (``enqueue``): a server validates every request of an HTTP call before
+        it queues any, so a call answered 400 leaves nothing running. Raises RequestError for bad input."""
+        params = dataclasses.replace(params or SamplingParams())
         params.validate()
+        if is_greedy(params.temperature):
+            params.temperature = 0.0  # sampling's own greedy threshold, made explicit for the grouped samplers
         try:
             target = self.model.resolve(placement)
             draft_p = self.model.resolve(draft) if draft is not None else None
@@ -363,18 +412,30 @@ class Engine:
                 raise RequestError(
                     f"the request needs {count} slots of layer {i}'s {name} pool, which has {pool.alloc.n}{budget}"
                 )
-        with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFullError(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
-            req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
-            req.needs = needs
-            req.label = placement_letters(target, self.config)
-            stops = params.stop_token_ids if params.stop_token_ids is not None else self.config.eos_ids()
-            req.stops = frozenset(stops)
-            if params.seed is not None:
-                req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            self.waiting.append(req)
+        req = Request(next(self._ids), prompt, target, params, draft=draft_p, spec_k=spec_k, tokens=list(prompt))
+        req.needs = needs
+        req.scoring = params.max_tokens == 0
+        req.label = placement_letters(target, self.config)
+        stops = params.stop_token_ids if params.stop_token_ids is not None else self.config.eos_ids()
+        req.stops = frozenset(stops)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed % 2**64)
         return req
+
+    def enqueue(self, requests: Sequence[Request]) -> None:
+        """Queue prepared requests, all or none: QueueFullError when they do not all fit the queue's bound."""
+        with self.lock:
+            if len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFullError(
+                    f"{len(self.waiting)} requests are waiting and {len(requests)} more would pass the bound of "
+                    f"{self.max_queue}"
+                )
+            for req in requests:
+                req.arrival = time.perf_counter()
+                self._logprob_requests += req.params.logprobs is not None
+            self.waiting.extend(requests)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (e.g. its client disconnected); its slots are freed at the next step."""
@@ -502,6 +563,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finished, req.finish_reason, req.finished_at = True, reason, time.perf_counter()
+        self._logprob_requests -= req.params.logprobs is not None
         for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
             self.pools[i][name].alloc.give(slot)
         req.slots, req.draft_slots = {}, {}
@@ -511,6 +573,42 @@ class Engine:
                 self._vacated.clear()
             self._vacated[req.key] = req.rank  # for a request that will take these slots (see _admit)
         self.finished_count += 1
+
+    # ------------------------------------------------------------------ failures
+    def _fail(self, req: Request, error: str, touched: list[Request]) -> None:
+        """End one request with an error (finish_reason "error"): its slots are freed, its client told."""
+        if req.finished:
+            return
+        req.error = error
+        with self.lock:
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, "error")
+        if req not in touched:
+            touched.append(req)
+
+    def _contain(self, reqs: Sequence[Request], exc: BaseException, touched: list[Request]) -> None:
+        """A part of a step (a prefill forward, a decode step, a speculative round) raised: the requests it served
+        fail, with the error, and the engine serves the others on. Their pool slots are freed and reset before
+        anyone reads them again (``_take``); a pending decode-ahead step, which may hold their rows, is dropped."""
+        log.error("engine step failed for %d request(s)", len(reqs), exc_info=exc)
+        message = f"the engine failed on this request: {type(exc).__name__}: {exc}"
+        for req in reqs:
+            self._fail(req, message, touched)
+        self._pending = None
+        self._step_failed = True
+        self.last_failure_at = time.perf_counter()
+
+    def abort_all(self, error: str) -> list[Request]:
+        """Fail every waiting and running request (an unrecoverable step, a shutdown's drain timeout); returns
+        them. Call it from the thread that steps the engine."""
+        touched: list[Request] = []
+        with self.lock:
+            for req in [*self.waiting, *self.running]:
+                self._fail(req, error, touched)
+            self._pending = None
+            self._admit_idle = None
+        return touched
 
     # ------------------------------------------------------------------ the forward over a mixed batch
     @torch.no_grad()
@@ -526,8 +624,11 @@ class Engine:
         codes: tuple[int, ...] | None = None,
         fresh: bool = False,
         token_mask: Tensor | None = None,
+        hidden: bool = False,
     ) -> tuple[Tensor, list[RecurrentView]]:
-        """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots.
+        """Logits [B, T, vocab] for rows at their own positions, each under its own placement and pool slots
+        (``hidden``: the final normed hidden states [B, T, dim] instead, for callers that want logits of a few
+        rows at every position without the [B, T, vocab] tensor).
 
         With ``rollback``, recurrent views keep per-token snapshots (returned) for speculative rejection; each
         view covers the rows of its group (``RecurrentView.index``).
@@ -579,7 +680,8 @@ class Engine:
             h = h + block.mlp(block.post_attention_layernorm(h))
         if last_only:
             h = h[:, -1:]
-        return model.logits(model.model.norm(h)), views
+        h = model.model.norm(h)
+        return (h if hidden else model.logits(h)), views
 
     def _fork(self, n: int) -> list[torch.cuda.Stream]:
         """``n`` side streams that start after the work queued so far on the current stream (none where group
@@ -772,18 +874,21 @@ class Engine:
     def step(self) -> list[Request]:
         """Advance every running request by one prefill chunk or one decode step; returns requests that emitted
         tokens or finished (their ``new_tokens`` hold what this step produced). With ``overlap``, a steady decode
-        batch emits each step's tokens one call later, while the GPU already computes the next step."""
+        batch emits each step's tokens one call later, while the GPU already computes the next step.
+        Each part of a step (a prefill forward, a decode step, a speculative round) is guarded: one that raises
+        fails the requests it served, and only those (``_contain``)."""
         touched: list[Request] = []
+        self._step_failed = False
         with self.lock:
             for req in self.running:
                 req.new_tokens = []
             ahead = self._pending is not None and self._can_continue()
         if ahead:
-            self._decode_ahead(touched)
-            return touched
+            self._guarded(self._pending.reqs, touched, self._decode_ahead, touched)
+            return self._stepped(touched)
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._flush(pending, touched)
+            self._guarded(pending.reqs, touched, self._flush, pending, touched)
         with self.lock:
             for req in [r for r in self.running if r.cancelled]:
                 self._finish(req, "cancelled")
@@ -791,39 +896,86 @@ class Engine:
             running = list(self.running)
         # prefill: one chunk per request still reading its prompt (target and, for speculation, draft state). First
         # chunks of any lengths share forwards (left-padded, see _prefill_chunks); later chunks, which read the
-        # pools, share one only with chunks of their own length
-        first, later = [], {}
+        # pools, share one only with chunks of their own length. Requests that want their prompt's log-probabilities
+        # get forwards of their own (logits at every position), so the others never pay for them
+        first, later = {}, {}
         for req in running:
-            left = len(req.tokens) - req.processed
-            if left > 1:
+            left = len(req.tokens) - req.processed - req.scoring  # a scoring request never reads its last token
+            if left > 1 or (req.scoring and left > 0):
                 n = min(self.prefill_chunk, left)
+                scored = req.prompt_logprobs is not None
                 if req.processed == 0:
-                    first.append((req, n))
+                    first.setdefault(scored, []).append((req, n))
                 else:
-                    later.setdefault(n, []).append((req, n))
-        for group in [first, *later.values()]:
+                    later.setdefault((n, scored), []).append((req, n))
+        for group in [*first.values(), *later.values()]:
             for part in _pack(group, self.prefill_tokens):
-                self._prefill_chunks([req for req, _ in part], [n for _, n in part], touched)
-        ready = [r for r in running if not r.finished and len(r.tokens) - r.processed == 1]
+                reqs = [req for req, _ in part]
+                self._guarded(reqs, touched, self._prefill_chunks, reqs, [n for _, n in part], touched)
+        ready = []
+        for r in running:
+            if not r.finished and len(r.tokens) - r.processed == 1:
+                if r.scoring:  # its prompt is scored: done, without generating
+                    with self.lock:
+                        self._finish(r, "length")
+                    touched.append(r)
+                else:
+                    ready.append(r)
         plain = [r for r in ready if r.draft is None]
-        if plain and self.overlap and len(plain) == len(running) and all(r.generator is None for r in plain):
-            self._pending = self._launch(plain, *self._decode_inputs(plain))  # steady decode: tokens come next call
+        if (
+            plain
+            and self.overlap
+            and len(plain) == len(running)
+            and all(r.generator is None for r in plain)
+            and (not self._logprob_requests or all(r.params.logprobs is None for r in plain))
+        ):  # steady decode: tokens come next call
+            self._guarded(plain, touched, self._launch_pending, plain)
         elif plain:
-            self._decode(plain, touched)
+            self._guarded(plain, touched, self._decode, plain, touched)
         spec = [r for r in ready if r.draft is not None]
         if spec:
             from .speculative import speculative_round
 
             for group in _group_by(spec, lambda r: r.spec_k):
-                speculative_round(self, group, touched)
+                self._guarded(group, touched, speculative_round, self, group, touched)
+        return self._stepped(touched)
+
+    def _guarded(self, reqs: list[Request], touched: list[Request], fn: Callable, *args) -> None:
+        """``fn(*args)``, a part of a step serving ``reqs``; if it raises, only they fail (see ``_contain``)."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one part's failure must not stop the engine for everyone
+            self._contain(reqs, exc, touched)
+
+    def _stepped(self, touched: list[Request]) -> list[Request]:
+        self.failed_steps = self.failed_steps + 1 if self._step_failed else 0
         return touched
+
+    def _launch_pending(self, reqs: list[Request]) -> None:
+        self._pending = self._launch(reqs, *self._decode_inputs(reqs))
 
     def _decode(self, reqs: list[Request], touched: list[Request]) -> None:
         """One plain decode step of these requests, its tokens booked at once."""
         logits = self._decode_logits(reqs, *self._decode_inputs(reqs))
-        for req, token in zip(reqs, self._sample_rows(reqs, logits), strict=True):
+        tokens = self._sample_rows(reqs, logits)
+        self._record_logprobs(reqs, logits, tokens)
+        for req, token in zip(reqs, tokens, strict=True):
             req.processed += 1
             self._emit(req, [token], touched)
+
+    def _record_logprobs(self, reqs: list[Request], logits: Tensor, tokens: list[int]) -> None:
+        """The log-probabilities of the tokens just drawn (``logits`` [B, vocab], one row per request), for the
+        requests that asked (``params.logprobs``); nothing at all when none did."""
+        if not self._logprob_requests:
+            return
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None and tokens[i] >= 0]
+        if not rows:
+            return
+        picked = logits if len(rows) == len(reqs) else logits[torch.tensor(rows, device=logits.device)]
+        top = max(reqs[i].params.logprobs for i in rows)
+        for i, entry in zip(rows, token_logprobs(picked, [tokens[i] for i in rows], top), strict=True):
+            k = reqs[i].params.logprobs
+            reqs[i].logprobs.append(entry if len(entry.top) <= k else entry._replace(top=entry.top[:k]))
 
     def _decode_inputs(self, reqs: list[Request]) -> tuple[Tensor, Tensor]:
         """Each request's last token and its position, [B, 1] each, from the host."""
@@ -902,7 +1054,8 @@ class Engine:
         while the GPU computes it."""
         p = self._pending
         self._settle(p)
-        self._pending = self._launch(p.reqs, p.tokens[:, None], p.positions + 1)
+        # a row the sampler could not draw for holds -1 (booked as a failure by _flush): feed it a valid id
+        self._pending = self._launch(p.reqs, p.tokens.clamp(min=0)[:, None], p.positions + 1)
         self._flush(p, touched)
 
     def _flush(self, p: _Pending, touched: list[Request]) -> None:
@@ -933,7 +1086,11 @@ class Engine:
         out = None if len(groups) == 1 else torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         redraws = []
         for setting, index in groups:
-            tokens, wide = sample_candidates(logits if index is None else logits[index], *setting)
+            part = logits if index is None else logits[index]
+            try:
+                tokens, wide = sample_candidates(part, *setting)
+            except Exception:  # noqa: BLE001 - find the rows it fails on, row by row: only they fail
+                tokens, wide = _sample_each(part, setting), None
             if wide is not None:
                 redraws.append((index, setting, wide))
             if out is None:
@@ -964,16 +1121,21 @@ class Engine:
         if not fresh and any(pads):
             raise ValueError("only first prompt chunks may be padded")
         mask = positions >= 0 if any(pads) else None
+        scored = reqs[0].prompt_logprobs is not None  # step() gives such requests forwards of their own
         logits, _ = self.mixed_forward(
             tokens,
             positions,
             [r.placement for r in reqs],
             [r.slots for r in reqs],
             max_position=last,
-            last_only=True,
+            last_only=not scored,
             fresh=fresh,
             token_mask=mask,
+            hidden=scored,
         )
+        if scored:
+            self._record_prompt_logprobs(reqs, lengths, pads, logits)
+            logits = self.model.logits(logits[:, -1:])
         drafting = [i for i, r in enumerate(reqs) if r.draft is not None]
         if drafting:  # the draft reads the same prompt into its own state
             rows = torch.tensor(drafting, device=self.device)
@@ -994,8 +1156,23 @@ class Engine:
         done = [i for i, r in enumerate(reqs) if r.processed == len(r.tokens)]
         if done:
             picked = logits[torch.tensor(done, device=self.device), -1] if len(done) < len(reqs) else logits[:, -1]
-            for i, token in zip(done, self._sample_rows([reqs[i] for i in done], picked), strict=True):
-                self._emit(reqs[i], [token], touched)
+            finished = [reqs[i] for i in done]
+            tokens = self._sample_rows(finished, picked)
+            self._record_logprobs(finished, picked, tokens)
+            for req, token in zip(finished, tokens, strict=True):
+                self._emit(req, [token], touched)
+
+    def _record_prompt_logprobs(self, reqs: list[Request], lengths: list[int], pads: list[int], hidden: Tensor) -> None:
+        """Log-probabilities of the prompt tokens that this prefill chunk predicts (``hidden`` [B, T, dim], rows
+        left-padded by ``pads``): position p's logits score token p + 1, up to the prompt's last token (the
+        first generated token is scored by ``_record_logprobs``). One row's logits at a time."""
+        for row, (req, n, pad) in enumerate(zip(reqs, lengths, pads, strict=True)):
+            start = req.processed  # the chunk's first position (called before processed counts the chunk)
+            m = min(n, len(req.prompt) - 1 - start)
+            if m > 0:
+                logits = self.model.logits(hidden[row, pad : pad + m])
+                targets = req.prompt[start + 1 : start + 1 + m]
+                req.prompt_logprobs += token_logprobs(logits, targets, req.params.prompt_logprobs)
 
     def _sample_rows(self, reqs: list[Request], logits: Tensor) -> list[int]:
         """Next tokens of many requests, on the host: seeded requests draw from their own generators one by one,
@@ -1020,10 +1197,18 @@ class Engine:
         from ..generation import sample_next
 
         p = req.params
-        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, req.generator)[0])
+        try:
+            return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, req.generator)[0])
+        except Exception:  # noqa: BLE001 - this request fails (see _emit), the others are drawn
+            log.exception("sampling failed for request %d", req.id)
+            return -1
 
     def _emit(self, req: Request, new: list[int], touched: list[Request]) -> None:
-        """Append generated tokens, applying stop tokens, max_tokens and the context limit."""
+        """Append generated tokens, applying stop tokens, max_tokens and the context limit. A token of -1 is the
+        sampler's mark of a row it could not draw for (NaN or infinite logits, or it raised): that request fails."""
+        if new[-1] < 0:
+            self._fail(req, "sampling failed: this request's next-token distribution is not finite", touched)
+            return
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         reason = None
@@ -1184,3 +1369,17 @@ def _group_by(items, key):
     for item in items:
         groups.setdefault(key(item), []).append(item)
     return list(groups.values())
+
+
+def _sample_each(logits: Tensor, setting: tuple[float, int, float]) -> Tensor:
+    """``sample_next`` one row at a time, -1 for each row it raises on (the grouped draw raised)."""
+    from ..generation import sample_next
+
+    out = []
+    for row in logits:
+        try:
+            out.append(int(sample_next(row[None], *setting)[0]))
+        except Exception:  # noqa: BLE001
+            log.exception("sampling failed on one row")
+            out.append(-1)
+    return torch.tensor(out, device=logits.device)

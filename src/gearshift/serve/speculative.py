@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..generation import filter_logits
+from ..generation import draw, filter_logits
 from .engine import index_groups
+from .logprobs import token_logprobs
 from .pools import RecurrentPool
 
 
@@ -32,6 +33,7 @@ class _SampledRows:
         free = [i for i, r in enumerate(reqs) if r.generator is None]
         self.free = torch.tensor(free, device=device) if free else None
         self.seeded = [(i, r.generator) for i, r in enumerate(reqs) if r.generator is not None]
+        self.bad: Tensor | None = None  # [N] rows whose distribution could not be drawn from (see generation.draw)
 
     def probs(self, logits: Tensor) -> Tensor:
         """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter
@@ -45,13 +47,17 @@ class _SampledRows:
         return out
 
     def draw(self, probs: Tensor) -> Tensor:
-        """One token per row [N] from probs [N, V]: seeded requests from their own generators, the rest together."""
+        """One token per row [N] from probs [N, V]: seeded requests from their own generators, the rest together.
+        A row that is not a distribution (NaN logits) is marked in ``bad`` and gets token 0, so the round goes on;
+        its request fails when the round is booked."""
         out = torch.empty(len(self.reqs), dtype=torch.long, device=probs.device)
         if self.free is not None:
-            out[self.free] = torch.multinomial(probs[self.free], 1).squeeze(-1)
+            out[self.free] = draw(probs[self.free])
         for i, generator in self.seeded:
-            out[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
-        return out
+            out[i] = draw(probs[i : i + 1], generator)[0]
+        bad = out < 0
+        self.bad = bad if self.bad is None else self.bad | bad
+        return out.clamp(min=0)
 
     def uniforms(self, k: int) -> Tensor:
         """k uniform draws per row [N, k], seeded requests from their own generators."""
@@ -167,9 +173,15 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         pool.restore(slots, [state for _, state, _ in steps], [conv for _, _, conv in steps], choice)
     # 6) the round's one read-back
     accepted_n, finals, drafted = accepted.tolist(), final.tolist(), proposals.tolist()
+    failed = set()
+    if rows_s is not None and rows_s.bad is not None:
+        failed = {sampled[i] for i, bad in enumerate(rows_s.bad.tolist()) if bad}
     # 7) bookkeeping, adaptive k, emit
     for row, r in enumerate(reqs):
         n = accepted_n[row]
+        if row in failed:
+            engine._emit(r, [-1], touched)  # fails it (see Engine._emit)
+            continue
         r.processed += n + 1
         r.draft_processed += min(n, k - 1) + 1
         r.proposed += k
@@ -179,7 +191,11 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             r.spec_k = min(engine.spec_k_max, r.spec_k + 1)
         elif n < k // 2:
             r.spec_k = max(1, r.spec_k - 1)
-        engine._emit(r, drafted[row][:n] + [finals[row]], touched)
+        emitted, before = drafted[row][:n] + [finals[row]], len(r.tokens)
+        engine._emit(r, emitted, touched)
+        if r.params.logprobs is not None:  # the target's own distribution at each position it kept
+            kept = len(r.tokens) - before
+            r.logprobs += token_logprobs(logits[row, :kept], emitted[:kept], r.params.logprobs)
 
 
 def _recurrent_groups(engine, placements: list, slots: list, codes: tuple) -> list[tuple]:
