@@ -83,7 +83,9 @@ def test_cli_commands(tmp_path, capsys):
     assert main(["init", str(ckpt), "--shape", "tiny"]) == 0
     assert main(["preset", "add", str(ckpt), "fast", "GGGK"]) == 0
     assert main(["info", str(ckpt)]) == 0
-    assert "preset fast: GGGK" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[-2].split() == ["preset", "placement", "F/S/G/K", "speed-up", "quality", "note"]
+    assert table[-1].split() == ["fast", "GGGK", "0/0/3/1", "-", "-"]
     assert main(["report", str(ckpt), "--placement", "fast", "--context", "64", "128", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["context"] for r in rows] == [64, 128] and rows[0]["placement"] == "GGGK"

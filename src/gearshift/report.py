@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
 from .config import SupernetConfig
 from .placement import PlacementSpec, composition, placement_letters, resolve_placement
 
@@ -63,6 +61,8 @@ class PlacementReport:
 
 
 def _meta_model(config: SupernetConfig):
+    import torch
+
     from .model import Supernet
 
     with torch.device("meta"):

@@ -25,7 +25,6 @@ from ..placement import PlacementSpec
 from .data import read_haystack
 from .errors import EvalError
 from .results import BASELINE, ResultRow, letters
-from .scoring import SharedContext
 from .tokenizer import TextCodec, as_codec
 
 if TYPE_CHECKING:
@@ -153,6 +152,8 @@ def score_cell(
     """Prefill once; rank the candidates by log-likelihood, then decode greedily from the same cache."""
     candidates = [codec.encode(" " + v) for v in (cell.value, *cell.distractors)]
     room = max(max(len(c) for c in candidates), gen_tokens)
+    from .scoring import SharedContext  # torch: loaded when scoring starts, not with the command line
+
     ctx = SharedContext(model, cell.tokens, placement, rollback=room, prefill_chunk=prefill_chunk)
     lls = [ctx.score(c).logprob for c in candidates]
     true = lls[0]

@@ -18,13 +18,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..placement import PlacementSpec
 from .data import olmo_datasets_dir, read_arrow_split
 from .errors import EvalError
 from .results import ResultRow, letters
-from .scoring import Scorer
+
+if TYPE_CHECKING:  # torch loads when scoring starts, not with the command line
+    from .scoring import Scorer
 
 
 @dataclass(frozen=True)

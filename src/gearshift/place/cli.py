@@ -45,10 +45,8 @@ def _config(model: str):
 def _device_dtype(args: argparse.Namespace):
     import torch
 
-    from ..cli import DTYPES
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
@@ -107,6 +105,7 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
 
 
 def _scorer(args: argparse.Namespace, model):
+    from ..checkpoint import fingerprint
     from .measure import PlacementScorer, load_sequences
 
     max_len = args.max_len or model.config.max_position_embeddings
@@ -122,6 +121,7 @@ def _scorer(args: argparse.Namespace, model):
         max_batch=args.max_batch,
         extra_metrics=_extra_metrics(args.extra_metric),
         reference_memory_gb=args.reference_memory_gb,
+        model_fingerprint=fingerprint(args.model),  # a table never mixes two checkpoints' numbers
     )
 
 
@@ -213,7 +213,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         by_source.setdefault(source, []).append(p)
     new = []
     for source, ps in by_source.items():
-        new += measure_placements(scorer, ps, table, source=source, log=_log)
+        new += measure_placements(scorer, ps, table, source=source, log=_log, show_progress=True)
     print(f"measured {len(new)} new placements; {args.out} now holds {len(table.done)}")
     return 0
 
@@ -451,8 +451,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             "  (!) predicted better than every measured placement (beyond the CV error): the surrogate is "
             "extrapolating; measure these (--table/--data) or run 'place loop' to refit around the frontier"
         )
-    for label in result.skipped:
-        print(f"  (no placement for target {label})")
+    for note in result.notes:
+        print(f"  note: {note}")
     if args.out:
         _optimize_outputs(Path(args.out), result, fit, costs, space, measured if args.table else None, args)
     if args.write:
@@ -552,7 +552,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``place`` and its sub-commands to the main ``gearshift`` parser."""
     place = subparsers.add_parser("place", help="placement search: measure, fit, loop, cost, optimize, stability")
-    sub = place.add_subparsers(dest="place_command", required=True)
+    place.set_defaults(extra="place")
+    sub = place.add_subparsers(dest="place_command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("measure", help="score placements on held-out teacher traces (resumable JSONL table)")
     s.add_argument("model", help="checkpoint directory")
@@ -571,7 +572,14 @@ def register(subparsers: Any) -> None:
     s.add_argument(
         "--shard", metavar="K/N", help="measure only every N-th selected placement from the K-th (one part per GPU)"
     )
-    s.set_defaults(fn=cmd_measure, batch=1, context=4096)
+    s.set_defaults(
+        fn=cmd_measure,
+        batch=1,
+        context=4096,
+        on_interrupt=lambda a: (
+            f"the placements measured so far are kept in {a.out}; run the same command to measure the rest"
+        ),
+    )
     _add_scoring(s)
 
     s = sub.add_parser("merge", help="merge tables measured in parts (measure --shard) into one")
@@ -603,7 +611,10 @@ def register(subparsers: Any) -> None:
     _add_costs(s)
     _add_constraints(s)
     _add_scoring(s)
-    s.set_defaults(fn=cmd_loop)
+    s.set_defaults(
+        fn=cmd_loop,
+        on_interrupt=lambda a: f"the placements measured so far are kept in {a.table}; run the same command to go on",
+    )
 
     s = sub.add_parser("cost", help="per-layer mixer costs on this device (or modelled), optional whole-model fit")
     s.add_argument("model", help="checkpoint directory or a built-in shape (tiny, apriel-15b)")

@@ -23,7 +23,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..checkpoint import token_ids
-from ..placement import placement_letters
+from ..placement import PlacementError, placement_for_model_id, placement_letters
 from .engine import Engine, QueueFullError, Request, RequestError, SamplingParams
 from .policy import AutoPolicy
 
@@ -201,13 +201,11 @@ def create_app(
             return chosen, chosen
         if requested is None:
             return "default", default
-        if requested not in presets:
-            raise ApiError(
-                404,
-                f"unknown preset {requested!r}; available: {', '.join(sorted(presets)) or 'none'}",
-                "model_not_found",
-            )
-        return requested, requested
+        try:  # a preset, or a placement written out: NAME:GGKG, NAME:all-swa
+            label, placement = placement_for_model_id(requested, engine.config, presets)
+        except PlacementError as exc:
+            raise ApiError(404, f"model {model_id!r}: {exc}", "model_not_found") from None
+        return label, (requested if requested in presets else placement)
 
     def sampling(body: dict) -> SamplingParams:
         if body.get("n", 1) != 1:
