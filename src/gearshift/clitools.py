@@ -135,8 +135,16 @@ def progress_enabled() -> bool | None:
     return None if env is None else env.strip() in ("0", "false", "no")
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it", **kwargs):
-    """A tqdm progress bar on stderr with rate and ETA (see ``progress_enabled``)."""
+def progress(
+    iterable=None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    enabled: bool = True,
+    **kwargs,
+):
+    """A tqdm progress bar on stderr with rate and ETA (see ``progress_enabled``); ``enabled=False`` hides it."""
     from tqdm import tqdm
 
     return tqdm(
@@ -146,7 +154,7 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
-        disable=progress_enabled(),
+        disable=progress_enabled() if enabled else True,
         **kwargs,
     )
 

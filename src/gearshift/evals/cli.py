@@ -83,9 +83,11 @@ def _evaluate_rows(args: argparse.Namespace, model: Any, presets: list[str] | No
     rows = []
     if specs:
         examples = {s.name: load_examples(s, args.data_dir, limit=args.limit, seed=args.seed) for s in specs}
-        rows = task_rows(scorer, examples, placements)
+        rows = task_rows(scorer, examples, placements, show_progress=True)
     if shards:
-        extra = shard_rows(scorer, shards, placements, limit=args.shard_limit, seed=args.seed, stride=args.stride)
+        extra = shard_rows(
+            scorer, shards, placements, limit=args.shard_limit, seed=args.seed, stride=args.stride, show_progress=True
+        )
         by_name = {r.preset: r for r in rows}
         for r in extra:
             if r.preset in by_name:
@@ -129,6 +131,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         seed=args.seed,
         haystack=args.haystack,
+        show_progress=True,
     )
     rows = result_rows(result)
     doc = document("niah", rows, {"model": str(args.model), **result["settings"]})

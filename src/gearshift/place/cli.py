@@ -168,7 +168,12 @@ def _constraints(args: argparse.Namespace, space):
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="loglik", help="table field to fit (loglik, kl, agreement or an extra metric)")
     p.add_argument("--r", type=int, default=1, choices=[1, 2, 3], help="pair-interaction range in layers")
-    p.add_argument("--estimator", default="auto", choices=["auto", "bayes_ridge", "ard", "lasso", "ridge"])
+    p.add_argument(
+        "--estimator",
+        default="auto",
+        choices=["auto", "bayes_ridge", "ard", "lasso", "ridge"],
+        help="regression of the surrogate (auto: the lowest cross-validated error)",
+    )
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds")
     p.add_argument("--minimize", action="store_true", help="lower values of an extra metric are better")
 
@@ -566,7 +571,7 @@ def register(subparsers: Any) -> None:
         help="stratified:N, a file of letter placements, or proposals:FIT.json[:N]",
     )
     s.add_argument("--out", required=True, help="measurement table (JSONL); an existing one is resumed")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified selection")
     s.add_argument("--n-proposals", type=int, default=8, help="uncertain placements per proposals: spec")
     s.add_argument("--costs", help="with proposals: also propose points along the predicted frontier")
     s.add_argument(
@@ -598,15 +603,15 @@ def register(subparsers: Any) -> None:
     s.set_defaults(fn=cmd_fit)
 
     s = sub.add_parser("loop", help="active learning: propose (frontier + uncertain), measure, refit, N rounds")
-    s.add_argument("model")
-    s.add_argument("--data", required=True)
+    s.add_argument("model", help="checkpoint directory")
+    s.add_argument("--data", required=True, help="token-shard directory (teacher traces)")
     s.add_argument("--table", required=True, help="measurement table (JSONL), created or resumed")
     s.add_argument("--out", required=True, help="final surrogate file (JSON); history beside it")
-    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=3, help="propose-measure-refit rounds")
     s.add_argument("--uncertain", type=int, default=8, help="most uncertain placements per round")
     s.add_argument("--frontier", type=int, default=4, help="predicted-frontier placements per round")
     s.add_argument("--initial", type=int, default=32, help="stratified placements before the first fit")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified selection")
     _add_fit_options(s)
     _add_costs(s)
     _add_constraints(s)
@@ -618,17 +623,17 @@ def register(subparsers: Any) -> None:
 
     s = sub.add_parser("cost", help="per-layer mixer costs on this device (or modelled), optional whole-model fit")
     s.add_argument("model", help="checkpoint directory or a built-in shape (tiny, apriel-15b)")
-    s.add_argument("--batch", type=int, required=True)
-    s.add_argument("--context", type=int, required=True)
+    s.add_argument("--batch", type=int, required=True, help="sequences decoded together")
+    s.add_argument("--context", type=int, required=True, help="tokens of context per sequence")
     s.add_argument("--out", required=True, help="AdditiveCost JSON")
     s.add_argument("--modelled", action="store_true", help="bytes per step / bandwidth instead of timing")
     s.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the modelled roofline")
     s.add_argument("--whole-model", type=int, default=0, metavar="N", help="also time N stratified placements")
     s.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
-    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     s.add_argument("--layers", type=int, default=3, help="k of the 1- vs k-layer difference")
     s.add_argument("--prefill-tokens", type=int, help="prefill length timed (default min(context, 8192))")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the --whole-model placements")
     _add_device(s)
     s.set_defaults(fn=cmd_cost)
 
@@ -654,10 +659,10 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("stability", help="rank agreement of the same placements measured twice")
     s.add_argument("table_a")
     s.add_argument("table_b")
-    s.add_argument("--metric", default="loglik")
+    s.add_argument("--metric", default="loglik", help="table field to compare")
     s.add_argument("--minimize", action="store_true", help="lower values of an extra metric are better")
     s.add_argument("--costs", help="cost file: top-k overlap per cost budget")
     s.add_argument("--budgets", type=float, nargs="+", help="cost budgets (default: quartiles of the costs)")
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--k", type=int, default=5, help="top-k of the overlap")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(fn=cmd_stability)

@@ -64,6 +64,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         chat=args.chat,
+        show_progress=True,
     )
     print(json.dumps(stats, indent=2))
     return 0

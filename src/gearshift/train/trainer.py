@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_tokenizer
+from ..clitools import progress_enabled
 from ..model import Supernet
 from ..placement import placement_letters
 from .checkpointing import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -534,7 +535,9 @@ class Trainer:
             try:
                 from tqdm import tqdm
 
-                bar = tqdm(total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True)
+                bar = tqdm(
+                    total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True, disable=progress_enabled()
+                )
             except ImportError:
                 bar = None
         tokens_seen, t0 = 0, time.perf_counter()
