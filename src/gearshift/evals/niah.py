@@ -215,37 +215,38 @@ def run_niah(
         for t in range(trials)
     ]
     presets: dict[str, Any] = {}
-    bar = progress(total=len(placements) * len(cells), desc="niah", unit="cell", enabled=show_progress)
-    for name, placement in placements.items():
-        scored = []
-        for c in cells:
-            scored.append(score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk))
-            bar.update(1)
-        grid = []
-        for n in lengths:
-            for d in depths:
-                group = [s for c, s in zip(cells, scored, strict=True) if c.length == n and c.depth == float(d)]
-                grid.append(
-                    {
-                        "length": n,
-                        "depth": float(d),
-                        "greedy": _mean([s.greedy for s in group]),
-                        "ll": _mean([s.ll_hit for s in group]),
-                        "mean_rank": _mean([s.rank for s in group]),
-                        "margin": _mean([s.margin for s in group]),
-                        "generated": [s.generated for s in group],
-                    }
+    with progress(total=len(placements) * len(cells), desc="niah", unit="cell", enabled=show_progress) as bar:
+        for name, placement in placements.items():
+            scored = []
+            for c in cells:
+                scored.append(
+                    score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk)
                 )
-        presets[name] = {
-            "placement": letters(model, placement),
-            "cells": grid,
-            "summary": {
-                "greedy": _mean([g["greedy"] for g in grid]),
-                "ll": _mean([g["ll"] for g in grid]),
-                "mean_rank": _mean([g["mean_rank"] for g in grid]),
-            },
-        }
-    bar.close()
+                bar.update(1)
+            grid = []
+            for n in lengths:
+                for d in depths:
+                    group = [s for c, s in zip(cells, scored, strict=True) if c.length == n and c.depth == float(d)]
+                    grid.append(
+                        {
+                            "length": n,
+                            "depth": float(d),
+                            "greedy": _mean([s.greedy for s in group]),
+                            "ll": _mean([s.ll_hit for s in group]),
+                            "mean_rank": _mean([s.rank for s in group]),
+                            "margin": _mean([s.margin for s in group]),
+                            "generated": [s.generated for s in group],
+                        }
+                    )
+            presets[name] = {
+                "placement": letters(model, placement),
+                "cells": grid,
+                "summary": {
+                    "greedy": _mean([g["greedy"] for g in grid]),
+                    "ll": _mean([g["ll"] for g in grid]),
+                    "mean_rank": _mean([g["mean_rank"] for g in grid]),
+                },
+            }
     _add_relative(presets)
     return {
         "settings": {

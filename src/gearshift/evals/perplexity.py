@@ -89,15 +89,14 @@ def shard_rows(
         except ShardError as exc:
             raise EvalError(str(exc)) from None
     rows = []
-    bar = progress(total=len(placements) * len(loaded), desc="perplexity", unit="set", enabled=show_progress)
-    for preset, placement in placements.items():
-        row = ResultRow(preset, letters(scorer.model, placement))
-        for name, data in loaded.items():
-            m = evaluate_shards(scorer, data, placement, limit=limit, seed=seed, stride=stride)
-            bar.update(1)
-            row.scores[f"ll:{name}"] = m["ll_per_token"]
-            row.scores[f"ppl:{name}"] = m["ppl"]
-            row.details[f"shards:{name}"] = m
-        rows.append(row)
-    bar.close()
+    with progress(total=len(placements) * len(loaded), desc="perplexity", unit="set", enabled=show_progress) as bar:
+        for preset, placement in placements.items():
+            row = ResultRow(preset, letters(scorer.model, placement))
+            for name, data in loaded.items():
+                m = evaluate_shards(scorer, data, placement, limit=limit, seed=seed, stride=stride)
+                bar.update(1)
+                row.scores[f"ll:{name}"] = m["ll_per_token"]
+                row.scores[f"ppl:{name}"] = m["ppl"]
+                row.details[f"shards:{name}"] = m
+            rows.append(row)
     return rows

@@ -302,9 +302,16 @@ def measure_placements(
     todo = [p for p in wanted if p not in done]
     if log and len(todo) < len(wanted):
         log(f"{len(wanted) - len(todo)} of {len(wanted)} placements already measured, skipping them")
+    bar = progress(total=len(todo), desc="measure", unit="placement", enabled=show_progress)
+    try:
+        return _measure(scorer, todo, table, source, log, bar)
+    finally:
+        bar.close()  # before anything else prints (an interrupt's message, the summary)
+
+
+def _measure(scorer, todo, table, source, log, bar) -> list[dict[str, Any]]:
     out = []
-    bar = progress(todo, desc="measure", unit="placement") if show_progress else None
-    for k, p in enumerate(bar if bar is not None else todo, start=1):
+    for k, p in enumerate(todo, start=1):
         record: dict[str, Any] = {"placement": p, **scorer.score(p)}
         if source is not None:
             record["source"] = source
@@ -314,10 +321,9 @@ def measure_placements(
         if log:
             shown = " ".join(f"{m}={record[m]:.4f}" for m in scorer.metric_names())
             line = f"[{k}/{len(todo)}] {p} {shown} ({record['seconds']:.2f}s)"
-            if bar is not None and not bar.disable:
+            if not bar.disable:
                 progress_write(bar, line)  # above the bar, not through it
             else:
                 log(line)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
     return out
