@@ -172,7 +172,7 @@ def _train_config(workdir, out, mode="distill", **optim):
 
 def test_a_checkpoint_of_another_mode_is_refused_unless_resume(workdir, tmp_path, capsys):
     Trainer(_train_config(workdir, tmp_path, "align"), device="cpu").run()
-    with pytest.raises(ValueError, match="holds a checkpoint of a align run.*differs in mode.*--resume"):
+    with pytest.raises(ValueError, match="holds a checkpoint of an align run.*differs in mode.*--resume"):
         Trainer(_train_config(workdir, tmp_path, "distill", steps=5), device="cpu")
     resumed = Trainer(_train_config(workdir, tmp_path, "distill", steps=5), device="cpu", resume=True)
     assert resumed.step == 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 
 from ..clitools import CliError, positive_float, positive_int
 
@@ -14,6 +13,8 @@ CPU_STATE_FRACTION = 0.5
 
 def _check_port(host: str, port: int) -> None:
     """Fail in one line, before minutes of loading and gigabytes of pools, when the port is taken."""
+    import socket
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets: TIME_WAIT is no conflict

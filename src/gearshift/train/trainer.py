@@ -185,7 +185,9 @@ class Trainer:
         old = state.get("config") or {}
         changed = config_differences(old, self.cfg.to_dict())
         if changed and not self.resume_any:
-            what = f"a {old.get('mode')} run" if old.get("mode") != self.cfg.mode else "a run of another configuration"
+            article = "an" if str(old.get("mode", "")).startswith(("a", "e", "i", "o", "u")) else "a"
+            same = old.get("mode") == self.cfg.mode
+            what = "a run of another configuration" if same else f"{article} {old.get('mode')} run"
             raise ValueError(
                 f"{self.out} holds a checkpoint of {what} (step {state['step']}, {path.name}; differs in "
                 f"{', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}): give this run another output "
