@@ -106,9 +106,7 @@ def test_serve_reports_a_busy_port_and_bad_sizes_in_one_line(ckpt, capsys):
     finally:
         sock.close()
     for bad in (["--max-batch", "0"], ["--max-num-seqs", "-1"], ["--max-model-len", "0"], ["--port", "70000"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["serve", str(ckpt), *bad])
-        assert exit_info.value.code == 2
+        assert main(["serve", str(ckpt), *bad]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and ("must be >= 1" in err or "65535" in err)
     args = build_parser().parse_args(

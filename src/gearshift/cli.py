@@ -337,7 +337,10 @@ def _command(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .clitools import sigterm_as_interrupt
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error argparse has printed: its exit code
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         with sigterm_as_interrupt():
             return args.fn(args)

@@ -73,7 +73,8 @@ def fresh_output(out: Path) -> None:
     """Start from an empty ``out``: a previous demo's output is cleared (its traces would be reused and its
     checkpoints resumed), anything else is refused rather than deleted."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (out / MARKER).exists():
+        legacy = all((out / name).exists() for name in ("summary.json", "supernet", "traces"))  # before the marker
+        if not ((out / MARKER).exists() or legacy):
             raise ValueError(f"{out} exists and is not a demo's output: give the demo another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

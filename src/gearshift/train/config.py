@@ -201,9 +201,11 @@ def _adapter(tp: Any):
 
 
 # Keys a run may change and still resume its checkpoint: how long it trains, how often it logs, evaluates and
-# checkpoints, and where it writes. Any other difference (mode, model, data, losses, optimizer) is another run.
+# checkpoints, where it writes, and how its global batch is laid out over processes (batch_size x grad_accum x
+# processes, DDP or FSDP: a run killed on 2 GPUs may go on on 1). Any other difference (mode, model, data,
+# losses, optimizer, sampler) is another run.
 RESUMABLE = ("output", "optim.steps", "optim.max_minutes", "eval", "checkpoint", "log_every", "data.eval",
-             "data.eval_sequences")  # fmt: skip
+             "data.eval_sequences", "optim.batch_size", "optim.grad_accum", "parallel")  # fmt: skip
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
