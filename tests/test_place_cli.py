@@ -96,12 +96,14 @@ def test_pipeline_measure_fit_cost_optimize_write(workdir, tmp_path, capsys):
     assert regression["type"] == "RegressionCost" and regression["metadata"]["validation"]["n"] == 6
 
     weights = (ckpt / "model.safetensors").stat().st_mtime_ns
-    code, out, _ = run(
-        ["place", "optimize", ckpt, "--fit", fit, "--costs", costs, "--fixed", "0:F", "--min-count", "gdn=1"]
+    code, out, err = run(
+        # modelled costs: on a CPU at 24 tokens all-attention is the fastest timed placement, and nothing slower
+        # than all-attention is ever proposed
+        ["place", "optimize", ckpt, "--fit", fit, "--fixed", "0:F", "--min-count", "gdn=1"]
         + ["--max-count", "attention=2", "--presets", 3, "--write", "--table", table, "--out", tmp_path / "opt"],
         capsys,
     )
-    assert code == 0 and "wrote" in out
+    assert code == 0 and "wrote" in out, err
     assert (ckpt / "model.safetensors").stat().st_mtime_ns == weights  # presets.json only
     loaded = Supernet.from_pretrained(ckpt)
     made = {n: m for n, m in loaded.preset_meta.items() if m.get("source") == "gearshift place optimize"}
@@ -119,12 +121,12 @@ def test_pipeline_measure_fit_cost_optimize_write(workdir, tmp_path, capsys):
     report = json.loads((tmp_path / "opt" / "optimize.json").read_text())
     assert len(report["presets"]) == len(made)
     # a second run replaces the first run's presets (hand-made ones stay), unless --keep-previous
-    code, out, _ = run(["place", "optimize", ckpt, "--fit", fit, "--costs", costs, "--speedups", 0.5, "--write",
+    code, out, _ = run(["place", "optimize", ckpt, "--fit", fit, "--speedups", 1.0, "--write",
                         "--name-prefix", "again"], capsys)  # fmt: skip
     assert code == 0 and "removed presets of an earlier" in out
     second = Supernet.from_pretrained(ckpt)
     again = [n for n in second.presets if n.startswith("again-")]  # named by the speed-up reached
-    assert not set(made) & set(second.presets) and len(again) == 1 and second.preset_meta[again[0]]["speedup"] >= 0.5
+    assert not set(made) & set(second.presets) and len(again) == 1 and second.preset_meta[again[0]]["speedup"] >= 1.0
 
     # loop on the same table: one round adds frontier + uncertain placements
     code, out, err = run(

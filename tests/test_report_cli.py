@@ -7,6 +7,7 @@ import torch
 
 from gearshift.cli import main
 from gearshift.config import SupernetConfig
+from gearshift.demo import MARKER
 from gearshift.placement import PlacementError, spread_placement
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement, placement_report
 
@@ -70,12 +71,34 @@ def test_spread_placement_and_paper_presets():
 
 
 def test_cli_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "6", "--align-steps", "4"]) == 0
+    """Item 10 of issue 24: the demo starts clean each run (no reused traces, no resumed checkpoints) and its verdict
+    is the conjunction of checks that can fail, among them that training lowered the KL."""
+    out_dir = tmp_path / "demo"
+    out_dir.mkdir()
+    (out_dir / MARKER).write_text("")  # a previous demo's output ...
+    (out_dir / "traces").mkdir()  # ... whose traces the new run must not reuse
+    (out_dir / "traces" / "index.json").write_text("stale")
+    code = main(["demo", "--out", str(out_dir), "--steps", "6", "--align-steps", "4"])
     out = capsys.readouterr().out
-    assert "all checks passed: True" in out
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    checks = summary["checks"]
+    assert code == (0 if all(checks.values()) else 1), checks
+    assert ("all checks passed" in out) == all(checks.values()) and ("FAILED" in out) != all(checks.values())
+    assert "teacher traces: 400 sequences" in out
     assert summary["exact_decoding_worst"] < 1e-4 and summary["teacher_gap"] < 1e-4 and summary["engine_mixed_ok"]
-    assert (tmp_path / "supernet" / "model.safetensors").exists() and (tmp_path / "thinned" / "presets.json").exists()
+    # the checks compare numbers the run produced: the frozen sliding window is untouched, training helped
+    before, after = summary["kl_before"], summary["kl_after"]
+    assert checks["frozen sliding window unchanged"]
+    assert checks["training lowered the KL of all-gdn, all-kda, FSGK"] == all(
+        after[p]["kl"] < before[p]["kl"] for p in ("all-gdn", "all-kda", "FSGK")
+    )
+    assert (out_dir / "supernet" / "model.safetensors").exists() and (out_dir / "thinned" / "presets.json").exists()
+    # a directory that is not a demo's own output is never cleared
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(other)]) == 2
+    assert "not a demo's output" in capsys.readouterr().err and (other / "notes.txt").exists()
 
 
 def test_cli_commands(tmp_path, capsys):
@@ -83,7 +106,9 @@ def test_cli_commands(tmp_path, capsys):
     assert main(["init", str(ckpt), "--shape", "tiny"]) == 0
     assert main(["preset", "add", str(ckpt), "fast", "GGGK"]) == 0
     assert main(["info", str(ckpt)]) == 0
-    assert "preset fast: GGGK" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[-2].split() == ["preset", "placement", "F/S/G/K", "speed-up", "quality", "note"]
+    assert table[-1].split() == ["fast", "GGGK", "0/0/3/1", "-", "-"]
     assert main(["report", str(ckpt), "--placement", "fast", "--context", "64", "128", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["context"] for r in rows] == [64, 128] and rows[0]["placement"] == "GGGK"

@@ -8,17 +8,15 @@ Presets live in ``presets.json`` beside the weights (Apriel2 has no placement fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from .config import (
     AttentionConfig,
@@ -32,6 +30,9 @@ from .config import (
     SupernetConfig,
 )
 from .placement import PlacementSpec, placement_letters, resolve_placement
+
+if TYPE_CHECKING:  # torch and safetensors load with the first weights: reading a config needs neither
+    import torch
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -377,6 +378,50 @@ def read_presets(path: str | Path) -> dict[str, dict[str, Any]]:
     return presets
 
 
+def fingerprint(path: str | Path, *, samples: int = 16, sample_bytes: int = 4096) -> str:
+    """A short hash that tells checkpoints apart: the config and, per tensor, its name, dtype, shape and bytes
+    sampled at ``samples`` evenly spaced places (all of a small tensor). Training changes every trained tensor, so
+    two checkpoints of one run differ; reading costs a few seeks per tensor, not the whole 30 GB.
+    Presets, tokenizer and other side files do not count (adding a preset does not change a measurement)."""
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME} (is this a checkpoint directory?)")
+    h = hashlib.sha256()
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    h.update(json.dumps(config, sort_keys=True).encode())
+    tensors: dict[str, bytes] = {}  # name -> digest of its sample (sorted below: sharding does not matter)
+    for file in _weight_files(path):
+        with open(file, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{file}: cannot read safetensors header ({exc})") from None
+            base = 8 + n
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                t = hashlib.sha256(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+                begin, end = entry["data_offsets"]
+                size = end - begin
+                if size <= samples * sample_bytes:
+                    f.seek(base + begin)
+                    t.update(f.read(size))
+                else:
+                    step = (size - sample_bytes) // (samples - 1)
+                    for k in range(samples):
+                        f.seek(base + begin + k * step)
+                        t.update(f.read(sample_bytes))
+                tensors[name] = t.digest()
+    for name in sorted(tensors):
+        h.update(tensors[name])
+    return h.hexdigest()[:16]
+
+
 def load(
     path: str | Path,
     *,
@@ -389,6 +434,9 @@ def load(
     ``dtype`` casts every tensor (default: as stored). ``mixers`` keeps only mixers with these names (to save
     memory when serving a subset). Missing, unexpected or mis-shaped tensors raise ``CheckpointError``.
     """
+    import torch
+    from safetensors import safe_open
+
     from .model import Supernet
 
     path = Path(path)
@@ -468,6 +516,8 @@ def _parse_size(size: int | str) -> int:
 def _standalone(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous and owning its storage: safetensors refuses tensors that share memory, as the parts of
     weights laid out together do (``Supernet.fuse_projections_``)."""
+    import torch
+
     whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t.contiguous() if whole else t.clone(memory_format=torch.contiguous_format)
 
@@ -484,7 +534,13 @@ def save(
 
     Presets: ``presets`` (name -> placement, or name -> dict with a 'placement' and any metadata) or, by
     default, the model's own. ``copy_from`` copies tokenizer/chat-template files from another checkpoint.
+
+    Like transformers' ``save_pretrained``, writing into a directory that holds a checkpoint replaces it (its
+    weights, index and presets; other files stay): the Python API trusts its caller. The command line asks for
+    ``--overwrite`` first (``gearshift.clitools.check_output_dir``).
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: _standalone(v.detach()) for k, v in model.state_dict().items()}
@@ -560,12 +616,16 @@ def thin(
     *,
     copy_from: str | Path | None = None,
     **save_kwargs: Any,
-) -> None:
-    """Write a checkpoint keeping, per layer, only the mixers that the given placements use.
+):
+    """Write a checkpoint keeping, per layer, only the mixers that the given placements use; returns the thinned
+    model (sharing the kept tensors).
 
     Presets whose placements survive thinning are kept. The thinned model gives the same logits as the full one
-    for every kept placement (only unused tensors are dropped).
+    for every kept placement (only unused tensors are dropped). The default placement stays if it is kept, else
+    the first of ``placements`` becomes it.
     """
+    import torch
+
     from .model import Supernet
 
     cfg = model.thinned_config(placements)
@@ -578,6 +638,7 @@ def thin(
         if cfg.holds(placement):
             thinned.add_preset(name, placement, **model.preset_meta.get(name, {}))
     save(thinned, path, copy_from=copy_from, **save_kwargs)
+    return thinned
 
 
 def load_tokenizer(path: str | Path):

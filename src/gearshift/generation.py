@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -161,12 +161,14 @@ def generate(
     pad_token_id: int | None = None,
     prefill_chunk: int | None = None,
     cuda_graph: bool | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` per row; returns [B, prompt + generated] (prompt left-padded).
 
     Rows that reach an EOS token keep emitting ``pad_token_id`` until all rows are done. ``seed`` makes
     sampling reproducible. ``prefill_chunk`` bounds prefill memory by feeding the prompt in pieces.
     ``cuda_graph`` (default: on for CUDA) replays decode steps from a captured CUDA graph.
+    ``on_token`` is called with each step's new tokens [B] as they are sampled (streaming output).
     """
     cfg = model.config
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
@@ -177,6 +179,9 @@ def generate(
         input_ids = input_ids[None]
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)].unique().tolist()
+        raise ValueError(f"token ids {bad[:5]} lie outside the model's vocabulary (0..{cfg.vocab_size - 1})")
     b, t = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(model.device)
     longest = int(mask.sum(1).max())
@@ -212,6 +217,8 @@ def generate(
         token = sample_next(logits, temperature, top_k, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad), token)
         out.append(token[:, None])
+        if on_token is not None:
+            on_token(token)
         if len(eos):
             done |= torch.isin(token, eos_t)
             if bool(done.all()):

@@ -22,7 +22,7 @@ from .layers.base import Mixer, RMSNorm, StepContext, fuse_linears_, linear_outp
 from .layers.gdn import GatedDeltaNet
 from .layers.kda import KimiDeltaAttention
 from .ops.fused import ACTIVATIONS, gated_activation
-from .placement import Placement, PlacementError, PlacementSpec, resolve_placement
+from .placement import Placement, PlacementError, PlacementSpec, looks_like_placement, resolve_placement
 
 
 def build_mixer(hidden_size: int, cfg: MixerConfig) -> Mixer:
@@ -168,21 +168,29 @@ class Supernet(nn.Module):
         """Store a named placement (saved with the checkpoint in presets.json); ``meta`` is free-form."""
         if not name or any(ch.isspace() for ch in name):
             raise PlacementError(f"preset names must be non-empty and without spaces, got {name!r}")
+        if looks_like_placement(name):
+            raise PlacementError(
+                f"preset name {name!r} reads as a placement (all-<mixer>, a mixer name or F/S/G/K letters) or as "
+                "'auto', which it would shadow; choose another name"
+            )
         self.presets[name] = resolve_placement(placement, self.config, self.presets)
         self.preset_meta[name] = dict(meta)
 
     def thinned_config(self, placements: Sequence[PlacementSpec]) -> SupernetConfig:
-        """This model's config keeping, per layer, only the mixers that some of ``placements`` uses (a layer's
-        default mixer becomes the first placement's where it is dropped)."""
+        """This model's config keeping, per layer, only the mixers that some of ``placements`` uses. The default
+        placement stays if it is one of them, else the first of them becomes the default."""
         if not placements:
             raise ValueError("thinning needs at least one placement to keep")
         resolved = [self.resolve(p) for p in placements]
+        # the default placement stays when it is one of the kept ones, else the first kept one becomes it: never a
+        # mix of the two that nobody asked for
+        default = self.config.default_placement
+        main = default if default in resolved else resolved[0]
         layers = []
         for i, layer in enumerate(self.config.layers):
             keep = {p[i] for p in resolved}
             mixers = {n: m for n, m in layer.mixers.items() if n in keep}
-            main = layer.main_mixer if layer.main_mixer in mixers else resolved[0][i]
-            layers.append(LayerConfig(mixers=mixers, main_mixer=main, mlp=layer.mlp))
+            layers.append(LayerConfig(mixers=mixers, main_mixer=main[i], mlp=layer.mlp))
         return self.config.replace(layers=tuple(layers))
 
     def thin_(self, placements: Sequence[PlacementSpec]) -> Supernet:

@@ -1,8 +1,10 @@
 """Placements: which mixer each layer uses for one call.
 
 A placement can be given as a list of mixer names (one per layer), a compact string of one letter per layer
-(F = attention, S = sliding_window, K = kda, G = gdn), or the name of a preset stored with the checkpoint.
-Everything is resolved to a tuple of mixer names, validated against the layers, before any compute happens.
+(F = attention, S = sliding_window, G = gdn, K = kda), ``all-<kind>`` / ``<kind>`` for every layer (kinds and
+their short aliases: ``fa`` = attention, ``swa`` = sliding_window), or the name of a preset stored with the
+checkpoint. Everything is resolved to a tuple of mixer names, validated against the layers, before any compute
+happens. Preset names may not look like placements (``all-kda``, ``FSGK``), which they would shadow.
 """
 
 from __future__ import annotations
@@ -19,6 +21,29 @@ class PlacementError(ValueError):
 Placement = tuple[str, ...]
 PlacementSpec = str | Sequence[str] | None
 
+# short names users know from the literature, accepted wherever a kind name is (all-swa, swa)
+KIND_ALIASES = {"swa": "sliding_window", "fa": "attention"}
+# model-id words with a meaning of their own (the server's load-adaptive choice)
+RESERVED_NAMES = ("auto",)
+
+
+def whole_model_kind(spec: str) -> str | None:
+    """The kind of ``all-<kind>`` / ``<kind>`` (or an alias), case-insensitive; None for anything else."""
+    word = spec.strip().lower().removeprefix("all-")
+    kind = KIND_ALIASES.get(word, word)
+    return kind if kind in KIND_LETTERS else None
+
+
+def looks_like_placement(name: str) -> bool:
+    """Whether a preset name would read as a placement (``all-kda``, ``swa``, a string of F/S/G/K letters) or a
+    reserved model-id word: such names are refused, since a preset cannot be told apart from what it shadows."""
+    word = name.strip()
+    return (
+        whole_model_kind(word) is not None
+        or (bool(word) and set(word.upper()) <= set(LETTER_KINDS))
+        or word.lower() in RESERVED_NAMES
+    )
+
 
 def resolve_placement(
     spec: PlacementSpec, config: SupernetConfig, presets: Mapping[str, Sequence[str]] | None = None
@@ -31,8 +56,8 @@ def resolve_placement(
     if isinstance(spec, str):
         if spec in presets:
             return resolve_placement(list(presets[spec]), config)
-        if spec.upper() in ("ALL-" + k.upper() for k in KIND_LETTERS) or spec.lower() in KIND_LETTERS:
-            kind = spec.lower().removeprefix("all-")
+        kind = whole_model_kind(spec)
+        if kind is not None:
             return resolve_placement([KIND_LETTERS[kind]] * n, config)
         letters = spec.strip().upper()
         if letters and set(letters) <= set(LETTER_KINDS) and len(spec.strip()) == n:
@@ -42,7 +67,7 @@ def resolve_placement(
         known = ", ".join(sorted(presets)) or "none stored"
         raise PlacementError(
             f"unknown preset or placement {spec!r}: give a preset name (known: {known}), a string of {n} letters "
-            f"from F/S/K/G, or a list of {n} mixer names"
+            f"from F/S/G/K, all-<mixer> (attention, sliding_window or swa, gdn, kda), or a list of {n} mixer names"
         )
     entries = list(spec)
     if len(entries) != n:
@@ -54,7 +79,8 @@ def resolve_placement(
         if entry in layer.mixers:
             out.append(entry)
             continue
-        kind = LETTER_KINDS.get(entry.upper()) if len(entry) == 1 else (entry if entry in KIND_LETTERS else None)
+        kind = LETTER_KINDS.get(entry.upper()) if len(entry) == 1 else whole_model_kind(entry)
+        kind = None if entry.lower().startswith("all-") else kind
         held = ", ".join(f"{name} ({KIND_LETTERS[m.kind]})" for name, m in layer.mixers.items())
         if kind is None:
             raise PlacementError(f"layer {i}: unknown mixer {entry!r}; this layer holds {held}")
@@ -67,6 +93,24 @@ def resolve_placement(
             raise PlacementError(f"layer {i}: {entry!r} is ambiguous, this layer holds several {kind} mixers {names}")
         out.append(names[0])
     return tuple(out)
+
+
+def placement_for_model_id(
+    requested: str, config: SupernetConfig, presets: Mapping[str, Sequence[str]]
+) -> tuple[str, Placement]:
+    """(label, placement) for the part after ``NAME:`` of an OpenAI-style model id: a stored preset (labelled by its
+    name), or a placement in any accepted form, ``gearshift:GGKG`` or ``gearshift:all-swa`` (labelled by its
+    letters). Raises ``PlacementError`` naming the presets on offer. ``auto`` is the server's to handle."""
+    if requested in presets:
+        return requested, tuple(presets[requested])
+    try:
+        placement = resolve_placement(requested, config)
+    except PlacementError as exc:
+        known = ", ".join(sorted(presets)) or "none"
+        raise PlacementError(
+            f"{requested!r} is neither a preset (available: {known}) nor a placement this model can run ({exc})"
+        ) from None
+    return placement_letters(placement, config), placement
 
 
 def placement_letters(placement: Sequence[str], config: SupernetConfig) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
-
 from .config import SupernetConfig
 from .placement import PlacementSpec, composition, placement_letters, resolve_placement
 
@@ -63,6 +61,8 @@ class PlacementReport:
 
 
 def _meta_model(config: SupernetConfig):
+    import torch
+
     from .model import Supernet
 
     with torch.device("meta"):
@@ -152,13 +152,13 @@ def batch_bytes_per_step(
 def format_reports(reports: list[PlacementReport]) -> str:
     """A plain-text table, one row per report."""
     head = (
-        f"{'placement':<20} {'F/S/K/G':>11} {'active':>9} {'ctx':>6} {'batch':>5} {'state/seq':>11} "
+        f"{'placement':<20} {'F/S/G/K':>11} {'active':>9} {'ctx':>6} {'batch':>5} {'state/seq':>11} "
         f"{'MB/step':>9} {'roofline ms':>11}"
     )
     rows = [head, "-" * len(head)]
     for r in reports:
         c = r.composition
-        mix = f"{c['attention']}/{c['sliding_window']}/{c['kda']}/{c['gdn']}"
+        mix = f"{c['attention']}/{c['sliding_window']}/{c['gdn']}/{c['kda']}"
         name = r.placement if len(r.placement) <= 20 else r.placement[:17] + "..."
         rows.append(
             f"{name:<20} {mix:>11} {r.active_params / 1e6:>8.1f}M {r.context:>6} {r.batch:>5} "

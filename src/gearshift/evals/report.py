@@ -47,6 +47,36 @@ def read_throughput(path: str | Path) -> dict[str, float]:
         ) from None
 
 
+def report_setting(model: Supernet, context: int | None, batch: int | None) -> tuple[int, int, str]:
+    """(context, batch, where they came from) of the modelled speed-ups. Given values win (a context is capped at
+    the checkpoint's own: a 512-token model never decodes at 32k). Otherwise the presets' own, as stored by
+    ``place optimize`` (so that a preset named ``loglik-2.10x`` shows 2.10x here), else the checkpoint's context
+    up to DEFAULT_CONTEXT and DEFAULT_BATCH."""
+    limit = model.config.max_position_embeddings
+    metas = [model.preset_meta.get(name, {}) for name in model.presets]
+    contexts = {int(m["context"]) for m in metas if m.get("context")}
+    batches = {int(m["batch"]) for m in metas if m.get("batch")}
+    notes = []
+    if context is None:
+        if len(contexts) == 1:
+            context = contexts.pop()
+            notes.append("the presets' context")
+        else:
+            context = min(DEFAULT_CONTEXT, limit)
+            notes.append("the checkpoint's context" if limit <= DEFAULT_CONTEXT else "the default context")
+    if context > limit:
+        notes.append(f"--context {context} capped at the checkpoint's {limit}")
+        context = limit
+    if batch is None:
+        if len(batches) == 1:
+            batch = batches.pop()
+            notes.append("the presets' batch")
+        else:
+            batch = DEFAULT_BATCH
+            notes.append("the default batch")
+    return context, batch, ", ".join(notes)
+
+
 def _retention(score: str, value: float, base: float) -> float | None:
     """How much of the baseline's quality a score keeps (1 = all; perplexity and likelihood as ratios of
     per-token likelihoods)."""

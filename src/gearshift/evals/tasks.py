@@ -18,13 +18,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..placement import PlacementSpec
 from .data import olmo_datasets_dir, read_arrow_split
 from .errors import EvalError
 from .results import ResultRow, letters
-from .scoring import Scorer
+
+if TYPE_CHECKING:  # torch loads when scoring starts, not with the command line
+    from .scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -260,12 +262,22 @@ def evaluate_tasks(
     scorer: Scorer,
     examples: Mapping[str, Sequence[MCExample]],
     placements: Mapping[str, PlacementSpec],
+    show_progress: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{placement name: {task: metrics}}`` for every placement and task."""
-    return {
-        name: {task: score_multiple_choice(scorer, exs, placement).metrics() for task, exs in examples.items()}
-        for name, placement in placements.items()
-    }
+    """``{placement name: {task: metrics}}`` for every placement and task (``show_progress``: a bar over the
+    examples on stderr)."""
+    from ..clitools import progress
+
+    total = len(placements) * sum(len(exs) for exs in examples.values())
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    with progress(total=total, desc="tasks", unit="example", enabled=show_progress) as bar:
+        for name, placement in placements.items():
+            out[name] = {}
+            for task, exs in examples.items():
+                bar.set_postfix_str(f"{name}: {task}", refresh=False)
+                out[name][task] = score_multiple_choice(scorer, exs, placement).metrics()
+                bar.update(len(exs))
+    return out
 
 
 def primary_metric(task: str) -> str:
@@ -277,9 +289,10 @@ def task_rows(
     scorer: Scorer,
     examples: Mapping[str, Sequence[MCExample]],
     placements: Mapping[str, PlacementSpec],
+    show_progress: bool = False,
 ) -> list[ResultRow]:
     """Result rows (score = each task's primary metric; every metric in ``details``) for every placement."""
-    table = evaluate_tasks(scorer, examples, placements)
+    table = evaluate_tasks(scorer, examples, placements, show_progress)
     rows = []
     for name, per_task in table.items():
         scores = {task: m[primary_metric(task)] for task, m in per_task.items()}

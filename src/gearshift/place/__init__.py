@@ -16,22 +16,33 @@ checks against the layers), ``table`` (resumable JSONL measurements), ``measure`
 
 from importlib import import_module
 
-from .cost_model import AdditiveCost, RegressionCost, load_cost_model
-from .dp import (
-    Solution,
-    best_under_budget,
-    diverse,
-    evaluate,
-    pareto_frontier,
-    placement_cost,
-    placement_string,
-)
-from .metrics import kendall, pareto_front, pareto_regret, rank_stability, spearman, topk_overlap
-from .plots import frontier_html, plot_effect_heatmap, plot_frontier
-from .surrogate import ESTIMATORS, ClusterExpansion, FastARD, check_placements, stratified_placements
-
-# name -> submodule, imported on first access (PEP 562)
+# name -> submodule, imported on first access (PEP 562): importing the package (as the command line does for
+# every command) needs none of numpy's friends; each tool loads what it uses
 _LAZY = {
+    "AdditiveCost": "cost_model",
+    "RegressionCost": "cost_model",
+    "load_cost_model": "cost_model",
+    "Solution": "dp",
+    "best_under_budget": "dp",
+    "diverse": "dp",
+    "evaluate": "dp",
+    "pareto_frontier": "dp",
+    "placement_cost": "dp",
+    "placement_string": "dp",
+    "kendall": "metrics",
+    "pareto_front": "metrics",
+    "pareto_regret": "metrics",
+    "rank_stability": "metrics",
+    "spearman": "metrics",
+    "topk_overlap": "metrics",
+    "frontier_html": "plots",
+    "plot_effect_heatmap": "plots",
+    "plot_frontier": "plots",
+    "ESTIMATORS": "surrogate",
+    "ClusterExpansion": "surrogate",
+    "FastARD": "surrogate",
+    "check_placements": "surrogate",
+    "stratified_placements": "surrogate",
     "PlaceError": "space",
     "PlacementSpace": "space",
     "MeasurementTable": "table",
@@ -52,6 +63,7 @@ _LAZY = {
     "Constraints": "optimize",
     "parse_constraints": "optimize",
     "pareto_regret_of": "presets",
+    "remove_presets": "presets",
     "write_presets": "presets",
     "active_learning": "loop",
     "compare_tables": "stability",
@@ -66,30 +78,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    *_LAZY,
-    "ESTIMATORS",
-    "AdditiveCost",
-    "ClusterExpansion",
-    "FastARD",
-    "RegressionCost",
-    "Solution",
-    "best_under_budget",
-    "check_placements",
-    "diverse",
-    "evaluate",
-    "frontier_html",
-    "kendall",
-    "load_cost_model",
-    "pareto_front",
-    "pareto_frontier",
-    "pareto_regret",
-    "placement_cost",
-    "placement_string",
-    "plot_effect_heatmap",
-    "plot_frontier",
-    "rank_stability",
-    "spearman",
-    "stratified_placements",
-    "topk_overlap",
-]
+__all__ = sorted(_LAZY)

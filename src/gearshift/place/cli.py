@@ -45,10 +45,8 @@ def _config(model: str):
 def _device_dtype(args: argparse.Namespace):
     import torch
 
-    from ..cli import DTYPES
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
@@ -107,6 +105,7 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
 
 
 def _scorer(args: argparse.Namespace, model):
+    from ..checkpoint import fingerprint
     from .measure import PlacementScorer, load_sequences
 
     max_len = args.max_len or model.config.max_position_embeddings
@@ -122,6 +121,7 @@ def _scorer(args: argparse.Namespace, model):
         max_batch=args.max_batch,
         extra_metrics=_extra_metrics(args.extra_metric),
         reference_memory_gb=args.reference_memory_gb,
+        model_fingerprint=fingerprint(args.model),  # a table never mixes two checkpoints' numbers
     )
 
 
@@ -168,7 +168,12 @@ def _constraints(args: argparse.Namespace, space):
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="loglik", help="table field to fit (loglik, kl, agreement or an extra metric)")
     p.add_argument("--r", type=int, default=1, choices=[1, 2, 3], help="pair-interaction range in layers")
-    p.add_argument("--estimator", default="auto", choices=["auto", "bayes_ridge", "ard", "lasso", "ridge"])
+    p.add_argument(
+        "--estimator",
+        default="auto",
+        choices=["auto", "bayes_ridge", "ard", "lasso", "ridge"],
+        help="regression of the surrogate (auto: the lowest cross-validated error)",
+    )
     p.add_argument("--cv", type=int, default=5, help="cross-validation folds")
     p.add_argument("--minimize", action="store_true", help="lower values of an extra metric are better")
 
@@ -213,7 +218,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         by_source.setdefault(source, []).append(p)
     new = []
     for source, ps in by_source.items():
-        new += measure_placements(scorer, ps, table, source=source, log=_log)
+        new += measure_placements(scorer, ps, table, source=source, log=_log, show_progress=True)
     print(f"measured {len(new)} new placements; {args.out} now holds {len(table.done)}")
     return 0
 
@@ -451,8 +456,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             "  (!) predicted better than every measured placement (beyond the CV error): the surrogate is "
             "extrapolating; measure these (--table/--data) or run 'place loop' to refit around the frontier"
         )
-    for label in result.skipped:
-        print(f"  (no placement for target {label})")
+    for note in result.notes:
+        print(f"  note: {note}")
     if args.out:
         _optimize_outputs(Path(args.out), result, fit, costs, space, measured if args.table else None, args)
     if args.write:
@@ -552,7 +557,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``place`` and its sub-commands to the main ``gearshift`` parser."""
     place = subparsers.add_parser("place", help="placement search: measure, fit, loop, cost, optimize, stability")
-    sub = place.add_subparsers(dest="place_command", required=True)
+    place.set_defaults(extra="place")
+    sub = place.add_subparsers(dest="place_command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("measure", help="score placements on held-out teacher traces (resumable JSONL table)")
     s.add_argument("model", help="checkpoint directory")
@@ -565,13 +571,20 @@ def register(subparsers: Any) -> None:
         help="stratified:N, a file of letter placements, or proposals:FIT.json[:N]",
     )
     s.add_argument("--out", required=True, help="measurement table (JSONL); an existing one is resumed")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified selection")
     s.add_argument("--n-proposals", type=int, default=8, help="uncertain placements per proposals: spec")
     s.add_argument("--costs", help="with proposals: also propose points along the predicted frontier")
     s.add_argument(
         "--shard", metavar="K/N", help="measure only every N-th selected placement from the K-th (one part per GPU)"
     )
-    s.set_defaults(fn=cmd_measure, batch=1, context=4096)
+    s.set_defaults(
+        fn=cmd_measure,
+        batch=1,
+        context=4096,
+        on_interrupt=lambda a: (
+            f"the placements measured so far are kept in {a.out}; run the same command to measure the rest"
+        ),
+    )
     _add_scoring(s)
 
     s = sub.add_parser("merge", help="merge tables measured in parts (measure --shard) into one")
@@ -590,34 +603,37 @@ def register(subparsers: Any) -> None:
     s.set_defaults(fn=cmd_fit)
 
     s = sub.add_parser("loop", help="active learning: propose (frontier + uncertain), measure, refit, N rounds")
-    s.add_argument("model")
-    s.add_argument("--data", required=True)
+    s.add_argument("model", help="checkpoint directory")
+    s.add_argument("--data", required=True, help="token-shard directory (teacher traces)")
     s.add_argument("--table", required=True, help="measurement table (JSONL), created or resumed")
     s.add_argument("--out", required=True, help="final surrogate file (JSON); history beside it")
-    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=3, help="propose-measure-refit rounds")
     s.add_argument("--uncertain", type=int, default=8, help="most uncertain placements per round")
     s.add_argument("--frontier", type=int, default=4, help="predicted-frontier placements per round")
     s.add_argument("--initial", type=int, default=32, help="stratified placements before the first fit")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the stratified selection")
     _add_fit_options(s)
     _add_costs(s)
     _add_constraints(s)
     _add_scoring(s)
-    s.set_defaults(fn=cmd_loop)
+    s.set_defaults(
+        fn=cmd_loop,
+        on_interrupt=lambda a: f"the placements measured so far are kept in {a.table}; run the same command to go on",
+    )
 
     s = sub.add_parser("cost", help="per-layer mixer costs on this device (or modelled), optional whole-model fit")
     s.add_argument("model", help="checkpoint directory or a built-in shape (tiny, apriel-15b)")
-    s.add_argument("--batch", type=int, required=True)
-    s.add_argument("--context", type=int, required=True)
+    s.add_argument("--batch", type=int, required=True, help="sequences decoded together")
+    s.add_argument("--context", type=int, required=True, help="tokens of context per sequence")
     s.add_argument("--out", required=True, help="AdditiveCost JSON")
     s.add_argument("--modelled", action="store_true", help="bytes per step / bandwidth instead of timing")
     s.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s of the modelled roofline")
     s.add_argument("--whole-model", type=int, default=0, metavar="N", help="also time N stratified placements")
     s.add_argument("--steps", type=int, default=20, help="timed decode steps per measurement")
-    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--warmup", type=int, default=3, help="untimed decode steps first")
     s.add_argument("--layers", type=int, default=3, help="k of the 1- vs k-layer difference")
     s.add_argument("--prefill-tokens", type=int, help="prefill length timed (default min(context, 8192))")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the --whole-model placements")
     _add_device(s)
     s.set_defaults(fn=cmd_cost)
 
@@ -643,10 +659,10 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("stability", help="rank agreement of the same placements measured twice")
     s.add_argument("table_a")
     s.add_argument("table_b")
-    s.add_argument("--metric", default="loglik")
+    s.add_argument("--metric", default="loglik", help="table field to compare")
     s.add_argument("--minimize", action="store_true", help="lower values of an extra metric are better")
     s.add_argument("--costs", help="cost file: top-k overlap per cost budget")
     s.add_argument("--budgets", type=float, nargs="+", help="cost budgets (default: quartiles of the costs)")
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--k", type=int, default=5, help="top-k of the overlap")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(fn=cmd_stability)

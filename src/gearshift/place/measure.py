@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..clitools import progress, progress_write
 from ..data.tokens import TokenSequence, TokenShards
 from ..placement import Placement, placement_letters
 from .space import PlaceError, PlacementSpace
@@ -106,7 +107,10 @@ class PlacementScorer:
         max_batch: int = 64,
         extra_metrics: Mapping[str, PlacementMetric] | None = None,
         reference_memory_gb: float = 8.0,
+        model_fingerprint: str | None = None,
     ) -> None:
+        """``model_fingerprint`` (``gearshift.checkpoint.fingerprint`` of the checkpoint the model came from) goes
+        into the table header, so that a table is never continued with another checkpoint's numbers."""
         if not sequences:
             raise PlaceError("no sequences to score placements on")
         if batch_tokens < 1 or max_batch < 1:
@@ -114,6 +118,7 @@ class PlacementScorer:
         if reference_topk is not None and reference_topk < 1:
             raise PlaceError(f"reference_topk must be >= 1, got {reference_topk}")
         self.model = model
+        self.model_fingerprint = model_fingerprint
         self.space = PlacementSpace.from_config(model.config)
         if reference is None:
             reference = self.space.reference_placement() or model.config.default_placement
@@ -188,6 +193,7 @@ class PlacementScorer:
     def header(self) -> dict[str, Any]:
         """What a measurement table records about this scorer (fields that must match to resume a table)."""
         return {
+            "model": self.model_fingerprint,
             "space": self.space.to_json(),
             "data": {"fingerprint": self.fingerprint, "sequences": self.n_sequences, "tokens": self.n_tokens},
             "reference": placement_letters(self.reference, self.model.config),
@@ -283,17 +289,27 @@ def measure_placements(
     *,
     source: str | None = None,
     log: Callable[[str], None] | None = None,
+    show_progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Score each placement not yet in ``table`` and append its record there as soon as it is measured.
 
     Returns the new records (``placement`` letters, the metrics, ``tokens``, ``seconds``, ``source``).
-    Placements are validated against the model before anything runs.
+    Placements are validated against the model before anything runs. ``show_progress``: a progress bar on
+    stderr (on a terminal; see ``gearshift.clitools.progress``).
     """
     wanted = list(dict.fromkeys(scorer.space.check(p) for p in placements))
     done = table.done if table is not None else set()
     todo = [p for p in wanted if p not in done]
     if log and len(todo) < len(wanted):
         log(f"{len(wanted) - len(todo)} of {len(wanted)} placements already measured, skipping them")
+    bar = progress(total=len(todo), desc="measure", unit="placement", enabled=show_progress)
+    try:
+        return _measure(scorer, todo, table, source, log, bar)
+    finally:
+        bar.close()  # before anything else prints (an interrupt's message, the summary)
+
+
+def _measure(scorer, todo, table, source, log, bar) -> list[dict[str, Any]]:
     out = []
     for k, p in enumerate(todo, start=1):
         record: dict[str, Any] = {"placement": p, **scorer.score(p)}
@@ -304,5 +320,10 @@ def measure_placements(
         out.append(record)
         if log:
             shown = " ".join(f"{m}={record[m]:.4f}" for m in scorer.metric_names())
-            log(f"[{k}/{len(todo)}] {p} {shown} ({record['seconds']:.2f}s)")
+            line = f"[{k}/{len(todo)}] {p} {shown} ({record['seconds']:.2f}s)"
+            if not bar.disable:
+                progress_write(bar, line)  # above the bar, not through it
+            else:
+                log(line)
+        bar.update(1)
     return out

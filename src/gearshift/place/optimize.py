@@ -9,6 +9,7 @@ runner-ups stand in when the frontier point itself is too close to one already c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,7 @@ class OptimizeResult:
     presets: list[Preset]
     reference: str | None
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why fewer presets than asked, what was left out
 
 
 def _resolution(costs: np.ndarray, allowed: np.ndarray, n_states: int) -> float:
@@ -257,6 +259,14 @@ def optimize(
         raise PlaceError(f"no placement satisfies the constraints: {exc}") from None
     ref_letters = space.reference_placement()
     ref = space.encode([ref_letters]) if ref_letters else None
+    # a preset slower than all-attention is never worth proposing (with timed costs, e.g. a CPU's SWA, it can be)
+    cap = float(costs.total(ref)[0]) - costs.overhead if ref is not None else math.inf
+    usable = [f for f in frontier if f.cost <= cap * (1 + 1e-9) + 1e-12]
+    notes: list[str] = []
+    if len(usable) < len(frontier):
+        notes.append(f"{len(frontier) - len(usable)} frontier point(s) cost more than all-attention: never proposed")
+    if not usable:
+        raise PlaceError("every placement on the predicted frontier is slower than all-attention: no preset to propose")
     if speedups:
         if ref is None:
             raise PlaceError("speed-up targets need an all-attention reference, which this model cannot run")
@@ -266,12 +276,25 @@ def optimize(
         targets = [total_ref / s - costs.overhead for s in speedups]
         labels = [f"{s:g}x" for s in speedups]
     else:
-        lo, hi = frontier[0].cost, frontier[-1].cost
+        lo, hi = usable[0].cost, usable[-1].cost
         targets = list(np.linspace(lo, hi, n_presets)) if n_presets > 1 else [hi]
         labels = [f"cost<={t:.4g}" for t in targets]
-    picks = choose_presets(frontier, targets, diverse_layers=diverse_layers)
+    picks = choose_presets(usable, targets, diverse_layers=diverse_layers)
+    if not speedups and None in picks:  # evenly spaced targets are a wish, not a limit: take the nearest others
+        picks = _fill_nearest(usable, targets, picks, diverse_layers)
     skipped = [lab for lab, p in zip(labels, picks, strict=True) if p is None]
-    sols = [p for p in picks if p is not None]
+    if skipped and not speedups:
+        pool = {tuple(s.placement) for f in usable for s in (f, *f.alternatives)}
+        if len(pool) < n_presets:
+            notes.append(
+                f"asked for {n_presets} presets, but the predicted frontier holds only {len(pool)} distinct "
+                "placement(s) no slower than all-attention (a finer --cost-resolution or --k-best may find more)"
+            )
+        else:
+            notes.append(f"asked for {n_presets} presets; no more placements differ in >= {diverse_layers} layers")
+    elif skipped:
+        notes.append("no placement on the predicted frontier reaches " + ", ".join(skipped))
+    sols = sorted((p for p in picks if p is not None), key=lambda p: p.cost)
     P = np.stack([s.placement for s in sols]) if sols else np.zeros((0, space.n_layers), dtype=np.int64)
     totals = costs.total(P) if sols else np.zeros(0)
     ups = costs.speedup(P, ref) if (sols and ref is not None) else [None] * len(sols)
@@ -287,4 +310,24 @@ def optimize(
         )
         for name, s, t, u in zip(names, sols, totals, ups, strict=True)
     ]
-    return OptimizeResult(frontier=list(frontier), presets=presets, reference=ref_letters, skipped=skipped)
+    return OptimizeResult(frontier=list(frontier), presets=presets, reference=ref_letters, skipped=skipped, notes=notes)
+
+
+def _fill_nearest(
+    frontier: Sequence[Solution], targets: Sequence[float], picks: list[Solution | None], diverse_layers: int
+) -> list[Solution | None]:
+    """Fill the targets ``choose_presets`` left empty with the unchosen frontier points nearest in cost (keeping
+    the diversity rule), so that N presets are returned whenever the frontier holds N placements."""
+    pool = [s for f in frontier for s in (f, *f.alternatives)]
+    out = list(picks)
+    for i, t in enumerate(targets):
+        if out[i] is not None:
+            continue
+        chosen = [c for c in out if c is not None]
+        for s in sorted(pool, key=lambda s: (abs(s.cost - t), -s.quality)):
+            if any(np.array_equal(s.placement, c.placement) for c in chosen):
+                continue
+            if len(diverse([*chosen, s], diverse_layers)) == len(chosen) + 1:
+                out[i] = s
+                break
+    return out

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import PRESETS_NAME, preset_entry, read_config, read_presets
 from ..data.tokens import atomic_write_json
-from .costs import CostTerms
-from .metrics import pareto_regret
 from .space import PlaceError, PlacementSpace
 
-__all__ = ["pareto_regret_of", "write_presets"]
+if TYPE_CHECKING:  # `gearshift preset add` writes presets with the core install: no scipy, no timing code
+    from .costs import CostTerms
+
+__all__ = ["pareto_regret_of", "remove_presets", "write_presets"]
 
 
 def write_presets(
@@ -63,6 +62,20 @@ def write_presets(
     return merged
 
 
+def remove_presets(checkpoint: str | Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Drop presets from a checkpoint's presets.json (atomically; the weights are untouched)."""
+    path = Path(checkpoint)
+    read_config(path)  # a checkpoint directory, or a clear error
+    existing = read_presets(path)
+    missing = [n for n in names if n not in existing]
+    if missing:
+        stored = ", ".join(existing) or "none"
+        raise PlaceError(f"{path}: no preset named {', '.join(map(repr, missing))} (stored: {stored})")
+    kept = {n: e for n, e in existing.items() if n not in names}
+    atomic_write_json(path / PRESETS_NAME, {"presets": kept})
+    return kept
+
+
 def pareto_regret_of(
     placements: Sequence[str],
     measured: Mapping[str, float],
@@ -73,6 +86,10 @@ def pareto_regret_of(
 ) -> list[float | None]:
     """Per placement: best measured quality at no higher cost minus its own measured quality (metric units,
     oriented by ``sign`` so that > 0 always means "something measured is better"); None if not measured."""
+    import numpy as np
+
+    from .metrics import pareto_regret
+
     if not measured:
         raise PlaceError("no measured placements to compare against")
     names = list(measured)

@@ -23,7 +23,7 @@ __all__ = ["FORMAT", "MeasurementTable", "TableError"]
 
 FORMAT = "gearshift-placements/1"
 # Header fields that must agree before new records may be appended to an existing table: they change the values.
-_MUST_MATCH = ("space", "data", "reference", "reference_topk", "max_len", "dtype")
+_MUST_MATCH = ("model", "space", "data", "reference", "reference_topk", "max_len", "dtype")
 
 
 class TableError(PlaceError):
@@ -96,10 +96,17 @@ class MeasurementTable:
             if old is None:
                 raise TableError(f"{path}: not a gearshift measurement table (no header line)")
             for key in _MUST_MATCH:
+                if key == "model" and (old.get(key) is None or header.get(key) is None):
+                    continue  # a table (or a run) without a checkpoint fingerprint: only the rest can be checked
                 if old.get(key) != header.get(key):
+                    what = (
+                        "another checkpoint"
+                        if key == "model"
+                        else f"{key}={old.get(key)!r}, this run has {header.get(key)!r}"
+                    )
                     raise TableError(
-                        f"{path}: was measured with {key}={old.get(key)!r}, this run has {header.get(key)!r}; "
-                        "use another --out table (values measured differently must not be mixed)"
+                        f"{path}: was measured with {what}; use another --out table (values measured "
+                        "differently must not be mixed)"
                     )
             table = cls(path, old, records)
         else:

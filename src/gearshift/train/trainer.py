@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_tokenizer
+from ..clitools import progress_enabled
 from ..model import Supernet
 from ..placement import placement_letters
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .checkpointing import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_differences
 from .data import DataError, PackedRows, load_rows, step_rows
 from .losses import activation_terms, agreement, cross_entropy, kl_terms
 from .parallel import full, full_optimizer_state, is_sharded, like, load_optimizer_state, shard_blocks
@@ -56,9 +57,20 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
     return device
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped ``Trainer.run``; the checkpoint of ``step`` was saved at ``path`` first."""
+
+    def __init__(self, step: int, path: Path | None) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint {path}")
+        self.step, self.path = step, path
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, device: str | None = None, log=print) -> None:
+    def __init__(self, cfg: TrainConfig, *, device: str | None = None, log=print, resume: bool = False) -> None:
+        """``resume``: continue from a checkpoint in the output directory even if another mode or configuration
+        wrote it (one of the same configuration is always resumed)."""
         self.cfg = cfg
+        self.resume_any = resume
         self.rank, self.world, local = _dist_env()
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
@@ -95,6 +107,11 @@ class Trainer:
         if len(self.rows) == 0:
             raise DataError("no training rows left after holding out evaluation rows")
         self.eval_rows = PackedRows(self.eval_rows.tokens[: d.eval_sequences], self.eval_rows.mask[: d.eval_sequences])
+        if len(self.eval_rows) == 0:  # an empty set would report KL 0 (a perfect score) for every placement
+            self.log(
+                f"warning: no held-out rows to evaluate on ({len(self.rows)} training rows hold out none below 10); "
+                "give data.eval: evaluation is skipped"
+            )
         vocab = self.student.config.vocab_size
         if int(self.rows.tokens.max()) >= vocab:
             raise DataError(f"training data holds token ids >= the model's vocabulary ({vocab})")
@@ -165,6 +182,17 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path, map_location=self.device)
+        old = state.get("config") or {}
+        changed = config_differences(old, self.cfg.to_dict())
+        if changed and not self.resume_any:
+            article = "an" if str(old.get("mode", "")).startswith(("a", "e", "i", "o", "u")) else "a"
+            same = old.get("mode") == self.cfg.mode
+            what = "a run of another configuration" if same else f"{article} {old.get('mode')} run"
+            raise ValueError(
+                f"{self.out} holds a checkpoint of {what} (step {state['step']}, {path.name}; differs in "
+                f"{', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}): give this run another output "
+                "directory, or pass --resume to continue from that checkpoint"
+            )
         missing = set(self.trainable) - set(state["trainable"])
         if missing:
             raise ValueError(f"{path}: checkpoint lacks trainable tensors, e.g. {sorted(missing)[:3]}")
@@ -181,7 +209,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resuming from step {self.step} ({path})")
         self._metrics({"event": "resume", "step": self.step, "checkpoint": str(path)})
 
     def save_checkpoint(self) -> None:
@@ -450,6 +478,8 @@ class Trainer:
         """KL(teacher || placement) per token and next-token agreement with the teacher; sharded over ranks."""
         rows = rows or self.eval_rows
         placements = placements or self.cfg.eval.placements
+        if len(rows) == 0:
+            return {}  # nothing held out (warned at start): no numbers rather than zeros that read as perfect
         was_training = self.student.training
         self.student.eval()
         out: dict[str, dict] = {}
@@ -492,6 +522,12 @@ class Trainer:
         return 6 * n_student + 2 * n_teacher
 
     def run(self) -> dict[str, Any]:
+        """Train to ``optim.steps`` (or the time budget), checkpointing as configured, then write ``output/final``.
+        Ctrl-C or SIGTERM ends the current step, saves a checkpoint and raises ``TrainingInterrupted``."""
+        with StopRequest(self.log) as self._stop:
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         o = cfg.optim
         if self.step >= o.steps:
@@ -501,11 +537,14 @@ class Trainer:
             try:
                 from tqdm import tqdm
 
-                bar = tqdm(total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True)
+                bar = tqdm(
+                    total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True, disable=progress_enabled()
+                )
             except ImportError:
                 bar = None
         tokens_seen, t0 = 0, time.perf_counter()
         last = {}
+        interrupted = False
         while self.step < o.steps:
             row = self.train_step()
             tokens_seen += row["tokens"]
@@ -523,18 +562,24 @@ class Trainer:
                 ev = self.evaluate()
                 self._metrics({"step": self.step, "eval": ev})
             out_of_time = bool(o.max_minutes) and elapsed > 60 * o.max_minutes
+            interrupted = self._stop.requested
             if self.world > 1:  # every rank must stop at the same step
-                flag = torch.tensor(float(out_of_time), device=self.device)
+                flag = torch.tensor([float(out_of_time), float(interrupted)], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag)
-            if cfg.checkpoint.every and (self.step % cfg.checkpoint.every == 0 or self.step == o.steps or out_of_time):
+                out_of_time, interrupted = bool(flag[0]), bool(flag[1])
+            every = cfg.checkpoint.every
+            if interrupted or (every and (self.step % every == 0 or self.step == o.steps or out_of_time)):
                 self.save_checkpoint()
             last = row
+            if interrupted:
+                break
             if out_of_time:
                 self.log(f"time budget of {o.max_minutes} min reached at step {self.step}")
                 break
         if bar is not None:
             bar.close()
+        if interrupted:
+            raise TrainingInterrupted(self.step, latest_checkpoint(self.out / "checkpoints"))
         self.save_final()
         return last
 
