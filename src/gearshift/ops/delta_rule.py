@@ -167,6 +167,22 @@ def chunk_delta_rule(
     return o.to(v.dtype), state
 
 
+def _restart_cumsum(gi: Tensor, seg: Tensor) -> Tensor:
+    """The chunks' cumulative log decays restarted at every document start (``seg`` [B,1,M,C]): only differences
+    within a document are used, which restarting leaves as they are, but a packed chunk's longer run of strong
+    decays would cost them fp32 precision (up to 1e-4 relative) that a document of its own keeps. Summed in fp64."""
+    g64 = gi.double()
+    cum = g64.cumsum(dim=3)
+    pos = torch.arange(seg.shape[-1], device=seg.device)
+    begins = torch.ones_like(seg, dtype=torch.bool)
+    begins[..., 1:] = seg[..., 1:] != seg[..., :-1]
+    first = torch.where(begins, pos, 0).cummax(dim=-1).values  # each token's document start in the chunk (or 0)
+    if cum.dim() == 5:
+        first = first[..., None]
+    before = (cum - g64).gather(3, first.expand_as(cum))  # the decay summed up to that start
+    return (cum - before).to(gi.dtype)
+
+
 PER_CHANNEL_BLOCK_ELEMENTS = 1 << 27  # [B,HV,M,C,C,K] decay ratios of one block of KDA chunks (512 MiB in fp32)
 
 
@@ -187,6 +203,7 @@ def _chunk_block(
     cum = gi.cumsum(dim=3)  # [B,HV,M,C] or [B,HV,M,C,K]
     if seg is not None:
         incl = incl & (seg[..., :, None] == seg[..., None, :])  # [B,1,M,C,C]: pairs within one document
+        cum = _restart_cumsum(gi, seg)
     if cum.dim() == 5:  # per-channel decay (KDA)
         diff = (cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~incl[..., None], float("-inf"))
         ratio = diff.exp()  # [B,HV,M,C,C,K], exp(G_i - G_j) for j <= i, else 0
