@@ -153,6 +153,9 @@ class Trainer:
         if cfg.parallel == "fsdp" and cfg.mode == "align" and self.world > 1:
             self.log("parallel=fsdp: align keeps whole replicas (its per-layer mixer calls bypass FSDP)")
         if self.fsdp:
+            if self.compile:  # FSDP's gathers hook each block's forward: compiled blocks would trace through them
+                self.log("parallel=fsdp: blocks run eagerly (optim.compile applies to ddp and single processes)")
+                self.compile = self.student.compile_blocks = self.teacher.compile_blocks = False
             shard_blocks(self.student, self.student.blocks, self.device, self.world)
             self.trainable = {n: p for n, p in self.student.named_parameters() if n in self.trainable}
         self._keys = {".".join(n.split(".")[:7]) + "." for n in self.trainable}  # model.decoder.blocks.i.mixer.mixers.x
