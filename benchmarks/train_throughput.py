@@ -247,7 +247,9 @@ def loss_check(cfg: SupernetConfig, seq: int, rows: int, device) -> dict:
     out = {}
     for name in ("pytorch", "fast"):
         fast = name == "fast"
-        trainer.compile = trainer.student.compile_blocks = trainer.teacher.compile_blocks = fast
+        trainer.compile = trainer.student.compile_blocks = trainer.teacher.compile_blocks = (
+            fast and device.type == "cuda"
+        )
         trainer.fused_loss = fast
         saved_flex, attention.FLEX_ATTENTION = attention.FLEX_ATTENTION, fast
         try:

@@ -127,10 +127,12 @@ def test_attention_sees_only_its_document(window):
         torch.testing.assert_close(out[row : row + 1, :, a:e], ref, atol=1e-5, rtol=1e-5)
     from torch.nn.attention.flex_attention import flex_attention
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # eager flex attention on CPU is its slow reference form
-        flex = flex_attention(q, k, v, block_mask=docs.block_mask(window), scale=0.3, enable_gqa=True)
-    torch.testing.assert_close(flex, out, atol=1e-5, rtol=1e-5)
+    whole = Documents.whole_rows(3, 24)  # rows of one document each: one mask broadcast over the rows
+    for layout, want in ((docs, out), (whole, document_attention(q, k, v, whole, window, 0.3))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex attention on CPU is its slow reference form
+            flex = flex_attention(q, k, v, block_mask=layout.block_mask(window), scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(flex, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("placement", ["FFFF", "SSSS", "GGGG", "KKKK", "FSGK", "KGSF"])

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+_WHOLE_ROW_MASKS: dict = {}
+
 
 @dataclass(eq=False)
 class Documents:
@@ -96,19 +98,33 @@ class Documents:
 
     def block_mask(self, window: int | None):
         """flex attention's BlockMask for causal (windowed) attention within documents, built once per window and
-        batch. Build it outside compiled code (``prepare``): creating one is eager work."""
+        batch (and kept across batches of whole rows, whose masks depend on the shape only). Build it outside
+        compiled code (``prepare``): creating one is eager work."""
+        if self.single:
+            key = (*self.shape, window, self.segments.device)
+            if key not in _WHOLE_ROW_MASKS:
+                _WHOLE_ROW_MASKS.clear()  # one training shape at a time
+                _WHOLE_ROW_MASKS[key] = self._create_block_mask(window)
+            return _WHOLE_ROW_MASKS[key]
         if window not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            segments = self.segments
-
-            def within_document(b, h, q, kv):
-                visible = (kv <= q) & (segments[b, q] == segments[b, kv])
-                return visible & (q - kv < window) if window is not None else visible
-
-            b, t = segments.shape
-            self._block_masks[window] = create_block_mask(within_document, b, None, t, t, device=segments.device)
+            self._block_masks[window] = self._create_block_mask(window)
         return self._block_masks[window]
+
+    def _create_block_mask(self, window: int | None):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        segments = self.segments
+        b, t = segments.shape
+
+        def causal(b, h, q, kv):
+            return (kv <= q) & (q - kv < window) if window is not None else kv <= q
+
+        def within_document(b, h, q, kv):
+            return causal(b, h, q, kv) & (segments[b, q] == segments[b, kv])
+
+        if self.single:  # one mask broadcast over the rows
+            return create_block_mask(causal, None, None, t, t, device=segments.device)
+        return create_block_mask(within_document, b, None, t, t, device=segments.device)
 
     def prepare(self, windows: set[int | None]) -> None:
         """Build the block masks of the attention mixers ahead of a forward (CUDA; the CPU path uses dense masks)."""

@@ -274,10 +274,11 @@ class Trainer:
         the number of loss tokens (counted on the host: no device sync)."""
         tokens, mask = rows.batch(indices, self.device)
         documents = None
-        if self.packed:
-            labels = rows.input_documents(indices, self.device)
+        if self.packed:  # laid out on the host (no device sync), then copied
+            labels = rows.input_documents(indices, torch.device("cpu"))
             b, t = tokens.shape[0], tokens.shape[1] - 1
-            documents = Documents.whole_rows(b, t, self.device) if labels is None else Documents.from_segments(labels)
+            documents = Documents.whole_rows(b, t) if labels is None else Documents.from_segments(labels)
+            documents = documents.to(self.device)
         return tokens, mask, documents, int(rows.mask[indices].sum())
 
     def _step_batches(self) -> tuple[list[Batch], float]:
