@@ -180,13 +180,13 @@ def delta_rule(
     per_channel = g.dim() == 4
     fla = backend_for(q.device, training) == "fla"
     starts = None if documents is None or documents.single else documents.starts
+    varlen = None  # training and packed rows: fla's varlen kernel ('gdn' or 'kda'), if one may run here
     if fla and (training or documents is not None):
-        kernel = training_kernel(q.device, per_channel) if training else ("kda" if per_channel else "gdn")
-        if kernel is not None:
-            o, state = _fla_varlen(q, k, v, g, beta, scale, initial_state, kernel, documents)
-            return o, None if documents is not None else state, None
-        fla = False
-    if fla:
+        varlen = training_kernel(q.device, per_channel) if training else ("kda" if per_channel else "gdn")
+        fla = varlen is not None
+    if varlen is not None:
+        o, state = _fla_varlen(q, k, v, g, beta, scale, initial_state, varlen, documents)
+    elif fla:
         o, state = _fla_delta_rule(q, k, v, g, beta, scale, initial_state, in_place)
     elif t == 1 or (t <= 16 and not torch.is_grad_enabled()):
         o, state = recurrent_delta_rule(q, k, v, g, beta, scale, initial_state, starts=starts)

@@ -52,8 +52,13 @@ def kl_terms(
     return sums[0] * scale, sums[1] * scale
 
 
-def activation_terms(student: list[Tensor], teacher: list[Tensor], mask: Tensor) -> Tensor:
-    """Per-layer mean squared distance between the student's mixer outputs and the teacher's [layers]."""
+def activation_terms(student: list[Tensor], teacher: list[Tensor], mask: Tensor, compile: bool = False) -> Tensor:
+    """Per-layer mean squared distance between the student's mixer outputs and the teacher's [layers].
+    ``compile``: through torch.compile (CUDA training: one fused pass per layer instead of a chain of kernels)."""
+    return (_compiled_activation_terms if compile else _activation_terms)(student, teacher, mask)
+
+
+def _activation_terms(student: list[Tensor], teacher: list[Tensor], mask: Tensor) -> Tensor:
     return torch.stack(
         [_masked_mean((a.float() - b.float()).pow(2).mean(-1), mask) for a, b in zip(student, teacher, strict=True)]
     )
@@ -222,3 +227,4 @@ def _chunk_terms(
 
 
 _compiled_chunk_terms = compiled(_chunk_terms, name="fused loss chunk")
+_compiled_activation_terms = compiled(_activation_terms, name="activation loss")

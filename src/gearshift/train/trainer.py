@@ -364,7 +364,7 @@ class Trainer:
                 terms[3] = ce.detach()
         acts = None
         if lw.activation and teacher_out is not None:
-            acts = activation_terms(s_acts, teacher_acts, mask)
+            acts = activation_terms(s_acts, teacher_acts, mask, compile=self.compile)
             loss = loss + lw.activation * acts.mean()
             terms[0] = acts.detach().mean()
         return loss, terms, acts
