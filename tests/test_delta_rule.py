@@ -214,3 +214,22 @@ def test_training_kernel_routes_gdn_through_kda_where_its_own_backward_fails(mon
     assert dispatch.training_kernel(cuda, per_channel=False) is None
     verdicts["kda"] = False
     assert dispatch.training_kernel(cuda, per_channel=True) is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_packed_gradient_check_catches_a_kernel_that_ignores_document_starts(per_channel):
+    """The check a training kernel passes first runs on packed rows: a kernel that carried the state across
+    documents (the forward of unpacked rows) is caught."""
+    from gearshift.ops.dispatch import delta_rule_gradients_agree
+
+    def packed(q, k, v, g, beta, scale, state, starts):
+        return recurrent_delta_rule(q, k, v, g, beta, scale, state, starts=starts)
+
+    def unpacked(q, k, v, g, beta, scale, state, starts):
+        return chunk_delta_rule(q, k, v, g, beta, scale, state)
+
+    shape = (2, 192, 2, 8)
+    agree, cosine = delta_rule_gradients_agree(packed, chunk_delta_rule, per_channel, shape=shape, packed=True)
+    assert agree and cosine > 0.9999
+    agree, _ = delta_rule_gradients_agree(unpacked, chunk_delta_rule, per_channel, shape=shape, packed=True)
+    assert not agree
