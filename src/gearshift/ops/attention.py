@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import RopeConfig
+from .compiled import compiled
 from .documents import Documents
 from .fused import fusible
 
@@ -308,20 +309,19 @@ def document_attention(
     return torch.cat(outs, dim=2)
 
 
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # torch < 2.5
+    _flex_attention = None
 # Whether CUDA training uses flex attention for masks other than plain causal (GEARSHIFT_FLEX=0: the dense-mask
 # SDPA path everywhere, e.g. to compare).
-FLEX_ATTENTION = os.environ.get("GEARSHIFT_FLEX", "1") != "0"
+FLEX_ATTENTION = os.environ.get("GEARSHIFT_FLEX", "1") != "0" and _flex_attention is not None
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
-    """torch's flex attention (compiled: its eager form is a slow reference) with GQA."""
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    """torch's flex attention with GQA, compiled (its eager form is a slow reference); inside compiled code, traced
+    into the caller's graph."""
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
-    from .compiled import compiled
-
-    return compiled(flex, name="flex_attention")
+_compiled_flex = compiled(_flex_attention, name="flex attention") if _flex_attention is not None else None

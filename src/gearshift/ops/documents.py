@@ -98,16 +98,17 @@ class Documents:
 
     def block_mask(self, window: int | None):
         """flex attention's BlockMask for causal (windowed) attention within documents, built once per window and
-        batch (and kept across batches of whole rows, whose masks depend on the shape only). Build it outside
-        compiled code (``prepare``): creating one is eager work."""
-        if self.single:
-            key = (*self.shape, window, self.segments.device)
-            if key not in _WHOLE_ROW_MASKS:
-                _WHOLE_ROW_MASKS.clear()  # one training shape at a time
-                _WHOLE_ROW_MASKS[key] = self._create_block_mask(window)
-            return _WHOLE_ROW_MASKS[key]
+        batch (rows of one document each share theirs across batches: it depends on the shape only). Build it
+        outside compiled code (``prepare``): creating one is eager work; compiled code only looks it up."""
         if window not in self._block_masks:
-            self._block_masks[window] = self._create_block_mask(window)
+            if self.single:
+                key = (*self.shape, window, self.segments.device)
+                if key not in _WHOLE_ROW_MASKS:
+                    _WHOLE_ROW_MASKS.clear()  # one training shape at a time
+                    _WHOLE_ROW_MASKS[key] = self._create_block_mask(window)
+                self._block_masks[window] = _WHOLE_ROW_MASKS[key]
+            else:
+                self._block_masks[window] = self._create_block_mask(window)
         return self._block_masks[window]
 
     def _create_block_mask(self, window: int | None):
