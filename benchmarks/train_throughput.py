@@ -225,12 +225,22 @@ def run_cell(shape: str, seq: int, rows: int, variant: str, args, device) -> dic
         warmup, steps = (1, max(2, args.steps // 2)) if before else (args.warmup, args.steps)
         row = measure(trainer.train_step, lambda: trainer.step_flops.total, tokens, device, warmup, steps)
         row["compiled"] = trainer.compile
-        row["kernels"] = {k: dispatch.training_kernel(device, k == "kda") for k in ("gdn", "kda")} if (
-            device.type == "cuda") else None  # fmt: skip
+        row["kernels"] = trained_kernels(cfg, device)
         if doc_len:
             row["documents_per_row"] = sum(len(set(r)) for r in data.documents) / len(data)
     row["kernel_checks"] = dispatch.kernel_gradient_checks()
     return row
+
+
+def trained_kernels(cfg: SupernetConfig, device) -> dict | None:
+    """Which fla kernel trained GDN and KDA layers here (None: the PyTorch path)."""
+    if device.type != "cuda":
+        return None
+    gdn, kda = cfg.layers[0].mixers["gdn"], cfg.layers[0].mixers["kda"]
+    return {
+        "gdn": dispatch.training_kernel(device, False, (gdn.key_heads, gdn.value_heads, gdn.key_head_dim)),
+        "kda": dispatch.training_kernel(device, True, (kda.heads, kda.heads, kda.head_dim)),
+    }
 
 
 def loss_check(cfg: SupernetConfig, seq: int, rows: int, device) -> dict:

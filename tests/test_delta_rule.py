@@ -200,7 +200,7 @@ def test_training_kernel_routes_gdn_through_kda_where_its_own_backward_fails(mon
 
     verdicts = {"gdn": True, "kda": True, "gdn-via-kda": True}
     broken = [False]
-    monkeypatch.setattr(dispatch, "_gradients_check", lambda index, name: (verdicts[name], 1.0))
+    monkeypatch.setattr(dispatch, "_gradients_check", lambda index, name, heads: (verdicts[name], 1.0))
     monkeypatch.setattr(dispatch, "_gdn_backward_broken_on", lambda index: broken[0])
     cuda = torch.device("cuda", 0)
     assert dispatch.training_kernel(cuda, per_channel=True) == "kda"

@@ -41,12 +41,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
+HEADS = {"gdn": (3, 9, 64), "kda": (9, 9, 64), "gdn-via-kda": (3, 9, 64)}  # SmolLM2's GDN and KDA layers
+
+
 @pytest.mark.parametrize("name", dispatch.KERNELS)
 def test_fla_training_kernels_pass_their_gradient_check(name):
     """The check the dispatcher runs before a kernel trains (packed rows, bf16 against the fp32 reference)."""
     if name == "gdn" and dispatch._gdn_backward_broken_on(0):
         pytest.skip("fla refuses GDN's backward on this GPU and Triton (fla #640): GDN trains through KDA's kernel")
-    agree, worst = dispatch._gradients_check(0, name)
+    agree, worst = dispatch._gradients_check(0, name, HEADS[name])
     print(f"{name}: lowest gradient cosine {worst:.5f}")
     assert agree and worst > 0.99
 
@@ -54,7 +57,8 @@ def test_fla_training_kernels_pass_their_gradient_check(name):
 @pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
 def test_both_linear_mixers_train_on_a_kernel(per_channel):
     """The issue's requirement: GDN and KDA forward and backward through fla here, not the PyTorch path."""
-    kernel = dispatch.training_kernel(torch.device("cuda", 0), per_channel)
+    heads = HEADS["kda" if per_channel else "gdn"]
+    kernel = dispatch.training_kernel(torch.device("cuda", 0), per_channel, heads)
     print(f"{'kda' if per_channel else 'gdn'} trains through fla's {kernel} kernel")
     assert kernel is not None
 
@@ -63,7 +67,8 @@ def test_both_linear_mixers_train_on_a_kernel(per_channel):
 def test_varlen_kernels_match_the_reference_at_layer_shapes(per_channel):
     """``delta_rule`` on packed bf16 rows (the training call) against the fp32 PyTorch chunk form: outputs and
     every input gradient."""
-    b, t, h, hv, d = 2, 1024, 3, 9, 64
+    b, t, d = 2, 1024, 64
+    h, hv, _ = HEADS["kda" if per_channel else "gdn"]
     docs = documents(b, t)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = F.normalize(torch.randn(b, t, h, d, device="cuda", generator=gen), dim=-1)

@@ -182,7 +182,8 @@ def delta_rule(
     starts = None if documents is None or documents.single else documents.starts
     varlen = None  # training and packed rows: fla's varlen kernel ('gdn' or 'kda'), if one may run here
     if fla and (training or documents is not None):
-        varlen = training_kernel(q.device, per_channel) if training else ("kda" if per_channel else "gdn")
+        heads = (q.shape[2], v.shape[2], q.shape[3])
+        varlen = training_kernel(q.device, per_channel, heads) if training else ("kda" if per_channel else "gdn")
         fla = varlen is not None
     if varlen is not None:
         o, state = _fla_varlen(q, k, v, g, beta, scale, initial_state, varlen, documents)
@@ -216,6 +217,7 @@ def delta_rule_gradients_agree(
     shape: tuple[int, int, int, int] = (2, 192, 2, 64),
     min_cosine: float = 0.99,
     packed: bool = False,
+    value_heads: int | None = None,
 ) -> tuple[bool, float]:
     """Whether ``fn``'s gradients (inputs in ``dtype``) point where the fp32 ``reference``'s do, on random
     delta-rule inputs shaped like a layer's: (agree, lowest cosine over q, k, v, g, beta and the output).
@@ -223,8 +225,10 @@ def delta_rule_gradients_agree(
     A kernel can run and still return wrong gradients (fla #640 did, on one GPU and Triton range): training on
     it would silently not learn, so its gradients are checked once before the first training step uses it.
     ``packed``: the rows hold several documents (a boundary inside a chunk, one on a chunk's edge, a document
-    shorter than a chunk), passed to both as ``starts=`` [B, T] bool."""
+    shorter than a chunk), passed to both as ``starts=`` [B, T] bool. ``value_heads``: v, g and beta have that many
+    heads, q and k ``shape``'s (grouped value heads, as GDN's)."""
     b, t, h, d = shape
+    hv = value_heads or h
     gen = torch.Generator().manual_seed(0)
 
     def rand(*size: int) -> Tensor:
@@ -232,13 +236,13 @@ def delta_rule_gradients_agree(
 
     q = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
     k = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
-    v, beta = rand(b, t, h, d), torch.sigmoid(rand(b, t, h))
+    v, beta = rand(b, t, hv, d), torch.sigmoid(rand(b, t, hv))
     g = (
-        torch.nn.functional.logsigmoid(rand(b, t, h, d) + 4)
+        torch.nn.functional.logsigmoid(rand(b, t, hv, d) + 4)
         if per_channel
-        else -torch.rand(b, t, h, generator=gen).to(device)
+        else -torch.rand(b, t, hv, generator=gen).to(device)
     )
-    weight = rand(b, t, h, d)
+    weight = rand(b, t, hv, d)
     extra = {}
     if packed:
         starts = torch.zeros(b, t, dtype=torch.bool)
@@ -266,39 +270,46 @@ def delta_rule_gradients_agree(
 KERNELS = ("gdn", "kda", "gdn-via-kda")  # kernels that may train, by what they compute: GDN, KDA, GDN on KDA's
 
 
-def training_kernel(device: torch.device, per_channel: bool) -> str | None:
-    """The fla kernel that trains KDA (per_channel) or GDN layers on this GPU: 'gdn' or 'kda' (for GDN: its decay
-    broadcast over K), or None for the PyTorch path. Each candidate's gradients are checked once per GPU first."""
+def training_kernel(device: torch.device, per_channel: bool, heads: tuple[int, int, int] = (2, 2, 64)) -> str | None:
+    """The fla kernel that trains KDA (per_channel) or GDN layers of these ``heads`` (key heads, value heads, head
+    dim) on this GPU: 'gdn' or 'kda' (for GDN: its decay broadcast over K), or None for the PyTorch path. Each
+    candidate's gradients are checked first, once per GPU and head shape (so the check compiles the very kernel
+    variants training then runs)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if per_channel:
-        return "kda" if _gradients_check(index, "kda")[0] else None
-    if not _gdn_backward_broken_on(index) and _gradients_check(index, "gdn")[0]:
+        return "kda" if _gradients_check(index, "kda", heads)[0] else None
+    if not _gdn_backward_broken_on(index) and _gradients_check(index, "gdn", heads)[0]:
         return "gdn"
-    if GDN_VIA_KDA and _gradients_check(index, "gdn-via-kda")[0]:
+    if GDN_VIA_KDA and _gradients_check(index, "gdn-via-kda", heads)[0]:
         return "kda"
     return None
 
 
 def kernel_gradient_checks() -> dict[str, float]:
-    """The fla gradient checks run so far in this process: {'kda@cuda:0': lowest cosine, ...}."""
-    return {f"{name}@cuda:{index}": _gradients_check(index, name)[1] for index, name in _checked}
+    """The fla gradient checks run so far in this process: {'kda@cuda:0 heads 9/9 dim 64': lowest cosine, ...}."""
+    return {
+        f"{name}@cuda:{index} heads {h}/{hv} dim {d}": _gradients_check(index, name, (h, hv, d))[1]
+        for index, name, (h, hv, d) in _checked
+    }
 
 
-_checked: list[tuple[int, str]] = []
+_checked: list[tuple[int, str, tuple[int, int, int]]] = []
 
 
 @functools.cache
-def _gradients_check(index: int, name: str) -> tuple[bool, float]:
-    """fla's varlen kernel ``name`` (KERNELS) against the PyTorch chunk form on packed bf16 inputs (once per GPU)."""
+def _gradients_check(index: int, name: str, heads: tuple[int, int, int]) -> tuple[bool, float]:
+    """fla's varlen kernel ``name`` (KERNELS) against the PyTorch chunk form on packed bf16 inputs with these
+    (key heads, value heads, head dim)."""
     device = torch.device("cuda", index)
     kernel = "gdn" if name == "gdn" else "kda"
+    h, hv, d = heads
 
     def fla(q, k, v, g, beta, scale, state, starts):
         return _fla_varlen(q, k, v, g, beta, scale, state, kernel, Documents.from_starts(starts))
 
     try:
         agree, cosine = delta_rule_gradients_agree(
-            fla, chunk_delta_rule, name == "kda", device, torch.bfloat16, packed=True
+            fla, chunk_delta_rule, name == "kda", device, torch.bfloat16, (2, 192, h, d), packed=True, value_heads=hv
         )
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run its backward here is not used to train
         warnings.warn(f"fla's {name} backward failed on {device} ({exc})", stacklevel=3)
@@ -309,7 +320,7 @@ def _gradients_check(index: int, name: str) -> tuple[bool, float]:
             "it does not train here",
             stacklevel=3,
         )
-    _checked.append((index, name))
+    _checked.append((index, name, heads))
     return agree, cosine
 
 
