@@ -177,3 +177,59 @@ def test_in_place_kernel_is_checked_once_and_never_in_a_capture(monkeypatch):
     assert dispatch._in_place_usable(torch.device("cuda", 0), True) and len(calls) == 2  # checked once each
     monkeypatch.setattr(dispatch, "_fla_recurrent_in_place", lambda: None)
     assert not dispatch._in_place_usable(torch.device("cuda", 1), True)  # an fla without the kernel
+
+
+def test_gdn_is_kda_with_its_decay_broadcast_over_the_key_channels():
+    """Why GDN may train on KDA's kernel: a scalar decay per head is a diagonal decay with equal entries, so the
+    per-channel recurrence computes the same outputs, and the gradient of the shared decay is the sum of the
+    channels' (which autograd forms through the broadcast)."""
+    base = inputs(False, t=21, seed=3)
+    grads = []
+    for per_channel in (False, True):
+        q, k, v, g, beta, s0 = (x.clone().requires_grad_(True) for x in base)
+        decay = g[..., None].expand(*g.shape, q.shape[-1]) if per_channel else g
+        o, s = chunk_delta_rule(q, k, v, decay, beta, 0.4, s0, chunk_size=8)
+        (o.square().sum() + s.sum()).backward()
+        grads.append([o.detach(), s.detach()] + [x.grad for x in (q, k, v, g, beta, s0)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_training_kernel_routes_gdn_through_kda_where_its_own_backward_fails(monkeypatch):
+    from gearshift.ops import dispatch
+
+    verdicts = {"gdn": True, "kda": True, "gdn-via-kda": True}
+    broken = [False]
+    monkeypatch.setattr(dispatch, "_gradients_check", lambda index, name, heads: (verdicts[name], 1.0))
+    monkeypatch.setattr(dispatch, "_gdn_backward_broken_on", lambda index: broken[0])
+    cuda = torch.device("cuda", 0)
+    assert dispatch.training_kernel(cuda, per_channel=True) == "kda"
+    assert dispatch.training_kernel(cuda, per_channel=False) == "gdn"  # GDN's own kernel where it works
+    broken[0] = True  # fla #640: Hopper, Triton in [3.4, 3.7.1)
+    assert dispatch.training_kernel(cuda, per_channel=False) == "kda"
+    verdicts["gdn-via-kda"] = False  # a route whose gradient check fails never trains
+    assert dispatch.training_kernel(cuda, per_channel=False) is None
+    verdicts["gdn-via-kda"] = True
+    monkeypatch.setattr(dispatch, "GDN_VIA_KDA", False)
+    assert dispatch.training_kernel(cuda, per_channel=False) is None
+    verdicts["kda"] = False
+    assert dispatch.training_kernel(cuda, per_channel=True) is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["gdn", "kda"])
+def test_packed_gradient_check_catches_a_kernel_that_ignores_document_starts(per_channel):
+    """The check a training kernel passes first runs on packed rows: a kernel that carried the state across
+    documents (the forward of unpacked rows) is caught."""
+    from gearshift.ops.dispatch import delta_rule_gradients_agree
+
+    def packed(q, k, v, g, beta, scale, state, starts):
+        return recurrent_delta_rule(q, k, v, g, beta, scale, state, starts=starts)
+
+    def unpacked(q, k, v, g, beta, scale, state, starts):
+        return chunk_delta_rule(q, k, v, g, beta, scale, state)
+
+    shape = (2, 192, 2, 8)
+    agree, cosine = delta_rule_gradients_agree(packed, chunk_delta_rule, per_channel, shape=shape, packed=True)
+    assert agree and cosine > 0.9999
+    agree, _ = delta_rule_gradients_agree(unpacked, chunk_delta_rule, per_channel, shape=shape, packed=True)
+    assert not agree

@@ -48,3 +48,53 @@ def test_training_device_always_has_an_index():
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
     assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_linear_losses_equal_the_plain_ones(chunk, temperature):
+    """The chunked losses fused with the output projection equal KL and cross-entropy on materialised logits, in
+    value and in the gradients of the hidden states and of the projection, whatever the chunking."""
+    from gearshift.train.losses import agreement, cross_entropy, linear_losses
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 6, generator=g, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, requires_grad=True)
+    t_hidden, t_weight = torch.randn(3, 7, 6, generator=g), torch.randn(11, 6, generator=g)
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    weights = dict(forward_kl=0.5, reverse_kl=1.0, cross_entropy=0.3, temperature=temperature)
+    loss, terms = linear_losses(hidden, weight, t_hidden, t_weight, targets, mask, **weights, chunk_tokens=chunk)
+    logits, t_logits = hidden @ weight.T, t_hidden @ t_weight.T
+    fkl, rkl = literal_kl(logits, t_logits, mask, temperature)
+    ce = cross_entropy(logits, targets, mask)
+    ref = 0.5 * fkl + rkl + 0.3 * ce
+    torch.testing.assert_close(loss.double(), ref.double(), rtol=1e-5, atol=1e-6)
+    want = torch.stack([fkl.float(), rkl.float(), ce, agreement(logits, t_logits, mask)])
+    torch.testing.assert_close(terms, want.detach(), rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: the same terms, no gradients kept
+        _, again = linear_losses(hidden, weight, t_hidden, t_weight, targets, mask, **weights, chunk_tokens=chunk)
+    torch.testing.assert_close(again, terms)
+
+
+def test_fused_linear_losses_without_a_teacher_and_under_autocast():
+    from gearshift.train.losses import cross_entropy, linear_losses
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g)  # a frozen head: no gradient asked for it
+    targets, mask = torch.randint(0, 13, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.bool)
+    loss, terms = linear_losses(hidden, weight, None, None, targets, mask, cross_entropy=1.0, chunk_tokens=3)
+    ref = cross_entropy(hidden @ weight.T, targets, mask)
+    torch.testing.assert_close(loss, ref)
+    assert terms[0] == terms[1] == terms[3] == 0  # no teacher terms
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref, hidden)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # logits in bf16 as F.linear would make them
+        loss, _ = linear_losses(hidden, weight, None, None, targets, mask, cross_entropy=1.0, chunk_tokens=3)
+        ref = cross_entropy(torch.nn.functional.linear(hidden, weight), targets, mask)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)

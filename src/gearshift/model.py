@@ -6,7 +6,7 @@ state dict of this module *is* an Apriel2 stochastic-supernet state dict.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,20 @@ from .layers.attention import Attention
 from .layers.base import Mixer, RMSNorm, StepContext, fuse_linears_, linear_outputs
 from .layers.gdn import GatedDeltaNet
 from .layers.kda import KimiDeltaAttention
+from .ops.compiled import compiled
+from .ops.documents import Documents
 from .ops.fused import ACTIVATIONS, gated_activation
 from .placement import Placement, PlacementError, PlacementSpec, looks_like_placement, resolve_placement
+
+
+def _block(block: Block, h: Tensor, mixer: str, ctx: StepContext, cache: Any = None) -> tuple[Tensor, Tensor]:
+    return block(h, mixer, ctx, cache)
+
+
+# Regional compilation: one compiled function serves every block (the blocks share their code; parameters are
+# inputs), a variant per mixer kind, grad mode and shape. The delta-rule kernels stay eager inside (graph breaks).
+_compiled_block = compiled(_block, name="decoder block")
+_compiled_mixer = compiled(lambda mixer, x, ctx: mixer(x, ctx), name="mixer")
 
 
 def build_mixer(hidden_size: int, cfg: MixerConfig) -> Mixer:
@@ -104,6 +116,7 @@ class Supernet(nn.Module):
         self.model = Backbone(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
+        self.compile_blocks = False  # cache-free forwards run each block through torch.compile (CUDA training)
         self.presets: dict[str, tuple[str, ...]] = {}  # name -> placement
         self.preset_meta: dict[str, dict[str, Any]] = {}  # name -> metadata (predicted quality, cost, ...)
         for name, placement in (presets or {}).items():
@@ -253,6 +266,8 @@ class Supernet(nn.Module):
         mixer_inputs: list[Tensor] | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
+        documents: Documents | Tensor | None = None,
+        output_fn: Callable[[Tensor, Tensor], Any] | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] (or the final hidden states with ``return_hidden``).
 
@@ -262,6 +277,10 @@ class Supernet(nn.Module):
         list, receives each layer's mixer output (for activation-matching distillation), ``mixer_inputs`` each
         layer's normed mixer input (for layer-local alignment; recomputed, so no-grad use). ``last_only`` computes
         logits for the last position only (prefill: the full [T, vocab] tensor can dwarf everything else).
+        ``documents``: the rows are packed documents (a ``Documents``, or per-token document labels [B, T]); no
+        mixer reads across a boundary and RoPE positions restart in each (no cache, no padding mask then).
+        ``output_fn(hidden, output_weight)`` replaces the logits by what it returns: a loss fused with the output
+        projection (``train.losses.linear_losses``), computed inside this forward so data-parallel wrappers see it.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -271,16 +290,20 @@ class Supernet(nn.Module):
             placement = cache.placement
         else:
             placement = self.resolve(placement)
-        ctx = self._context(input_ids, attention_mask, cache)
+        ctx = self._context(input_ids, attention_mask, cache, documents)
         h = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        run = _compiled_block if self.compile_blocks and cache is None else _block
+        if run is _compiled_block:
+            mixers = [block.mixer.mixers[name] for block, name in zip(self.blocks, placement, strict=True)]
+            self.prepare_context(ctx, mixers, h.dtype)
         for i, (block, name) in enumerate(zip(self.blocks, placement, strict=True)):
             if mixer_inputs is not None:
                 mixer_inputs.append(block.input_layernorm(h))
             if recompute:
-                h, m = checkpoint(block, h, name, ctx, None, use_reentrant=False)
+                h, m = checkpoint(run, block, h, name, ctx, None, use_reentrant=False)
             else:
-                h, m = block(h, name, ctx, None if cache is None else cache.layers[i])
+                h, m = run(block, h, name, ctx, None if cache is None else cache.layers[i])
             if mixer_outputs is not None:
                 mixer_outputs.append(m)
         if cache is not None:
@@ -292,17 +315,51 @@ class Supernet(nn.Module):
         h = self.model.norm(h)
         if return_hidden:
             return h
+        if output_fn is not None:
+            return output_fn(h, self.output_weight)
         return self.logits(h)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """The output projection [vocab, hidden]: the LM head, or the embeddings where they are tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: Tensor) -> Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
-    def step_context(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> StepContext:
+    def step_context(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, documents: Documents | Tensor | None = None
+    ) -> StepContext:
         """The positions and masks a mixer needs to run on its own over ``input_ids`` (no cache)."""
-        return self._context(input_ids, attention_mask, None)
+        return self._context(input_ids, attention_mask, None, documents)
 
-    def _context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: SupernetCache | None) -> StepContext:
+    def prepare_context(self, ctx: StepContext, mixers: Sequence[Mixer], dtype: torch.dtype) -> None:
+        """Compute, eagerly, what compiled mixers will look up in ``ctx``: flex-attention block masks and RoPE
+        tables (in the activations' ``dtype``: the autocast dtype where it is on)."""
+        attention = [m for m in mixers if isinstance(m, Attention)]
+        if ctx.documents is not None:
+            ctx.documents.prepare({m.cfg.window_size for m in attention})
+        device = ctx.positions.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        for m in attention:
+            ctx.rope(m.cfg.head_size, m.cfg.rope, dtype)
+
+    def call_mixer(self, layer: int, name: str, x: Tensor, ctx: StepContext) -> Tensor:
+        """One layer's mixer on its own (layer-local alignment), compiled where ``compile_blocks`` is set."""
+        mixer = self.blocks[layer].mixer.mixers[name]
+        if not self.compile_blocks:
+            return mixer(x, ctx)
+        self.prepare_context(ctx, [mixer], x.dtype)
+        return _compiled_mixer(mixer, x, ctx)
+
+    def _context(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        cache: SupernetCache | None,
+        documents: Documents | Tensor | None = None,
+    ) -> StepContext:
         b, t = input_ids.shape
         device = input_ids.device
         limit = self.config.max_position_embeddings
@@ -310,6 +367,18 @@ class Supernet(nn.Module):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
+        if documents is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("packed documents are for cache-free forwards without a padding mask")
+            if not isinstance(documents, Documents):
+                documents = Documents.from_segments(documents.to(device))
+            if documents.shape != (b, t):
+                raise ValueError(f"documents cover {documents.shape} tokens, input_ids is {(b, t)}")
+            if max(documents.lengths) > limit:
+                raise ValueError(f"a document is longer than the model's context ({limit} tokens)")
+            q_index = torch.arange(t, device=device)
+            positions = q_index[None].expand(b, t) if documents.single else documents.positions
+            return StepContext(q_index, positions, documents=documents)
         if cache is None:
             q_index = torch.arange(t, device=device)
             if attention_mask is None or bool(attention_mask.all()):

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..cache import FullKVCache, WindowKVCache
 from ..config import AttentionConfig
-from ..ops.attention import attend
+from ..ops.attention import attend, document_attention
 from ..ops.fused import apply_rope
 from .base import Mixer, StepContext, fuse_linears_, linear_outputs
 
@@ -31,6 +31,9 @@ class Attention(Mixer):
         v = v.view(b, t, c.head_groups, c.head_size).transpose(1, 2)
         cos, sin = ctx.rope(c.head_size, c.rope, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.documents is not None and cache is None:  # packed rows: attention within each document
+            o = document_attention(q, k, v, ctx.documents, c.window_size, c.head_size**-0.5)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, c.heads * c.head_size))
         if cache is None:
             keys, values, k_index, exact = k, v, ctx.q_index, True
         else:

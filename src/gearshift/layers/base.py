@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..cache import RecurrentCache
 from ..config import RopeConfig
 from ..ops.attention import rope_cos_sin, rope_inv_freq
+from ..ops.documents import Documents
 from ..ops.fused import rms_norm
 
 
@@ -23,6 +24,7 @@ class StepContext:
     ``q_index`` [T]: token indices in the batch timeline (shared by all rows). ``positions`` [B, T]: RoPE
     positions. ``token_mask`` [B, T] bool: real tokens (None when there is no padding in this call).
     ``start`` [B]: first real index of each row when a cache is in use (left padding), else None.
+    ``documents``: the rows are packed documents (training): no mixer reads across their boundaries.
     """
 
     q_index: Tensor
@@ -30,6 +32,7 @@ class StepContext:
     token_mask: Tensor | None = None
     start: Tensor | None = None
     padded: bool = False  # any padding among the keys (decided once per call, not per layer)
+    documents: Documents | None = None
     _rope: dict = field(default_factory=dict)
 
     def rope(self, head_size: int, rope: RopeConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -39,6 +42,10 @@ class StepContext:
             inv = rope_inv_freq(head_size, rope, self.positions.device)
             self._rope[key] = rope_cos_sin(self.positions, inv, dtype)
         return self._rope[key]
+
+    def document_starts(self) -> Tensor | None:
+        """[B, T] bool where a packed row's documents begin, or None when each row is one sequence."""
+        return None if self.documents is None or self.documents.single else self.documents.starts
 
     def key_valid(self, k_index: Tensor) -> Tensor | None:
         """Which keys are real tokens, [B, Tk] (None when every key is)."""
@@ -87,6 +94,8 @@ def fused_view(params: Sequence[Tensor], stack: bool = False, inference: bool = 
     are not laid out so (never fused, or their data was replaced since: ``.to()``, ``load_state_dict(assign=True)``,
     FSDP) or, with ``inference``, where gradients are wanted (a view of one parameter's storage would route
     every gradient to that parameter)."""
+    if torch.compiler.is_compiling():  # compiled training: separate parameters (their storage is not traced)
+        return None
     first = params[0]
     if inference and torch.is_grad_enabled() and any(p.requires_grad for p in params):
         return None

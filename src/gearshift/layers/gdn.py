@@ -40,7 +40,8 @@ class GatedDeltaNet(Mixer):
         if ctx.token_mask is not None:  # padding is an exact identity: no conv input, no decay, no write
             mixed = mixed * ctx.token_mask[..., None].to(mixed.dtype)
         tail = None if cache is None else cache.conv[0]
-        conv_out, new_tail = causal_conv1d(mixed, self.convolution.weight, tail)
+        starts = ctx.document_starts()
+        conv_out, new_tail = causal_conv1d(mixed, self.convolution.weight, tail, starts)
         q, k, v = activate_qkv(conv_out, kd, c.key_head_dim, c.value_head_dim, "silu")
         g, beta = decay_gates(a, beta_logit, self.A_log, self.dt_bias)
         if ctx.token_mask is not None:
@@ -50,7 +51,7 @@ class GatedDeltaNet(Mixer):
         state0 = None if cache is None else cache.state
         in_place = not record and state0 is not None and cache.in_place  # engine pools: no copy-back
         o, state, states = delta_rule(
-            q, k, v, g, beta, c.key_head_dim**-0.5, state0, record_last=record, in_place=in_place
+            q, k, v, g, beta, c.key_head_dim**-0.5, state0, record, in_place, documents=ctx.documents
         )
         if cache is not None:
             advance_recurrent_cache(cache, state, [new_tail], [(tail, mixed)], states, c.conv_kernel)

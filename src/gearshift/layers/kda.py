@@ -66,7 +66,7 @@ class KimiDeltaAttention(Mixer):
         conv = fused_view(self._convs)
         if conv is None:
             conv = torch.cat(self._convs)
-        out, new_tail = causal_conv1d(qkv, conv, tail)
+        out, new_tail = causal_conv1d(qkv, conv, tail, ctx.document_starts())
         q, k, v = activate_qkv(out, p, d, d, c.conv_activation)
         g_raw, gate = self._low_rank(low_rank)
         g, beta = decay_gates(g_raw.view(b, t, h, d).float(), beta_logit, self.A_log[:, None], self.dt_bias.view(h, d))
@@ -76,7 +76,7 @@ class KimiDeltaAttention(Mixer):
         record = 0 if cache is None else cache.rollback
         state0 = None if cache is None else cache.state
         in_place = not record and state0 is not None and cache.in_place  # engine pools: no copy-back
-        o, state, states = delta_rule(q, k, v, g, beta, d**-0.5, state0, record_last=record, in_place=in_place)
+        o, state, states = delta_rule(q, k, v, g, beta, d**-0.5, state0, record, in_place, documents=ctx.documents)
         if cache is not None:
             advance_recurrent_cache(cache, state, [new_tail], [(tail, qkv)], states, c.conv_kernel)
         o = gated_rms_norm(o, self.norm.weight, gate.view(b, t, h, d), c.norm_eps, c.gate_activation)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import RopeConfig
+from .compiled import compiled
+from .documents import Documents
 from .fused import fusible
 
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
@@ -277,3 +279,49 @@ def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 def _same(a: Tensor, b: Tensor) -> bool:
     return a is b or (a.shape == b.shape and bool((a == b).all()))
+
+
+# ---------------------------------------------------------------------------------------------- packed training rows
+def document_attention(
+    q: Tensor, k: Tensor, v: Tensor, documents: Documents, window: int | None, scale: float
+) -> Tensor:
+    """Causal (windowed) GQA attention over packed rows, each query seeing only keys of its own document.
+
+    q [B, H, T, D], k/v [B, Hkv, T, D] (no cache: training and scoring). Rows of one document each with no window
+    shorter than them take SDPA's causal kernel. Otherwise, on CUDA: flex attention over the documents' block
+    mask (blocks that no query of a tile can see are skipped, so cost follows the documents' own lengths);
+    elsewhere: SDPA with a dense mask, tiled over queries.
+    """
+    b, h, t, _ = q.shape
+    if documents.single and (window is None or t <= window):
+        if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
+            k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q.is_cuda and FLEX_ATTENTION:
+        return flex_attention(q, k, v, documents.block_mask(window), scale)
+    tile = max(1, MAX_MASK_ELEMENTS // max(1, b * t))
+    outs = []
+    for s in range(0, t, tile):
+        rows = slice(s, s + tile)
+        keys = slice(0, s + tile) if window is None else slice(max(0, s - window + 1), s + tile)
+        mask = documents.dense_mask(window, rows)[..., keys]
+        outs.append(_masked_sdpa(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask, scale))
+    return torch.cat(outs, dim=2)
+
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # torch < 2.5
+    _flex_attention = None
+# Whether CUDA training uses flex attention for masks other than plain causal (GEARSHIFT_FLEX=0: the dense-mask
+# SDPA path everywhere, e.g. to compare).
+FLEX_ATTENTION = os.environ.get("GEARSHIFT_FLEX", "1") != "0" and _flex_attention is not None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
+    """torch's flex attention with GQA, compiled (its eager form is a slow reference); inside compiled code, traced
+    into the caller's graph."""
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+_compiled_flex = compiled(_flex_attention, name="flex attention") if _flex_attention is not None else None

@@ -4,6 +4,15 @@ The choice is made by device, never by whether fla imports: on a CPU machine wit
 but every kernel fails at call time. ``GEARSHIFT_BACKEND=torch`` (or ``use_backend("torch")``) forces the
 reference path on any device, which is how the fla path is verified on the GPU; ``GEARSHIFT_TRAIN_BACKEND=torch``
 does so only where gradients are wanted (training), keeping the kernels for inference.
+
+Training (and packed rows) run fla's varlen chunk kernels: the batch flattened to one row, its documents (or rows)
+given by ``cu_seqlens``, so one kernel variant serves packed and unpacked data. Before a kernel trains, its
+gradients are checked once per GPU against the reference on packed random inputs (``delta_rule_gradients_agree``).
+GDN trains through fla's GDN kernel where that passes; where it does not (fla #640: Hopper with Triton in
+[3.4, 3.7.1) refuses GDN's backward), through fla's KDA kernel with GDN's decay broadcast over the key channels --
+the same recurrence, since a decay that is one scalar per head is a diagonal with equal entries -- checked the same
+way against GDN's reference (``GEARSHIFT_GDN_VIA_KDA=0`` turns this route off). Only if every check fails does a
+layer train on the PyTorch chunk form, compiled on CUDA.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import torch
 from torch import Tensor
 
 from .delta_rule import chunk_delta_rule, recurrent_delta_rule, wants_grad
+from .documents import Documents
 
 _forced: list[str] = []
 BACKENDS = ("auto", "torch", "fla")
+# GDN may train through fla's KDA kernel (its decay broadcast over K) where fla's own GDN backward is unusable.
+GDN_VIA_KDA = os.environ.get("GEARSHIFT_GDN_VIA_KDA", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -121,7 +133,8 @@ def delta_rule(
     initial_state: Tensor | None = None,
     record_last: int = 0,
     in_place: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    documents: Documents | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Run the gated delta rule (GDN when g is [B,T,HV], KDA when g is [B,T,HV,K]).
 
     Returns (o, final fp32 state, states after each of the last ``record_last`` tokens or None). The recorded
@@ -129,9 +142,15 @@ def delta_rule(
     ``in_place``: the final state is written over ``initial_state`` (contiguous fp32), which is returned. A
     serving engine's state pools then need no copy-back: at the 15B shape, 2 MB a row and layer, which took a
     fifth of a GDN-heavy decode step at batch 249 on the H200. Not with ``record_last``.
+    ``documents``: the rows are packed documents, the state restarts at each; no cache then, and no final state
+    (None is returned for it). Runs in eager mode even inside compiled code (the kernels are opaque to it).
     """
+    if torch.compiler.is_compiling():  # inside a compiled block: the kernels (and their checks) run eagerly
+        return _eager_delta_rule(q, k, v, g, beta, scale, initial_state, record_last, in_place, documents)
     if in_place and (record_last or initial_state is None):
         raise ValueError("in_place needs an initial state and no recorded tail")
+    if documents is not None and (record_last or initial_state is not None):
+        raise ValueError("packed documents start from an empty state and record nothing (no cache)")
     t = q.shape[1]
     r = min(record_last, t)
     if r:
@@ -158,15 +177,35 @@ def delta_rule(
     if t == 0:
         raise ValueError("empty input")
     training = wants_grad(q, k, v, g, beta)
-    if backend_for(q.device, training) == "fla" and not (training and not _fla_trainable(q, g.dim() == 4)):
+    per_channel = g.dim() == 4
+    fla = backend_for(q.device, training) == "fla"
+    starts = None if documents is None or documents.single else documents.starts
+    varlen = None  # training and packed rows: fla's varlen kernel ('gdn' or 'kda'), if one may run here
+    if fla and (training or documents is not None):
+        heads = (q.shape[2], v.shape[2], q.shape[3])
+        varlen = training_kernel(q.device, per_channel, heads) if training else ("kda" if per_channel else "gdn")
+        fla = varlen is not None
+    if varlen is not None:
+        o, state = _fla_varlen(q, k, v, g, beta, scale, initial_state, varlen, documents)
+    elif fla:
         o, state = _fla_delta_rule(q, k, v, g, beta, scale, initial_state, in_place)
     elif t == 1 or (t <= 16 and not torch.is_grad_enabled()):
-        o, state = recurrent_delta_rule(q, k, v, g, beta, scale, initial_state)
+        o, state = recurrent_delta_rule(q, k, v, g, beta, scale, initial_state, starts=starts)
     else:
-        o, state = chunk_delta_rule(q, k, v, g, beta, scale, initial_state)
+        o, state = _reference_chunks(q, k, v, g, beta, scale, initial_state, starts, training)
+    if documents is not None:
+        return o, None, None
     if in_place and state is not initial_state:  # a path without an in-place kernel: the same contract, by copy
         state = initial_state.copy_(state)
     return o, state, None
+
+
+_eager_delta_rule = torch.compiler.disable(delta_rule)
+
+
+def _reference_chunks(q, k, v, g, beta, scale, initial_state, starts, training):
+    """The PyTorch chunk form; when training on CUDA (no usable kernel there), with its per-block math compiled."""
+    return chunk_delta_rule(q, k, v, g, beta, scale, initial_state, starts=starts, compiled=training and q.is_cuda)
 
 
 def delta_rule_gradients_agree(
@@ -177,13 +216,19 @@ def delta_rule_gradients_agree(
     dtype: torch.dtype = torch.float32,
     shape: tuple[int, int, int, int] = (2, 192, 2, 64),
     min_cosine: float = 0.99,
+    packed: bool = False,
+    value_heads: int | None = None,
 ) -> tuple[bool, float]:
     """Whether ``fn``'s gradients (inputs in ``dtype``) point where the fp32 ``reference``'s do, on random
     delta-rule inputs shaped like a layer's: (agree, lowest cosine over q, k, v, g, beta and the output).
 
     A kernel can run and still return wrong gradients (fla #640 did, on one GPU and Triton range): training on
-    it would silently not learn, so its gradients are checked once before the first training step uses it."""
+    it would silently not learn, so its gradients are checked once before the first training step uses it.
+    ``packed``: the rows hold several documents (a boundary inside a chunk, one on a chunk's edge, a document
+    shorter than a chunk), passed to both as ``starts=`` [B, T] bool. ``value_heads``: v, g and beta have that many
+    heads, q and k ``shape``'s (grouped value heads, as GDN's)."""
     b, t, h, d = shape
+    hv = value_heads or h
     gen = torch.Generator().manual_seed(0)
 
     def rand(*size: int) -> Tensor:
@@ -191,20 +236,27 @@ def delta_rule_gradients_agree(
 
     q = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
     k = torch.nn.functional.normalize(rand(b, t, h, d), dim=-1)
-    v, beta = rand(b, t, h, d), torch.sigmoid(rand(b, t, h))
+    v, beta = rand(b, t, hv, d), torch.sigmoid(rand(b, t, hv))
     g = (
-        torch.nn.functional.logsigmoid(rand(b, t, h, d) + 4)
+        torch.nn.functional.logsigmoid(rand(b, t, hv, d) + 4)
         if per_channel
-        else -torch.rand(b, t, h, generator=gen).to(device)
+        else -torch.rand(b, t, hv, generator=gen).to(device)
     )
-    weight = rand(b, t, h, d)
+    weight = rand(b, t, hv, d)
+    extra = {}
+    if packed:
+        starts = torch.zeros(b, t, dtype=torch.bool)
+        starts[:, 0] = True
+        starts[0, [t // 3, t // 3 + 5, 2 * (t // 3) // 64 * 64 or 1]] = True
+        starts[-1, [37, t - 9]] = True
+        extra["starts"] = starts.to(device)
     results = []
     for impl, kind in ((reference, torch.float32), (fn, dtype)):
         leaves = [
             x.to(kind if i < 3 else torch.float32).clone().requires_grad_() for i, x in enumerate((q, k, v, g, beta))
         ]
         with torch.autocast(torch.device(device).type, enabled=False), torch.enable_grad():
-            o, _ = impl(*leaves, d**-0.5, None)
+            o, _ = impl(*leaves, d**-0.5, None, **extra)
             (o.float() * weight).sum().backward()
         results.append([o.detach().float()] + [x.grad.float() for x in leaves])
     cosines = [
@@ -215,40 +267,90 @@ def delta_rule_gradients_agree(
     return worst >= min_cosine, worst
 
 
-def _fla_trainable(q: Tensor, per_channel: bool) -> bool:
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return not (not per_channel and _gdn_backward_broken_on(index)) and _fla_gradients_check(index, per_channel)[0]
+KERNELS = ("gdn", "kda", "gdn-via-kda")  # kernels that may train, by what they compute: GDN, KDA, GDN on KDA's
+
+
+def training_kernel(device: torch.device, per_channel: bool, heads: tuple[int, int, int] = (2, 2, 64)) -> str | None:
+    """The fla kernel that trains KDA (per_channel) or GDN layers of these ``heads`` (key heads, value heads, head
+    dim) on this GPU: 'gdn' or 'kda' (for GDN: its decay broadcast over K), or None for the PyTorch path. Each
+    candidate's gradients are checked first, once per GPU and head shape (so the check compiles the very kernel
+    variants training then runs)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if per_channel:
+        return "kda" if _gradients_check(index, "kda", heads)[0] else None
+    if not _gdn_backward_broken_on(index) and _gradients_check(index, "gdn", heads)[0]:
+        return "gdn"
+    if GDN_VIA_KDA and _gradients_check(index, "gdn-via-kda", heads)[0]:
+        return "kda"
+    return None
 
 
 def kernel_gradient_checks() -> dict[str, float]:
-    """The fla gradient checks run so far in this process: {'kda@cuda:0': lowest cosine, ...}."""
+    """The fla gradient checks run so far in this process: {'kda@cuda:0 heads 9/9 dim 64': lowest cosine, ...}."""
     return {
-        f"{'kda' if per_channel else 'gdn'}@cuda:{index}": _fla_gradients_check(index, per_channel)[1]
-        for index, per_channel in _checked
+        f"{name}@cuda:{index} heads {h}/{hv} dim {d}": _gradients_check(index, name, (h, hv, d))[1]
+        for index, name, (h, hv, d) in _checked
     }
 
 
-_checked: list[tuple[int, bool]] = []
+_checked: list[tuple[int, str, tuple[int, int, int]]] = []
 
 
 @functools.cache
-def _fla_gradients_check(index: int, per_channel: bool) -> tuple[bool, float]:
+def _gradients_check(index: int, name: str, heads: tuple[int, int, int]) -> tuple[bool, float]:
+    """fla's varlen kernel ``name`` (KERNELS) against the PyTorch chunk form on packed bf16 inputs with these
+    (key heads, value heads, head dim)."""
     device = torch.device("cuda", index)
+    kernel = "gdn" if name == "gdn" else "kda"
+    h, hv, d = heads
+
+    def fla(q, k, v, g, beta, scale, state, starts):
+        return _fla_varlen(q, k, v, g, beta, scale, state, kernel, Documents.from_starts(starts))
+
     try:
         agree, cosine = delta_rule_gradients_agree(
-            _fla_delta_rule, chunk_delta_rule, per_channel, device, torch.bfloat16
+            fla, chunk_delta_rule, name == "kda", device, torch.bfloat16, (2, 192, h, d), packed=True, value_heads=hv
         )
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run its backward here is not used to train
-        warnings.warn(f"fla's backward failed on {device} ({exc})", stacklevel=3)
+        warnings.warn(f"fla's {name} backward failed on {device} ({exc})", stacklevel=3)
         agree, cosine = False, float("nan")
     if not agree:
         warnings.warn(
-            f"fla's {'KDA' if per_channel else 'GDN'} chunk backward disagrees with the reference on this GPU "
-            f"(gradient cosine {cosine:.3f}): these layers train on the pure-PyTorch path (inference keeps fla)",
+            f"fla's {name} chunk backward disagrees with the reference on this GPU (gradient cosine {cosine:.3f}): "
+            "it does not train here",
             stacklevel=3,
         )
-    _checked.append((index, per_channel))
+    _checked.append((index, name, heads))
     return agree, cosine
+
+
+def _fla_varlen(q, k, v, g, beta, scale, initial_state, kernel: str, documents: Documents | None):
+    """fla's chunk kernel ('gdn' or 'kda') over the batch flattened to one row, whose documents (the rows when
+    ``documents`` is None) ``cu_seqlens`` delimits. GDN's scalar decay is broadcast over K for the KDA kernel.
+    Returns (o [B, T, HV, V], the final state per row or None with documents)."""
+    chunk_gdn, _, chunk_kda, _ = _fla_ops()
+    b, t = q.shape[:2]
+    if documents is None:
+        cu_cpu = torch.arange(0, (b + 1) * t, t, dtype=torch.int64)
+        cu = cu_cpu.to(q.device)
+    else:
+        cu, cu_cpu = documents.cu_seqlens, documents.cu_seqlens_cpu
+    dtype = v.dtype  # autocast can leave q/k/v in different dtypes; the kernels want one
+    q, k = q.to(dtype), k.to(dtype)
+    g = g.float()
+    if kernel == "kda" and g.dim() == 3:
+        g = g[..., None].expand(*g.shape, q.shape[-1])
+    fn = chunk_kda if kernel == "kda" else chunk_gdn
+
+    def flat(x: Tensor) -> Tensor:
+        return x.reshape(1, b * t, *x.shape[2:])
+
+    o, final = fn(
+        flat(q), flat(k), flat(v), g=flat(g), beta=flat(beta.to(dtype)), scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=documents is None, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu,
+    )  # fmt: skip
+    return o.reshape(b, t, *o.shape[2:]), None if final is None else final.float()
 
 
 _in_place_verdicts: dict[tuple[int, bool], bool] = {}

@@ -43,6 +43,7 @@ class OptimConfig:
     seed: int = 0
     dtype: str = "auto"  # autocast dtype: auto (bf16 on CUDA, none on CPU), float32, bfloat16
     activation_checkpointing: bool = False
+    compile: str = "auto"  # torch.compile of each block and of the loss chunks: auto (on CUDA), on, off
     train: str = "mixers"  # mixers: only mixer parameters; all: everything
     frozen_mixers: list[str] = field(default_factory=lambda: ["attention"])
     # learning-rate multipliers per mixer name: copies of the teacher (attention, sliding_window) start near
@@ -113,6 +114,8 @@ class TrainConfig:
             problems.append("sampler.predefined_prob must lie in [0, 1]")
         if self.parallel not in ("ddp", "fsdp"):
             problems.append(f"parallel: {self.parallel!r} is not ddp or fsdp")
+        if self.optim.compile not in ("auto", "on", "off"):
+            problems.append(f"optim.compile: {self.optim.compile!r} is not auto, on or off")
         if self.optim.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"optim.dtype: {self.optim.dtype!r} is not auto, float32 or bfloat16")
         if any(v <= 0 for v in self.optim.mixer_lr.values()):

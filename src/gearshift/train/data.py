@@ -1,5 +1,10 @@
 """Training rows: token shards, raw text or chat JSONL, packed into fixed-length rows with a loss mask.
 
+Documents (a shard's sequences, a text file's paragraphs, chat conversations) are laid end to end and cut into rows;
+each row records which document every token belongs to, so that the model keeps documents apart (no attention,
+state or convolution crosses a boundary; ``gearshift.ops.documents``) and no token is trained to predict the first
+token of the next document.
+
 The order of rows is a pure function of (seed, epoch), and a step's rows a pure function of (step, rank): a
 resumed or multi-process run sees exactly the rows of a single uninterrupted run at the same global batch.
 """
@@ -27,9 +32,14 @@ class DataError(ValueError):
 class PackedRows:
     tokens: np.ndarray  # int64 [N, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]
     mask: np.ndarray  # bool  [N, seq_len]: which targets count in the loss
+    documents: np.ndarray | None = None  # int32 [N, seq_len + 1]: each token's document (None: one per row)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def __getitem__(self, rows: slice) -> PackedRows:
+        """A subset of the rows (documents kept)."""
+        return PackedRows(self.tokens[rows], self.mask[rows], None if self.documents is None else self.documents[rows])
 
     def batch(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
@@ -38,9 +48,18 @@ class PackedRows:
             torch.from_numpy(self.mask[idx]).to(device),
         )
 
+    def input_documents(self, indices: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        """The documents of the input tokens of these rows, [B, seq_len] (``Supernet(documents=...)``), or None
+        where each row is one sequence."""
+        if self.documents is None:
+            return None
+        return torch.from_numpy(self.documents[np.asarray(indices, dtype=np.int64), :-1]).to(device)
+
 
 def pack(sequences: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int) -> PackedRows:
-    """Concatenate (tokens, target mask) pairs and cut rows of seq_len + 1 tokens (overlapping by one)."""
+    """Concatenate (tokens, target mask) documents and cut rows of seq_len + 1 tokens (overlapping by one). Rows
+    record each token's document (numbered from 0 in each row); a target from another document than its input
+    (the first token of the next document) is masked out of the loss."""
     toks, masks = [], []
     for t, m in sequences:
         toks.append(np.asarray(t, dtype=np.int64))
@@ -49,14 +68,17 @@ def pack(sequences: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int) -> Pa
         raise DataError("no training sequences")
     flat = np.concatenate(toks)
     flat_mask = np.concatenate(masks)
+    flat_doc = np.repeat(np.arange(len(toks)), [len(t) for t in toks])
     n = (len(flat) - 1) // seq_len
     if n < 1:
         raise DataError(f"only {len(flat)} tokens: not enough for one row of {seq_len + 1}")
     starts = np.arange(n) * seq_len
-    rows = flat[starts[:, None] + np.arange(seq_len + 1)]
-    # mask of the token being predicted (position t predicts t + 1)
-    mask = flat_mask[starts[:, None] + np.arange(1, seq_len + 1)]
-    return PackedRows(rows, mask)
+    window = starts[:, None] + np.arange(seq_len + 1)
+    rows = flat[window]
+    docs = flat_doc[window]
+    # mask of the token being predicted (position t predicts t + 1), only within a document
+    mask = flat_mask[window[:, 1:]] & (docs[:, 1:] == docs[:, :-1])
+    return PackedRows(rows, mask, (docs - docs[:, :1]).astype(np.int32))
 
 
 def _from_shards(path: Path, skip_prompt: bool) -> Iterable[tuple[np.ndarray, np.ndarray]]:

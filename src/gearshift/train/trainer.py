@@ -6,6 +6,12 @@ and trains the mixers on: per-layer activation matching, forward/reverse KL of t
 cross-entropy. Alignment (mode ``align``), the first stage: every mixer of every layer learns the teacher's
 attention output from the teacher's own layer input, all at once and without gradients across layers.
 
+Speed (``optim.compile``, on by default on CUDA): every decoder block (or aligned mixer) runs through torch.compile,
+GDN and KDA through fla's varlen kernels (``gearshift.ops.dispatch``), attention through flex attention where rows
+hold several documents or a window is shorter than them, and the logit losses fused with the output projection and
+chunked over tokens (``losses.linear_losses``). Rows are packed documents that no mixer reads across
+(``gearshift.ops.documents``). MFU counts the FLOPs each step needs (``flops.py``).
+
 Data parallelism (``parallel``): DDP, where every rank holds the whole supernet and `find_unused_parameters`
 copes with the mixers a step leaves out; or FSDP (``parallel: fsdp``, distill and SFT), where each rank holds a
 1/N shard of every parameter, gradient and optimizer state and gathers one decoder block at a time — the same
@@ -16,11 +22,14 @@ batch.
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,15 +40,17 @@ import torch.distributed as dist
 from ..checkpoint import load_tokenizer
 from ..clitools import progress_enabled
 from ..model import Supernet
+from ..ops.documents import Documents
 from ..placement import placement_letters
 from .checkpointing import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_differences
 from .data import DataError, PackedRows, load_rows, step_rows
-from .losses import activation_terms, agreement, cross_entropy, kl_terms
+from .flops import BF16_PEAK_FLOPS, StepFlops, align_flops, distill_flops
+from .losses import activation_terms, cross_entropy, kl_terms, linear_losses
 from .parallel import full, full_optimizer_state, is_sharded, like, load_optimizer_state, shard_blocks
 from .samplers import build_sampler, cheapest_placement
 
-BF16_PEAK_FLOPS = 790e12  # measured dense bf16 on the H200 (shared/reference/h200.md)
+Batch = tuple[torch.Tensor, torch.Tensor, Documents | None, int]  # tokens, loss mask, documents, loss tokens
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -66,7 +77,20 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, device: str | None = None, log=print, resume: bool = False) -> None:
+    """``Trainer(cfg).run()``. ``model`` and ``rows`` (and ``eval_rows``) may be given in memory instead of
+    ``cfg.model`` and ``cfg.data`` (benchmarks); the teacher is then the model's own attention, frozen."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        device: str | None = None,
+        log=print,
+        model: Supernet | None = None,
+        rows: PackedRows | None = None,
+        eval_rows: PackedRows | None = None,
+        resume: bool = False,
+    ) -> None:
         """``resume``: continue from a checkpoint in the output directory even if another mode or configuration
         wrote it (one of the same configuration is always resumed)."""
         self.cfg = cfg
@@ -83,30 +107,43 @@ class Trainer:
         o = cfg.optim
         torch.manual_seed(o.seed)
 
-        self.student = Supernet.from_pretrained(cfg.model, device=self.device, dtype=torch.float32)
+        if model is None:
+            self.student = Supernet.from_pretrained(cfg.model, device=self.device, dtype=torch.float32)
+            self.teacher = Supernet.from_pretrained(
+                cfg.teacher or cfg.model, device=self.device, dtype=torch.float32, mixers=["attention"]
+            )
+        else:
+            self.student = model.to(device=self.device, dtype=torch.float32)
+            self.teacher = copy.deepcopy(self.student).thin_(["all-attention"])
         self.student.train()
         self.student.gradient_checkpointing = o.activation_checkpointing
-        self.teacher = Supernet.from_pretrained(
-            cfg.teacher or cfg.model, device=self.device, dtype=torch.float32, mixers=["attention"]
-        ).eval()
-        self.teacher.requires_grad_(False)
+        self.teacher.eval().requires_grad_(False)
+        # the speed-ups (module docstring); benchmarks turn them off one by one to time the plain path
+        self.compile = o.compile == "on" or (o.compile == "auto" and self.device.type == "cuda")
+        self.fused_loss = True  # logit losses fused with the output projection, chunked (never whole logits)
+        self.packed = True  # rows keep their documents apart (False: the rows' tokens as single sequences)
+        self.student.compile_blocks = self.teacher.compile_blocks = self.compile
         if self.teacher.config.num_layers != self.student.config.num_layers:
             raise ValueError("teacher and student have different numbers of layers")
 
-        tokenizer = load_tokenizer(cfg.model)
-        eos = self.student.config.eos_ids()[0] if self.student.config.eos_ids() else None
         d = cfg.data
-        kw = dict(tokenizer=tokenizer, eos=eos, chat=d.chat, skip_prompt=cfg.mode == "sft")
-        self.rows = load_rows(d.train, d.seq_len, **kw)
-        if d.eval:
-            self.eval_rows = load_rows(d.eval, d.seq_len, **kw)
+        if rows is None:
+            tokenizer = load_tokenizer(cfg.model)
+            eos = self.student.config.eos_ids()[0] if self.student.config.eos_ids() else None
+            kw = dict(tokenizer=tokenizer, eos=eos, chat=d.chat, skip_prompt=cfg.mode == "sft")
+            rows = load_rows(d.train, d.seq_len, **kw)
+            if d.eval:
+                eval_rows = load_rows(d.eval, d.seq_len, **kw)
+        self.rows = rows
+        if eval_rows is not None:
+            self.eval_rows = eval_rows
         else:  # hold the last rows of the training data out
             n = min(d.eval_sequences, len(self.rows) // 10)
-            self.eval_rows = PackedRows(self.rows.tokens[len(self.rows) - n :], self.rows.mask[len(self.rows) - n :])
-            self.rows = PackedRows(self.rows.tokens[: len(self.rows) - n], self.rows.mask[: len(self.rows) - n])
+            self.eval_rows = self.rows[len(self.rows) - n :]
+            self.rows = self.rows[: len(self.rows) - n]
         if len(self.rows) == 0:
             raise DataError("no training rows left after holding out evaluation rows")
-        self.eval_rows = PackedRows(self.eval_rows.tokens[: d.eval_sequences], self.eval_rows.mask[: d.eval_sequences])
+        self.eval_rows = self.eval_rows[: d.eval_sequences]
         if len(self.eval_rows) == 0:  # an empty set would report KL 0 (a perfect score) for every placement
             self.log(
                 f"warning: no held-out rows to evaluate on ({len(self.rows)} training rows hold out none below 10); "
@@ -134,6 +171,9 @@ class Trainer:
         if cfg.parallel == "fsdp" and cfg.mode == "align" and self.world > 1:
             self.log("parallel=fsdp: align keeps whole replicas (its per-layer mixer calls bypass FSDP)")
         if self.fsdp:
+            if self.compile:  # FSDP's gathers hook each block's forward: compiled blocks would trace through them
+                self.log("parallel=fsdp: blocks run eagerly (optim.compile applies to ddp and single processes)")
+                self.compile = self.student.compile_blocks = self.teacher.compile_blocks = False
             shard_blocks(self.student, self.student.blocks, self.device, self.world)
             self.trainable = {n: p for n, p in self.student.named_parameters() if n in self.trainable}
         self._keys = {".".join(n.split(".")[:7]) + "." for n in self.trainable}  # model.decoder.blocks.i.mixer.mixers.x
@@ -147,6 +187,7 @@ class Trainer:
             [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())],
             lr=o.lr,
             betas=o.betas,
+            fused=self.device.type == "cuda" and not self.fsdp,  # one kernel per step for all parameters
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.sampler = build_sampler(cfg.sampler, self.student.config, o.seed, self.student.presets)
@@ -167,6 +208,8 @@ class Trainer:
         else:
             self.autocast = nullcontext
         self.step = 0
+        self.step_flops = StepFlops()  # the last step's model FLOPs (this rank's share)
+        self._compiled_steps = 0
         self._resume()
 
     # ------------------------------------------------------------------ schedule and state
@@ -255,70 +298,155 @@ class Trainer:
     def _all_have(self, name: str) -> bool:
         return all(name in layer.mixers for layer in self.student.config.layers)
 
-    def _step_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """This rank's micro-batches of the step (tokens, loss mask) and the step's token count over all ranks."""
+    def _batch(self, rows: PackedRows, indices: list[int]) -> Batch:
+        """Rows on the device: tokens, loss mask, their documents (None: no boundaries kept, the plain path) and
+        the number of loss tokens (counted on the host: no device sync)."""
+        tokens, mask = rows.batch(indices, self.device)
+        documents = None
+        if self.packed:  # laid out on the host (no device sync), then copied
+            labels = rows.input_documents(indices, torch.device("cpu"))
+            b, t = tokens.shape[0], tokens.shape[1] - 1
+            documents = Documents.whole_rows(b, t) if labels is None else Documents.from_segments(labels)
+            documents = documents.to(self.device)
+        return tokens, mask, documents, int(rows.mask[indices].sum())
+
+    def _step_batches(self) -> tuple[list[Batch], float]:
+        """This rank's micro-batches of the step and the step's loss-token count over all ranks."""
         o = self.cfg.optim
         micro_rows = [
             step_rows(len(self.rows), self.step, m, self.rank, self.world, o.batch_size, o.grad_accum, o.seed)
             for m in range(o.grad_accum)
         ]
-        batches = [self.rows.batch(r, self.device) for r in micro_rows]
-        total = torch.tensor(float(sum(int(mask.sum()) for _, mask in batches)), device=self.device)
+        batches = [self._batch(self.rows, r) for r in micro_rows]
+        total = float(sum(b[3] for b in batches))
         if self.world > 1:
-            dist.all_reduce(total)
+            count = torch.tensor(total, device=self.device)
+            dist.all_reduce(count)
+            total = float(count)
         return batches, total
 
+    @staticmethod
+    def _lengths(tokens: torch.Tensor, documents: Documents | None) -> list[int]:
+        return documents.lengths if documents is not None else [tokens.shape[1] - 1] * tokens.shape[0]
+
     def train_step(self) -> dict[str, Any]:
-        if self.cfg.mode == "align":
-            return self._align_step()
-        o, lw = self.cfg.optim, self.cfg.loss
+        """One optimizer step. If the first compiled step of a run fails (a backward graph compiles lazily, outside
+        the compiled functions' own fallback), the run warns and continues with eager blocks."""
+        step = self._align_step if self.cfg.mode == "align" else self._distill_step
+        if not self.compile or self._compiled_steps:
+            return step()
+        try:
+            row = step()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path is the reference
+            warnings.warn(f"compiled training failed ({type(exc).__name__}: {exc}); training eagerly", stacklevel=2)
+            self.compile = self.student.compile_blocks = self.teacher.compile_blocks = False
+            self.optimizer.zero_grad(set_to_none=True)
+            return step()
+        self._compiled_steps += 1
+        return row
+
+    def pass_losses(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        documents: Documents | None,
+        placement,
+        teacher_out: torch.Tensor | None,
+        teacher_acts: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The student's forward under ``placement`` and its losses on one micro-batch (call inside autocast).
+        ``teacher_out``: the teacher's final hidden states (fused loss) or logits (``fused_loss`` off), or None.
+        Returns (loss, detached [act, fkl, rkl, ce], the per-layer activation losses or None)."""
+        lw = self.cfg.loss
+        kl = teacher_out is not None and bool(lw.forward_kl or lw.reverse_kl)
+        s_acts: list[torch.Tensor] = []
+        loss = torch.zeros((), device=self.device)
+        terms = torch.zeros(4, device=self.device)
+        run = functools.partial(self.model, inputs, placement, mixer_outputs=s_acts, documents=documents)
+        if self.fused_loss and (kl or lw.cross_entropy):
+
+            def head(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return linear_losses(
+                    hidden, weight, teacher_out if kl else None, self.teacher.output_weight if kl else None,
+                    targets if lw.cross_entropy else None, mask, forward_kl=lw.forward_kl if kl else 0.0,
+                    reverse_kl=lw.reverse_kl if kl else 0.0, cross_entropy=lw.cross_entropy,
+                    temperature=lw.temperature, compile=self.compile,
+                )  # fmt: skip
+
+            logit_loss, logit_terms = run(output_fn=head)
+            loss = loss + logit_loss
+            terms[1:] = logit_terms[:3]
+        elif self.fused_loss:
+            run(return_hidden=True)
+        else:
+            s_logits = run()
+            if kl:
+                fkl, rkl = kl_terms(s_logits, teacher_out, mask, lw.temperature)
+                loss = loss + lw.forward_kl * fkl + lw.reverse_kl * rkl
+                terms[1], terms[2] = fkl.detach(), rkl.detach()
+            if lw.cross_entropy:
+                ce = cross_entropy(s_logits, targets, mask)
+                loss = loss + lw.cross_entropy * ce
+                terms[3] = ce.detach()
+        acts = None
+        if lw.activation and teacher_out is not None:
+            acts = activation_terms(s_acts, teacher_acts, mask, compile=self.compile)
+            loss = loss + lw.activation * acts.mean()
+            terms[0] = acts.detach().mean()
+        return loss, terms, acts
+
+    def teacher_pass(
+        self, inputs: torch.Tensor, documents: Documents | None
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The frozen teacher on one micro-batch: (final hidden states, or logits with ``fused_loss`` off; its
+        attention outputs per layer), or (None, []) when no loss needs it."""
+        acts: list[torch.Tensor] = []
+        if not self._needs_teacher():
+            return None, acts
+        with torch.no_grad(), self.autocast():
+            out = self.teacher(
+                inputs, "all-attention", mixer_outputs=acts, documents=documents, return_hidden=self.fused_loss
+            )
+        return out, acts
+
+    def _distill_step(self) -> dict[str, Any]:
+        o = self.cfg.optim
         placements = self.placements_for(self.step)
         batches, total = self._step_batches()
         # each micro-batch contributes sum(loss) / global tokens; DDP averages over ranks, so scale by world
-        scale_base = self.world / max(float(total), 1.0)
+        scale_base = self.world / max(total, 1.0)
         n_layers = self.student.config.num_layers
-        stats: dict[str, float] = {"loss": 0.0, "act": 0.0, "fkl": 0.0, "rkl": 0.0, "ce": 0.0}
+        names = ["loss", "act", "fkl", "rkl", "ce"]
+        stat_sums = torch.zeros(len(names), device=self.device)  # token-weighted sums: one sync at the end
         layer_act = torch.zeros(n_layers, device=self.device)
+        flops = StepFlops()
+        teacher = self.teacher if self._needs_teacher() else None
         passes = [(b, p) for b in batches for p in placements]
-        for i, ((tokens, mask), placement) in enumerate(passes):
+        for i, ((tokens, mask, documents, count), placement) in enumerate(passes):
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
-            weight = float(mask.sum()) * scale_base / len(placements)
-            share = float(mask.sum()) / len(placements)  # this pass's tokens: logged stats are token-weighted
-            with torch.no_grad(), self.autocast():
-                t_acts: list[torch.Tensor] = []
-                t_logits = (
-                    self.teacher(inputs, "all-attention", mixer_outputs=t_acts) if self._needs_teacher() else None
-                )
+            weight = count * scale_base / len(placements)
+            share = count / len(placements)  # this pass's tokens: logged stats are token-weighted
+            flops = flops + distill_flops(self.student, placement, teacher, self._lengths(tokens, documents))
+            t_out, t_acts = self.teacher_pass(inputs, documents)
             sync = i == len(passes) - 1 or self.world == 1
             ctx = nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with ctx:
                 with self.autocast():
-                    s_acts: list[torch.Tensor] = []
-                    s_logits = self.model(inputs, placement, mixer_outputs=s_acts)
-                    loss = torch.zeros((), device=self.device)
-                    if lw.activation and t_logits is not None:
-                        acts = activation_terms(s_acts, t_acts, mask)
-                        loss = loss + lw.activation * acts.mean()
-                        layer_act += acts.detach() * share
-                        stats["act"] += float(acts.detach().mean()) * share
-                    if (lw.forward_kl or lw.reverse_kl) and t_logits is not None:
-                        fkl, rkl = kl_terms(s_logits, t_logits, mask, lw.temperature)
-                        loss = loss + lw.forward_kl * fkl + lw.reverse_kl * rkl
-                        stats["fkl"] += float(fkl.detach()) * share
-                        stats["rkl"] += float(rkl.detach()) * share
-                    if lw.cross_entropy:
-                        ce = cross_entropy(s_logits, targets, mask)
-                        loss = loss + lw.cross_entropy * ce
-                        stats["ce"] += float(ce.detach()) * share
+                    loss, terms, acts = self.pass_losses(inputs, targets, mask, documents, placement, t_out, t_acts)
                 (loss * weight).backward()
-            stats["loss"] += float(loss.detach()) * share
+            stat_sums += torch.cat([loss.detach()[None], terms]) * share
+            if acts is not None:
+                layer_act += acts.detach() * share
+        self.step_flops = flops
         # logged values are means over the step's tokens on every rank (what the gradient optimises), not rank 0's
-        sums = torch.cat([torch.tensor(list(stats.values()), device=self.device), layer_act])
+        sums = torch.cat([stat_sums, layer_act])
         if self.world > 1:
             dist.all_reduce(sums)
-        sums = sums / max(float(total), 1.0)
-        stats = dict(zip(stats, sums[: len(stats)].tolist(), strict=True))
-        layer_act = sums[len(stats) :]
+        sums = (sums / max(total, 1.0)).tolist()
+        stats, layer_act = dict(zip(names, sums[: len(names)], strict=True)), sums[len(names) :]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), o.grad_clip)
         if is_sharded(grad_norm):
             grad_norm = grad_norm.full_tensor()
@@ -334,12 +462,12 @@ class Trainer:
             **stats,
             "grad_norm": float(grad_norm),
             "tokens": int(total),
-            "layer_act": [round(float(x), 6) for x in layer_act],
+            "layer_act": [round(x, 6) for x in layer_act],
         }
         # per sampled mixer: the activation loss of the layers that used it
         by_mixer: dict[str, list[float]] = {}
         for i, name in enumerate(main):
-            by_mixer.setdefault(name, []).append(float(layer_act[i]))
+            by_mixer.setdefault(name, []).append(layer_act[i])
         row["act_by_mixer"] = {k: sum(v) / len(v) for k, v in by_mixer.items()}
         return row
 
@@ -364,7 +492,9 @@ class Trainer:
     def _trains_mixer(self, layer: int, name: str) -> bool:
         return f"model.decoder.blocks.{layer}.mixer.mixers.{name}." in self._keys
 
-    def _align_pass(self, tokens: torch.Tensor, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+    def _align_pass(
+        self, tokens: torch.Tensor, mask: torch.Tensor, documents: Documents | None, scale: float | None
+    ) -> torch.Tensor:
         """Summed per-token squared errors [layers, kinds] of every aligned mixer on the teacher's inputs, plus
         the teacher outputs' summed squares in an extra last column (for the relative error). With ``scale``, each
         layer's loss (times scale) is backpropagated as soon as it is computed, so one layer's graph is alive."""
@@ -372,8 +502,10 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             xs: list[torch.Tensor] = []
             ys: list[torch.Tensor] = []
-            self.teacher(inputs, "all-attention", mixer_outputs=ys, mixer_inputs=xs, return_hidden=True)
-        ctx = self.student.step_context(inputs)
+            self.teacher(
+                inputs, "all-attention", mixer_outputs=ys, mixer_inputs=xs, return_hidden=True, documents=documents
+            )
+        ctx = self.student.step_context(inputs, documents=documents)
         m = mask.to(torch.float32)
         sums = torch.zeros(len(self.align_mixers), len(self.align_kinds) + 1, device=self.device)
         for i, block in enumerate(self.student.blocks):
@@ -386,7 +518,7 @@ class Trainer:
                 block.unshard()
             for name in self.align_mixers[i]:
                 with torch.set_grad_enabled(scale is not None), self.autocast():
-                    out = block.mixer.mixers[name](xs[i], ctx)
+                    out = self.student.call_mixer(i, name, xs[i], ctx)
                 err = ((out.float() - target).pow(2).mean(-1) * m).sum()
                 loss = loss + err
                 sums[i, self.align_kinds.index(name)] = err.detach()
@@ -405,8 +537,12 @@ class Trainer:
         o = self.cfg.optim
         batches, total = self._step_batches()
         pairs = sum(len(names) for names in self.align_mixers)
-        scale = 1.0 / (max(float(total), 1.0) * pairs)  # loss = mean over tokens and (layer, mixer) pairs
-        sums = sum(self._align_pass(tokens, mask, scale) for tokens, mask in batches)
+        scale = 1.0 / (max(total, 1.0) * pairs)  # loss = mean over tokens and (layer, mixer) pairs
+        sums = sum(self._align_pass(tokens, mask, documents, scale) for tokens, mask, documents, _ in batches)
+        self.step_flops = StepFlops()
+        for tokens, _, documents, _ in batches:
+            lengths = self._lengths(tokens, documents)
+            self.step_flops += align_flops(self.student, self.align_mixers, self.teacher, lengths)
         if self.world > 1:
             dist.all_reduce(sums)
             self._all_reduce_grads()
@@ -415,7 +551,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        per_pair = sums[:, :-1] / max(float(total), 1.0)  # [layers, kinds]: per-token MSE
+        per_pair = sums[:, :-1] / max(total, 1.0)  # [layers, kinds]: per-token MSE
         loss = float(per_pair.sum()) / pairs
         return {
             "step": self.step,
@@ -445,8 +581,8 @@ class Trainer:
         sums = torch.zeros(len(self.align_mixers), len(self.align_kinds) + 1, device=self.device)
         n = torch.zeros((), device=self.device)
         for s in range(0, len(mine), bs):
-            tokens, mask = rows.batch(mine[s : s + bs], self.device)
-            sums += self._align_pass(tokens, mask, None)
+            tokens, mask, documents, _ = self._batch(rows, mine[s : s + bs])
+            sums += self._align_pass(tokens, mask, documents, None)
             n += mask.sum()
         if self.world > 1:
             dist.all_reduce(sums)
@@ -488,18 +624,17 @@ class Trainer:
         for spec in placements:
             sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # kl*n, agree*n, n, nll*n
             for s in range(0, len(mine), bs):
-                tokens, mask = rows.batch(mine[s : s + bs], self.device)
+                tokens, mask, documents, n = self._batch(rows, mine[s : s + bs])
                 inputs, targets = tokens[:, :-1], tokens[:, 1:]
-                with self.autocast():
-                    t = self.teacher(inputs, "all-attention")
-                    st = self.student(inputs, spec)
-                fkl, _ = kl_terms(st, t, mask)
-                n = float(mask.sum())
-                sums += torch.tensor(
-                    [float(fkl) * n, float(agreement(st, t, mask)) * n, n, float(cross_entropy(st, targets, mask)) * n],
-                    device=self.device,
-                    dtype=torch.float64,
-                )
+                with self.autocast():  # the logits, chunk by chunk (``linear_losses``): never [tokens, vocab] whole
+                    t = self.teacher(inputs, "all-attention", documents=documents, return_hidden=True)
+                    head = functools.partial(
+                        _eval_terms, teacher_hidden=t, teacher_weight=self.teacher.output_weight, targets=targets,
+                        mask=mask, compile=self.compile,
+                    )  # fmt: skip
+                    terms = self.student(inputs, spec, documents=documents, output_fn=head)
+                fkl, _, nll, agree = terms.double()
+                sums += torch.stack([fkl * n, agree * n, fkl.new_tensor(float(n)), nll * n])
             if self.world > 1:
                 dist.all_reduce(sums)
             n = max(float(sums[2]), 1.0)
@@ -508,19 +643,6 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ the loop
-    def flops_per_token(self) -> float:
-        """Model FLOPs per trained token: student forward+backward (6N) + teacher forward (2N), N active (align:
-        N is every trained mixer, each of which runs on every token)."""
-        if self.cfg.mode == "align":
-            mixers = [
-                self.student.blocks[i].mixer.mixers[name] for i, names in enumerate(self.align_mixers) for name in names
-            ]
-            n_student = sum(p.numel() for m in mixers for p in m.parameters())
-        else:
-            n_student = self.student.num_parameters(self.sampler.sample(0))
-        n_teacher = self.teacher.num_parameters("all-attention")
-        return 6 * n_student + 2 * n_teacher
-
     def run(self) -> dict[str, Any]:
         """Train to ``optim.steps`` (or the time budget), checkpointing as configured, then write ``output/final``.
         Ctrl-C or SIGTERM ends the current step, saves a checkpoint and raises ``TrainingInterrupted``."""
@@ -542,16 +664,17 @@ class Trainer:
                 )
             except ImportError:
                 bar = None
-        tokens_seen, t0 = 0, time.perf_counter()
+        tokens_seen, flops_seen, t0 = 0, 0.0, time.perf_counter()
         last = {}
         interrupted = False
         while self.step < o.steps:
             row = self.train_step()
             tokens_seen += row["tokens"]
+            flops_seen += self.step_flops.total  # this rank's share
             elapsed = time.perf_counter() - t0
             row["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
             if self.device.type == "cuda":
-                row["mfu"] = row["tokens_per_s"] * self.flops_per_token() / (BF16_PEAK_FLOPS * self.world)
+                row["mfu"] = flops_seen / max(elapsed, 1e-9) / BF16_PEAK_FLOPS
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9  # this rank's GPU
             if self.step % cfg.log_every == 0 or self.step == o.steps:
                 self._metrics(row)
@@ -605,3 +728,8 @@ class Trainer:
             gc.collect()
             dist.barrier()  # no rank tears its connections down while a peer still talks over them (gloo aborts)
             dist.destroy_process_group()
+
+
+def _eval_terms(hidden, weight, *, teacher_hidden, teacher_weight, targets, mask, compile) -> torch.Tensor:
+    """[FKL, RKL, NLL, agreement] of a student against the teacher (no gradients; ``linear_losses``)."""
+    return linear_losses(hidden, weight, teacher_hidden, teacher_weight, targets, mask, compile=compile)[1]
