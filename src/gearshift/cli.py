@@ -16,7 +16,13 @@ from .placement import PlacementError, placement_letters
 
 SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
 # Stage modules that add their own sub-commands through ``register(subparsers)``.
-EXTENSIONS = ("gearshift.train.cli", "gearshift.place.cli", "gearshift.serve.cli", "gearshift.evals.cli")
+EXTENSIONS = (
+    "gearshift.train.cli",
+    "gearshift.place.cli",
+    "gearshift.serve.cli",
+    "gearshift.evals.cli",
+    "gearshift.pipeline.cli",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
