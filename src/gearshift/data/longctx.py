@@ -347,6 +347,7 @@ class LongContextBuilder:
             }
             self.log(f"longctx {spec.name}: {len(lengths)} documents, {sum(lengths)} tokens")
         manifest["groups"] = {s: sorted(self.groups[s]) for s in SPLITS}
+        manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples are lists in JSON)
         atomic_write_json(out / MANIFEST, manifest)
         return manifest
 

@@ -88,7 +88,7 @@ def summarize(build: Build) -> dict[str, Any]:
         worst = max(v["kl"] for v in after["all-attention"].values())
         wdiff = res["kl_after"].get("attention_max_abs_diff")
         conv = res.get("teacher", {}).get("max_abs_logit_diff")
-        ok = worst <= 1e-4 and wdiff == 0 and conv is not None and conv <= 1e-3
+        ok = bool(worst <= 1e-4 and wdiff == 0 and conv is not None and conv <= 1e-3)
         goals.append(
             _goal(
                 "all-attention = teacher",
@@ -116,7 +116,7 @@ def summarize(build: Build) -> dict[str, Any]:
                 f"KL gap closed at {longest[3:]} tokens, {p}",
                 f">= {target:.0%}",
                 f"{_pct(c)} (KL {b:.3f} -> {a:.3f})",
-                None if c is None else c >= target,
+                None if c is None else bool(c >= target),
             )
         )
 
@@ -134,14 +134,14 @@ def summarize(build: Build) -> dict[str, Any]:
         parts, oks = [], []
         for n, p in cands.items():
             t, h = tasks.get(n), niah.get(n)
-            mc_ok = None if t is None or t.get("retention") is None else t["retention"] >= mc
+            mc_ok = None if t is None or t.get("retention") is None else bool(t["retention"] >= mc)
             text = (
                 f"{n} ({p['modelled_speedup']:.2f}x): MC {_pct(t and t.get('retention'), t and t.get('retention_se'))}"
             )
             ok = mc_ok
             if niah_min:
                 g = h["greedy"] if h else None
-                n_ok = None if g is None or g.get("retention") is None else g["retention"] >= niah_min
+                n_ok = None if g is None or g.get("retention") is None else bool(g["retention"] >= niah_min)
                 text += f", NIAH {_pct(g and g.get('retention'), g and g.get('retention_se'))}"
                 ok = None if mc_ok is None or n_ok is None else (mc_ok and n_ok)
             parts.append(text)

@@ -117,6 +117,7 @@ def ratio_stats(preset: Mapping[str, Sequence[float]], base: Mapping[str, Sequen
     k = len(groups)
     mp, mb = mp / k, mb / k
     var_p, var_b, cov = var_p / k**2, var_b / k**2, cov / k**2
+    mp, mb, var_p, var_b, cov = (float(x) for x in (mp, mb, var_p, var_b, cov))  # plain floats: JSON, bools
     out: dict[str, float | None] = {"score": mp, "score_se": math.sqrt(var_p), "base": mb, "base_se": math.sqrt(var_b)}
     if mb > 0:
         r = mp / mb

@@ -51,6 +51,7 @@ class Recipe:
     minutes: float  # training minutes (alignment + distillation), split by the stages' shares
     reserve_minutes: float  # what the stages after training take (for --budget-minutes)
     # data
+    template_prompts: int | None  # topic x template prompts used (None: all 1,760)
     question_prompts: int
     trace_rounds: int
     trace_tokens: int
@@ -69,10 +70,13 @@ class Recipe:
     loss: dict = field(default_factory=lambda: {"activation": 0.5, "reverse_kl": 1.0, "forward_kl": 0.5})
     # measurement
     kl_lengths: tuple[int, ...] = (1024, 4096, 8192)
+    kl_mixes: tuple[str, ...] = ("Reg|Lklhd-26", "Reg|Lklhd-18", "Reg|Lklhd-10")  # paper mixes also measured
     eval_batch_tokens: int = 16384
     place_placements: int = 96
     place_set: str = "place_4096"
     speedups: tuple[float, ...] = (2.0, 5.0)
+    fit_ranges: tuple[int, ...] = (1, 2)  # pair-interaction ranges tried; the best cross-validated one is used
+    fit_estimator: str = "bayes_ridge"  # "auto" also cross-validates lasso: minutes on a CPU for r = 2
     cost_context: int = 8192
     cost_batch: int = 64
     # evaluation
@@ -81,6 +85,7 @@ class Recipe:
     niah_lengths: tuple[int, ...] = (1024, 2048, 4096, 8000)
     niah_depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     niah_trials: int = 5
+    niah_presets: tuple[str, ...] | None = ("speed-2x",)  # besides all-attention (None: every preset)
     spec_lengths: tuple[int, ...] = (1024, 8192)
     spec_prompts: int = 4
     spec_tokens: int = 32
@@ -99,6 +104,7 @@ def smollm2() -> Recipe:
         window=1024,
         minutes=12.0,
         reserve_minutes=7.5,
+        template_prompts=None,
         question_prompts=2000,
         trace_rounds=1,
         trace_tokens=384,
@@ -129,6 +135,7 @@ def tiny() -> Recipe:
         window=64,
         minutes=0.4,
         reserve_minutes=1.0,
+        template_prompts=48,
         question_prompts=24,
         trace_rounds=1,
         trace_tokens=48,
@@ -138,9 +145,9 @@ def tiny() -> Recipe:
             long=768,
             train_short=24,
             train_long=6,
-            kl=((256, 2), (512, 1), (768, 1)),
-            recall=((768, 1),),
-            place=(512, 2),
+            kl=((256, 1), (512, 1), (768, 2)),
+            recall=((512, 1),),
+            place=(384, 2),
             heldout_fraction=0.25,
             closing_tokens=32,
             facts=(1, 3),
@@ -154,14 +161,16 @@ def tiny() -> Recipe:
             TrainStage("distill", "long", 768, 1, 2e-3, 0.4, warmup_steps=2),
         ],
         kl_lengths=(256, 512, 768),
+        kl_mixes=(),
         eval_batch_tokens=2048,
-        place_placements=16,
-        place_set="place_512",
+        place_placements=12,
+        place_set="place_384",
+        fit_ranges=(1,),
         cost_context=768,
         task_limit=4,
         niah_lengths=(256, 512),
         niah_depths=(0.0, 100.0),
-        niah_trials=2,
+        niah_trials=1,
         spec_lengths=(256, 768),
         spec_prompts=1,
         spec_tokens=8,

@@ -42,8 +42,6 @@ from ..data.tokens import atomic_write_json
 from .recipe import Recipe
 from .stages import StageLog
 
-KL_MIXES = {"reg-26": "Reg|Lklhd-26", "reg-18": "Reg|Lklhd-18", "reg-10": "Reg|Lklhd-10"}  # the paper's mixes
-
 
 class BuildError(RuntimeError):
     """A build that cannot start (bad arguments, missing inputs)."""
@@ -251,7 +249,8 @@ class Build:
         from ..report import paper_placement
 
         out = {p: p for p in ("all-attention", "all-sliding_window", "all-gdn", "all-kda")}
-        out.update({name: paper_placement(paper, n_layers) for name, paper in KL_MIXES.items()})
+        for paper in self.recipe.kl_mixes:  # the paper's mixes, scaled to this depth: "Reg|Lklhd-26" -> reg-26
+            out["reg-" + paper.rsplit("-", 1)[1]] = paper_placement(paper, n_layers)
         return out
 
     def cost_terms(self):
@@ -353,8 +352,8 @@ class Build:
 
         r = self.recipe
         prompts = template_prompts()
-        if r.name == "tiny":
-            prompts = prompts[:: max(1, len(prompts) // (2 * r.question_prompts))]
+        if r.template_prompts is not None:  # an even spread over topics and templates
+            prompts = prompts[:: max(1, len(prompts) // r.template_prompts)][: r.template_prompts]
         try:
             questions, found = question_prompts(self.data_dir, r.question_prompts, r.seed)
         except Exception as exc:  # noqa: BLE001 - no evaluation data: topic prompts only
@@ -529,7 +528,8 @@ class Build:
             "teacher": str(self.supernet),
             "output": str(out),
             "mode": s.mode,
-            "data": {"train": data, "eval": [str(d) for d in self.trace_dirs("heldout")], "seq_len": s.seq_len},
+            # held-out conversations of the longest length: enough tokens for a few rows at any seq_len
+            "data": {"train": data, "eval": [str(self.longctx / f"kl_{max(r.kl_lengths)}")], "seq_len": s.seq_len},
             "optim": {
                 "steps": plan["steps"] if plan else 10**6,
                 "max_minutes": minutes,
@@ -625,7 +625,7 @@ class Build:
         r = self.recipe
         table = MeasurementTable.read(self.run_dir / "place" / "table.jsonl")
         space = table.space
-        fits = {k: fit_table(table, metric="kl", space=space, r=k) for k in (1, 2)}
+        fits = {k: fit_table(table, metric="kl", space=space, r=k, estimator=r.fit_estimator) for k in r.fit_ranges}
         rmse = {k: f.cv.get("rmse") for k, f in fits.items()}
         best = min(fits, key=lambda k: rmse[k] if rmse[k] is not None else float("inf"))
         fit = fits[best]
@@ -727,10 +727,14 @@ class Build:
 
         r = self.recipe
         model = self.model(self.final)
+        wanted = r.niah_presets
+        placements = {
+            n: p for n, p in self.preset_placements().items() if wanted is None or n in ("all-attention", *wanted)
+        }
         niah = run_niah(
             model,
             self.tokenizer(),
-            self.preset_placements(),
+            placements,
             lengths=r.niah_lengths,
             depths=r.niah_depths,
             trials=r.niah_trials,
