@@ -331,7 +331,9 @@ class LongContextBuilder:
                 for f in target.iterdir():
                     f.unlink()
             lengths = []
-            with TokenShardWriter(target, vocab_size=self.vocab_size, meta={"set": spec.name}) as writer:
+            with TokenShardWriter(
+                target, vocab_size=self.vocab_size, shard_tokens=1 << 62, meta={"set": spec.name}
+            ) as writer:
                 for d in docs[spec.name]:
                     writer.add(d.tokens, prompt_len=0)
                     lengths.append(int(d.tokens.size))

@@ -98,9 +98,14 @@ class Build:
         unknown = sorted(set(redo or []) - set(names)) + sorted(self.skip - set(names))
         if unknown:
             raise BuildError(f"unknown stage(s) {unknown}; stages: {', '.join(names)}")
-        for name in redo or []:  # this stage and every later one run again
+        for name in redo or []:  # this stage and every later one run again, from scratch
             for later in names[names.index(name) :]:
                 self.stages.forget(later)
+                for path in self.outputs(later):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -126,6 +131,18 @@ class Build:
     @property
     def final(self) -> Path:
         return self.run_dir / "train" / self.train_name(len(self.recipe.stages) - 1) / "final"
+
+    def outputs(self, name: str) -> list[Path]:
+        """What a stage writes that a rerun must not resume from (traces and trainers resume by design)."""
+        if name == "traces":
+            return [self.data / "prompts.json", *self.data.glob("traces_*")]
+        if name == "longctx":
+            return [self.longctx]
+        if name == "place":
+            return [self.run_dir / "place"]
+        if name in [self.train_name(i) for i in range(len(self.recipe.stages))]:
+            return [self.run_dir / "train" / name]
+        return []
 
     def stage_names(self) -> list[str]:
         train = [self.train_name(i) for i in range(len(self.recipe.stages))]
@@ -566,7 +583,7 @@ class Build:
             atomic_write_json(plan_file, plan)
             trainer.cfg.optim.steps = plan["steps"]
             trainer.cfg.optim.max_minutes = max(minutes - (time.perf_counter() - t0) / 60, 0.05)
-            trainer.cfg.checkpoint.every = max(25, plan["steps"] // 4)
+            trainer.cfg.checkpoint.every = max(25, plan["steps"] // 2)  # a resume point mid-stage (and the end)
         last = trainer.run()
         seconds = time.perf_counter() - t0
         keep = ("loss", "act", "fkl", "rkl", "tokens_per_s", "mfu", "peak_mem_gb", "grad_norm", "lr")
