@@ -206,3 +206,12 @@ def test_goals_read_measurements_not_guesses(tmp_path):
     assert {g["goal"]: g["status"] for g in summarize(b)["goals"]}["preset >= 2x keeps >= 95% MC, >= 85% NIAH"] == (
         "FAIL"
     )
+
+
+def test_command_line_errors(tmp_path, capsys):
+    from gearshift.cli import main
+
+    assert main(["build", "tiny", str(tmp_path), "--redo", "nonsense"]) == 2
+    assert "unknown stage(s) ['nonsense']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["build", "gpt5", str(tmp_path)])

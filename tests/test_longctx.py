@@ -263,3 +263,12 @@ def test_split_is_a_pure_function_of_group_and_seed():
     assert a == [assign_split(g, 3, 0.25) for g in groups]
     assert 0.15 < a.count("heldout") / len(a) < 0.35
     assert a != [assign_split(g, 4, 0.25) for g in groups]
+
+
+def test_trim_repetition_cuts_loops_only():
+    from gearshift.data.longctx import trim_repetition
+
+    loop = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert trim_repetition([9, 9] + loop * 5, n=8, times=3) == [9, 9] + loop * 2
+    varied = list(range(100)) + list(range(50))  # one repeat of a run is fine
+    assert trim_repetition(varied) == varied

@@ -178,7 +178,7 @@ FACTS = [
         "The secret ingredient of {name}'s soup is {food}.",
     ),
 ]
-KV_INTRO = "The notes below mention several facts. Read them carefully; questions follow at the end.\n\n"
+KV_INTRO = "The notes below mention several facts. Read them carefully; questions follow at the end."
 REPEAT_INTRO = "Read the following passage carefully. You will be asked to repeat it later.\n\n"
 REPEAT_ASK = "\n\nNow repeat the passage from the beginning of this text, word for word.\n\n"
 MULTI_INTRO = "Below is a collection of documents. Questions about them follow at the end.\n\n"
@@ -534,7 +534,7 @@ class LongContextBuilder:
             order = sorted(range(len(waiting)), key=lambda i: -len(waiting[i].prefix))
             answers = self.complete([waiting[i].prefix for i in order], self.cfg.closing_tokens)
             for i, ans in zip(order, answers, strict=True):
-                text = self.tok.decode(list(ans), skip_special_tokens=True).strip()
+                text = self.tok.decode(trim_repetition(list(ans)), skip_special_tokens=True).strip()
                 waiting[i].messages.append({"role": "assistant", "content": text or "I do not remember."})
         for spec in self.cfg.sets:
             turns = pools[spec.split]["turns"]
@@ -559,6 +559,19 @@ class LongContextBuilder:
             raise LongContextError(f"a conversation came out {tokens.size} tokens long, {doc.length} wanted")
         doc.tokens = tokens[: doc.length]
         return doc
+
+
+def trim_repetition(tokens: Sequence[int], n: int = 8, times: int = 3) -> list[int]:
+    """A completion cut where it falls into a loop: before the ``times``-th occurrence of any ``n``-token run.
+    A small teacher sampled long enough repeats itself ("How to answer: How to answer: ..."); the loop teaches
+    nothing a student should carry."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        key = tuple(tokens[i : i + n])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == times:
+            return list(tokens[:i])
+    return list(tokens)
 
 
 def read_manifest(path: str | Path) -> dict:

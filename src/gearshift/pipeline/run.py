@@ -43,7 +43,7 @@ from .recipe import Recipe
 from .stages import StageLog
 
 
-class BuildError(RuntimeError):
+class BuildError(ValueError):
     """A build that cannot start (bad arguments, missing inputs)."""
 
 
