@@ -14,8 +14,8 @@ kl_after        KL after training; all-attention must still be the teacher
 place           placements measured on long held-out documents (stratified, every mixer, paper mixes)
 presets         surrogate fit, exact DP presets at the target speed-ups (modelled decode at 8k), their KL
 tasks           the multiple-choice tasks, teacher and presets, standard errors and paired retention
-niah            needle in a haystack up to 8k, lengths x depths x trials per preset, relative to the teacher
 spec            self-speculative acceptance per draft token, presets drafting for all-attention, at 1k and 8k
+niah            needle in a haystack up to 8k, lengths x depths x trials per preset, relative to the teacher
 ==============  ====================================================================================================
 
 Each stage writes its result when it ends (``stages.StageLog``); a second run of the same command skips finished
@@ -146,11 +146,8 @@ class Build:
 
     def stage_names(self) -> list[str]:
         train = [self.train_name(i) for i in range(len(self.recipe.stages))]
-        return ["teacher", "preflight", "traces", "longctx", "kl_before", *train, "kl_after", "place", "presets"] + [
-            "tasks",
-            "niah",
-            "spec",
-        ]
+        first = ["teacher", "preflight", "traces", "longctx", "kl_before"]
+        return [*first, *train, "kl_after", "place", "presets", "tasks", "spec", "niah"]  # spec is short: before NIAH
 
     def needs(self) -> dict[str, list[str]]:
         train = [self.train_name(i) for i in range(len(self.recipe.stages))]
