@@ -1,6 +1,7 @@
-"""The build pipeline end to end on the offline teacher: SmolLM2-135M-Instruct -> supernet -> teacher traces ->
-layer-local alignment -> stochastic distillation -> held-out KL to the teacher and next-token agreement per
-placement: before training, after alignment and after distillation.
+"""The short-context build pipeline, end to end on the offline teacher: SmolLM2-135M-Instruct -> supernet -> teacher
+traces -> layer-local alignment -> stochastic distillation -> held-out KL to the teacher and next-token agreement
+per placement: before training, after alignment and after distillation. Superseded by ``gearshift build smollm2
+RUN`` (long-context data, placements, presets, evaluations and goals in one command); kept for ``gpu_session.sh``.
 
 Also times trace generation through gearshift's decoding against Hugging Face ``generate`` on the same device.
 Prompts are built from templates x topics (no dataset download). One command, small JSON results:
@@ -24,6 +25,7 @@ import torch
 from gearshift.data.tokens import TokenShards
 from gearshift.model import Supernet
 from gearshift.ops.dispatch import kernel_gradient_checks
+from gearshift.pipeline.prompts import template_prompts
 from gearshift.place.presets import write_presets
 from gearshift.report import paper_placement
 from gearshift.train.config import config_from_dict
@@ -35,122 +37,9 @@ from gearshift.train.trainer import Trainer
 
 from common import device_name, profile_cuda, sync, write_json
 
-TOPICS = [
-    "photosynthesis",
-    "the French revolution",
-    "black holes",
-    "the water cycle",
-    "machine learning",
-    "volcanoes",
-    "the Roman empire",
-    "vaccines",
-    "climate change",
-    "the internet",
-    "honey bees",
-    "the stock market",
-    "plate tectonics",
-    "jazz music",
-    "the human heart",
-    "electric cars",
-    "the moon landing",
-    "coral reefs",
-    "democracy",
-    "prime numbers",
-    "the printing press",
-    "rain forests",
-    "antibiotics",
-    "the solar system",
-    "chess",
-    "coffee",
-    "the Great Wall of China",
-    "recycling",
-    "earthquakes",
-    "the immune system",
-    "bicycles",
-    "renewable energy",
-    "the Renaissance",
-    "DNA",
-    "glaciers",
-    "the Olympic games",
-    "bread baking",
-    "gravity",
-    "rivers",
-    "the Silk Road",
-    "penguins",
-    "smartphones",
-    "the Industrial Revolution",
-    "friendship",
-    "deserts",
-    "mathematics",
-    "sleep",
-    "oceans",
-    "music theory",
-    "ancient Egypt",
-    "quantum computing",
-    "gardening",
-    "the brain",
-    "airplanes",
-    "volunteering",
-    "mushrooms",
-    "time zones",
-    "libraries",
-    "the speed of light",
-    "dinosaurs",
-    "inflation",
-    "wind turbines",
-    "the Amazon river",
-    "origami",
-    "nutrition",
-    "castles",
-    "tea",
-    "robots",
-    "the periodic table",
-    "whales",
-    "bridges",
-    "language learning",
-    "comets",
-    "cheese",
-    "the Arctic",
-    "poetry",
-    "mountains",
-    "batteries",
-    "the Pacific ocean",
-    "knights",
-    "tornadoes",
-    "elections",
-    "insects",
-    "cryptography",
-    "photography",
-    "marathons",
-    "rice",
-    "satellites",
-]
-TEMPLATES = [
-    "Write a short paragraph about {t}.",
-    "Explain {t} to a ten-year-old.",
-    "List three interesting facts about {t}.",
-    "What are the main advantages and disadvantages of {t}?",
-    "Give a brief history of {t}.",
-    "Write a short story that involves {t}.",
-    "Summarize the most important ideas about {t} in a few sentences.",
-    "What would a beginner need to know about {t}?",
-    "Describe {t} in simple words.",
-    "Why is {t} important? Answer in one paragraph.",
-    "Write a haiku and then explain it, on the topic of {t}.",
-    "Compare {t} with something from everyday life.",
-    "Ask and answer three questions about {t}.",
-    "Write a short dialogue between two friends discussing {t}.",
-    "What is a common misconception about {t}?",
-    "Give step-by-step instructions for learning about {t}.",
-    "Write a persuasive paragraph about {t}.",
-    "Describe a day in the life of someone who works with {t}.",
-    "How might {t} change in the next fifty years?",
-    "Write a short encyclopedia entry about {t}.",
-]
-
 
 def prompts() -> list[Prompt]:
-    return [Prompt(messages=[{"role": "user", "content": tpl.format(t=t)}]) for t in TOPICS for tpl in TEMPLATES]
+    return template_prompts()
 
 
 def preflight(model: Supernet, device: torch.device) -> dict:

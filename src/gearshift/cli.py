@@ -22,7 +22,13 @@ from .placement import PlacementError, composition, placement_letters
 
 SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
 # Stage modules that add their own sub-commands through ``register(subparsers)``; none imports its extra up front.
-EXTENSIONS = ("gearshift.train.cli", "gearshift.place.cli", "gearshift.serve.cli", "gearshift.evals.cli")
+EXTENSIONS = (
+    "gearshift.train.cli",
+    "gearshift.place.cli",
+    "gearshift.serve.cli",
+    "gearshift.evals.cli",
+    "gearshift.pipeline.cli",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 

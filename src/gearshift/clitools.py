@@ -129,7 +129,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def progress_enabled() -> bool | None:
+def progress_disabled() -> bool | None:
     """tqdm's ``disable`` value: GEARSHIFT_PROGRESS=1 / 0 forces bars on / off; by default they show on a terminal."""
     env = os.environ.get("GEARSHIFT_PROGRESS")
     return None if env is None else env.strip() in ("0", "false", "no")
@@ -144,7 +144,7 @@ def progress(
     enabled: bool = True,
     **kwargs,
 ):
-    """A tqdm progress bar on stderr with rate and ETA (see ``progress_enabled``); ``enabled=False`` hides it."""
+    """A tqdm progress bar on stderr with rate and ETA (see ``progress_disabled``); ``enabled=False`` hides it."""
     from tqdm import tqdm
 
     return tqdm(
@@ -154,7 +154,7 @@ def progress(
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
-        disable=progress_enabled() if enabled else True,
+        disable=progress_disabled() if enabled else True,
         **kwargs,
     )
 

@@ -235,6 +235,8 @@ def run_niah(
                             "ll": _mean([s.ll_hit for s in group]),
                             "mean_rank": _mean([s.rank for s in group]),
                             "margin": _mean([s.margin for s in group]),
+                            "greedy_hits": [int(s.greedy) for s in group],  # per trial: paired comparisons
+                            "ll_hits": [int(s.ll_hit) for s in group],
                             "generated": [s.generated for s in group],
                         }
                     )

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_tokenizer
-from ..clitools import progress_enabled
+from ..clitools import progress_disabled
 from ..model import Supernet
 from ..ops.documents import Documents
 from ..placement import placement_letters
@@ -660,7 +660,7 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(
-                    total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True, disable=progress_enabled()
+                    total=o.steps, initial=self.step, desc=cfg.mode, dynamic_ncols=True, disable=progress_disabled()
                 )
             except ImportError:
                 bar = None

@@ -1,0 +1,1 @@
+"""The build: one resumable command from a teacher to evaluated presets (``gearshift build``)."""
