@@ -158,6 +158,13 @@ def test_dp_presets_are_optimal_by_brute_force(tiny_config):
         assert preset.speedup == pytest.approx(costs.total(space.encode(["FFFF"]))[0] / preset.cost)
     fast = optimize(fit, costs, constraints=cons, speedups=[1.8], cost_resolution=0.05).presets[0]
     assert fast.speedup >= 1.8 and fast.predicted == pytest.approx(pred[total <= 4.5 / 1.8 + 1e-9].max())
+    # presets come cheapest first, each labelled with the target it was chosen for (not the order asked); each
+    # target gets the best placement within its cap, even when a tighter target chose the same one
+    two = optimize(fit, costs, constraints=cons, speedups=[1.2, 1.8], cost_resolution=0.05).presets
+    assert sorted(p.target for p in two) == ["1.2x", "1.8x"] and two[0].cost <= two[1].cost
+    for p in two:
+        cap = 4.5 / float(p.target[:-1])
+        assert p.speedup >= float(p.target[:-1]) and p.predicted == pytest.approx(pred[total <= cap + 1e-9].max())
     spread = optimize(fit, costs, n_presets=5, k_best=4, diverse_layers=2, cost_resolution=0.05).presets
     for a, b in itertools.combinations(spread, 2):
         assert sum(x != y for x, y in zip(a.placement, b.placement, strict=True)) >= 2

@@ -62,5 +62,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--task-limit", type=positive_int, help="examples per multiple-choice task")
     s.add_argument("--niah-trials", type=positive_int, help="needles per (length, depth) cell")
     s.add_argument("--place-placements", type=positive_int, help="stratified placements measured")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="seed for data, long-context documents and placements (default: recipe's)")
     s.set_defaults(fn=cmd_build, extra="train")

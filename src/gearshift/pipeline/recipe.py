@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data.longctx import LongContextConfig
+from ..data.longctx_sets import LongContextConfig
 from ..evals.tasks import DEFAULT_TASKS
 
 

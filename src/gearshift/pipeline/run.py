@@ -646,11 +646,8 @@ class Build:
         config = self.model(self.final).config
         costs = CostTerms.from_model(modelled_costs(config, batch=r.cost_batch, context=r.cost_context), space)
         result = optimize(fit, costs, speedups=list(r.speedups))
-        reached = [s for s in r.speedups if f"{s:g}x" not in result.skipped]  # optimize's target labels
-        entries = {
-            f"speed-{s:g}x": {"placement": p.placement, **p.meta(fit, costs)}
-            for s, p in zip(reached, result.presets, strict=True)
-        }
+        # presets come cheapest first; each names the speed-up target ("2x") it was chosen for
+        entries = {f"speed-{p.target}": {"placement": p.placement, **p.meta(fit, costs)} for p in result.presets}
         if not entries:
             raise RuntimeError(f"no preset reaches the speed-ups {r.speedups} ({result.skipped})")
         write_presets(self.final, entries)

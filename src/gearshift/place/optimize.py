@@ -126,6 +126,7 @@ class Preset:
     measured: float | None = None
     regret: float | None = None
     extrapolated: bool = False  # predicted better than anything measured (SurrogateFit.beyond_measured)
+    target: str | None = None  # the target it was chosen for ("2x" for a speed-up target, "cost<=..." otherwise)
 
     def meta(self, fit: SurrogateFit, costs: CostTerms) -> dict[str, Any]:
         """Metadata stored with the preset in presets.json."""
@@ -169,16 +170,23 @@ def choose_presets(
     targets: Sequence[float],
     *,
     diverse_layers: int = 0,
+    distinct: bool = True,
 ) -> list[Solution | None]:
     """Per target (a cap on per-layer cost), the best frontier point or k-best alternative within it that is
-    not chosen yet and differs from the chosen ones in >= ``diverse_layers`` layers; None when nothing fits."""
+    not chosen yet and differs from the chosen ones in >= ``diverse_layers`` layers; None when nothing fits.
+    With ``distinct=False`` (explicit speed-up targets) a placement may serve several targets: each gets the best
+    placement within its cap. The tightest cap chooses first (a looser one has more to choose from), whatever order the targets come in."""
     pool = [s for f in frontier for s in (f, *f.alternatives)]
     chosen: list[Solution] = []
-    out: list[Solution | None] = []
-    for t in targets:
+    out: list[Solution | None] = [None] * len(targets)
+    for i in sorted(range(len(targets)), key=lambda i: targets[i]):
+        t = targets[i]
         cands = sorted((s for s in pool if s.cost <= t * (1 + 1e-9) + 1e-12), key=lambda s: -s.quality)
         pick = None
         for s in cands:
+            if not distinct:
+                pick = s
+                break
             if any(np.array_equal(s.placement, c.placement) for c in chosen):
                 continue
             if len(diverse([*chosen, s], diverse_layers)) == len(chosen) + 1:
@@ -186,7 +194,7 @@ def choose_presets(
                 break
         if pick is not None:
             chosen.append(pick)
-        out.append(pick)
+        out[i] = pick
     return out
 
 
@@ -279,7 +287,7 @@ def optimize(
         lo, hi = usable[0].cost, usable[-1].cost
         targets = list(np.linspace(lo, hi, n_presets)) if n_presets > 1 else [hi]
         labels = [f"cost<={t:.4g}" for t in targets]
-    picks = choose_presets(usable, targets, diverse_layers=diverse_layers)
+    picks = choose_presets(usable, targets, diverse_layers=diverse_layers, distinct=not speedups)
     if not speedups and None in picks:  # evenly spaced targets are a wish, not a limit: take the nearest others
         picks = _fill_nearest(usable, targets, picks, diverse_layers)
     skipped = [lab for lab, p in zip(labels, picks, strict=True) if p is None]
@@ -294,7 +302,8 @@ def optimize(
             notes.append(f"asked for {n_presets} presets; no more placements differ in >= {diverse_layers} layers")
     elif skipped:
         notes.append("no placement on the predicted frontier reaches " + ", ".join(skipped))
-    sols = sorted((p for p in picks if p is not None), key=lambda p: p.cost)
+    chosen = sorted(((lab, p) for lab, p in zip(labels, picks, strict=True) if p is not None), key=lambda x: x[1].cost)
+    sols = [p for _, p in chosen]
     P = np.stack([s.placement for s in sols]) if sols else np.zeros((0, space.n_layers), dtype=np.int64)
     totals = costs.total(P) if sols else np.zeros(0)
     ups = costs.speedup(P, ref) if (sols and ref is not None) else [None] * len(sols)
@@ -307,8 +316,9 @@ def optimize(
             cost=float(t),
             speedup=None if u is None else float(u),
             memory_gb=None if s.memory is None else float(s.memory),
+            target=lab,
         )
-        for name, s, t, u in zip(names, sols, totals, ups, strict=True)
+        for name, (lab, s), t, u in zip(names, chosen, totals, ups, strict=True)
     ]
     return OptimizeResult(frontier=list(frontier), presets=presets, reference=ref_letters, skipped=skipped, notes=notes)
 
