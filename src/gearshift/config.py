@@ -269,6 +269,12 @@ class SupernetConfig:
         )
 
 
+# The built-in shapes by command-line name (``gearshift init --shape``, a shape in place of a checkpoint for costs),
+# and the weight dtypes the commands accept; here beside the config so that every command reads them from one floor.
+SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
