@@ -228,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_thin(args: argparse.Namespace) -> int:
-    from .checkpoint import thin
+    from .model import thin
 
     check_output_dir(args.out, args.overwrite, source=args.model)
     model = _load(args.model)

@@ -1,7 +1,7 @@
 """Supernet configuration as plain data.
 
 A supernet is a stack of layers that share an MLP and two norms; each layer holds a non-empty set of named
-token mixers. The configuration mirrors the Apriel2 ``config.json`` (see ``checkpoint.py`` for the mapping) but
+token mixers. The configuration mirrors the Apriel2 ``config.json`` (see ``apriel2.py`` for the mapping) but
 is validated and typed here, so that every later stage can trust it.
 """
 
