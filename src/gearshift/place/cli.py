@@ -333,7 +333,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from .costs import device_name, fit_regression, modelled_costs, timed_costs, whole_model_times
-    from .selection import stratified
+    from .sampling import stratified
     from .space import PlacementSpace
 
     config = _config(args.model)

@@ -26,6 +26,7 @@ from sklearn.model_selection import KFold
 from ..data.tokens import atomic_write_json
 from .dp import evaluate
 from .metrics import kendall, spearman
+from .sampling import stratified
 from .space import PlaceError, PlacementSpace
 from .surrogate import ClusterExpansion
 from .table import MeasurementTable
@@ -200,8 +201,6 @@ class SurrogateFit:
     ) -> list[str]:
         """The ``n`` most uncertain unmeasured placements (pool restricted to the layers' mixers), then the
         given ``frontier`` placements not measured yet."""
-        from .selection import stratified
-
         measured = list(self.placements) + list(exclude or [])
         pool = self.space.encode(stratified(self.space, max(4096, 16 * n), seed))  # at most the space
         rows = None
