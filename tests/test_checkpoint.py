@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gearshift.checkpoint import CheckpointError, thin
+from gearshift.checkpoint import CheckpointError
 from gearshift.config import SupernetConfig
-from gearshift.model import Supernet
+from gearshift.model import Supernet, thin
 
 ALL = ["FFFF", "SSSS", "GGGG", "KKKK", "FSGK", "KGSF"]
 

@@ -71,7 +71,7 @@ def test_pipeline_measure_fit_cost_optimize_write(workdir, tmp_path, capsys):
     assert code == 0 and "measured 0 new placements" in out
 
     code, out, _ = run(["place", "fit", table, "--metric", "loglik", "--r", "1", "--out", fit, "--model", ckpt], capsys)
-    assert code == 0 and "CV RMSE" in out and "held-out Spearman" in out
+    assert code == 0 and "CV RMSE" in out and "5-fold CV Spearman" in out
     effects = (tmp_path / "fit.effects.md").read_text()
     assert "| 3 |" in effects and "sliding_window (S)" in effects
     assert (tmp_path / "fit.effects.png").stat().st_size > 1000

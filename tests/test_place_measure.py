@@ -13,7 +13,8 @@ from gearshift.config import LayerConfig
 from gearshift.data.tokens import TokenSequence, TokenShardWriter
 from gearshift.model import Supernet
 from gearshift.place.measure import PlacementScorer, load_sequences, measure_placements
-from gearshift.place.selection import parse_selection, read_placement_file, stratified
+from gearshift.place.sampling import stratified
+from gearshift.place.selection import parse_selection, read_placement_file
 from gearshift.place.space import PlaceError, PlacementSpace
 from gearshift.place.table import MeasurementTable, TableError
 

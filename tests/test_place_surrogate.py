@@ -1,13 +1,20 @@
-"""ClusterExpansion: coefficient meaning, exact hand-off to the DP, uncertainty, selection and validation."""
+"""ClusterExpansion: coefficient meaning, exact hand-off to the DP, uncertainty, selection, validation and the
+scikit-learn estimator protocol (clone, parameters, cross-validation)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import RidgeCV
-from sklearn.model_selection import KFold
+from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.utils import estimator_checks
 
 from gearshift.place import ESTIMATORS, ClusterExpansion, Solution, evaluate, stratified_placements
+from gearshift.place.fit import SurrogateFit
+from gearshift.place.metrics import kendall, spearman
+from gearshift.place.space import PlacementSpace
 
 
 def make_truth(seed: int, L: int, M: int, r: int, reference: int = 0, sparsity: float = 1.0):
@@ -167,16 +174,17 @@ def test_rank_scores_score_and_effect_table() -> None:
 def test_validation_errors() -> None:
     L, M = 5, 3
     _, P, y = dataset(6, 30, L, M, 1, noise=0.05)
+    # scikit-learn's rule: the constructor stores, ``fit`` checks
     with pytest.raises(ValueError, match="r .*1, 2 or 3"):
-        ClusterExpansion(L, M, r=4)
+        ClusterExpansion(L, M, r=4).fit(P, y)
     with pytest.raises(ValueError, match="r .*1, 2 or 3"):
-        ClusterExpansion(L, M, r=0)
+        ClusterExpansion(L, M, r=0).fit(P, y)
     with pytest.raises(ValueError, match="estimator"):
-        ClusterExpansion(L, M, estimator="gp")
+        ClusterExpansion(L, M, estimator="gp").fit(P, y)
     with pytest.raises(ValueError, match="n_mixers"):
-        ClusterExpansion(L, 1)
+        ClusterExpansion(L, 1).fit(P, y)
     with pytest.raises(ValueError, match="reference"):
-        ClusterExpansion(L, M, reference=3)
+        ClusterExpansion(L, M, reference=3).fit(P, y)
     ce = ClusterExpansion(L, M, estimator="ridge")
     with pytest.raises(ValueError, match="not fitted"):
         ce.predict(P)
@@ -279,3 +287,88 @@ def test_fast_ard_matches_sklearn(n: int) -> None:
     m_ref, s_ref = ref.predict(Xt, return_std=True)
     m_ours, s_ours = ours.predict(Xt, return_std=True)
     assert np.allclose(m_ours, m_ref, atol=1e-6) and np.allclose(s_ours, s_ref, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- scikit-learn protocol
+
+
+def test_clone_and_params_round_trip() -> None:
+    L, M = 5, 3
+    _, P, y = dataset(7, 40, L, M, 1, noise=0.05)
+    params = {
+        "n_layers": L,
+        "n_mixers": M,
+        "r": 2,
+        "reference": 1,
+        "estimator": "lasso",
+        "cv": 4,
+        "random_state": 7,
+        "n_bootstrap": 10,
+    }
+    ce = ClusterExpansion(**params)
+    assert ce.get_params() == params
+    assert ClusterExpansion(L, M).set_params(**params).get_params() == params
+    ce.fit(P, y)
+    assert ce.get_params() == params  # fitting leaves the parameters as given
+    copy = clone(ce)
+    assert type(copy) is ClusterExpansion and copy is not ce and copy.get_params() == params
+    assert not hasattr(copy, "estimator_")  # a clone is unfitted
+    with pytest.raises(NotFittedError):
+        copy.predict(P)
+    # the clone refits to the same model: the estimator is deterministic for a fixed random_state
+    assert np.array_equal(copy.fit(P, y).predict(P), ce.predict(P))
+    # invalid parameters are stored (clone and set_params work on them) and rejected by fit
+    bad = clone(ClusterExpansion(L, M).set_params(r=9))
+    with pytest.raises(ValueError, match="r .*1, 2 or 3"):
+        bad.fit(P, y)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        "check_estimator_cloneable",
+        "check_estimator_repr",
+        "check_no_attributes_set_in_init",
+        "check_do_not_raise_errors_in_init_or_set_params",
+        "check_get_params_invariance",
+        "check_set_params",
+        "check_parameters_default_constructible",
+        "check_mixin_order",
+        "check_estimators_unfitted",
+    ],
+)
+def test_sklearn_estimator_checks(check: str) -> None:
+    """scikit-learn's own checks of the estimator protocol. Its data-driven checks (``check_estimator``) feed random
+    float matrices, which are not placements (integer mixer indices per layer), so they do not apply here."""
+    getattr(estimator_checks, check)("ClusterExpansion", ClusterExpansion(4, 3, estimator="ridge"))
+
+
+@pytest.mark.parametrize("estimator", ["auto", "lasso"])
+def test_cross_val_predict_equals_hand_rolled_folds(estimator: str) -> None:
+    """``cross_val_predict`` over clones gives exactly what the hand-written K-fold loop it replaced gave."""
+    L, M, r = 6, 3, 1
+    _, P, y = dataset(8, 60, L, M, r, noise=0.05)
+    params = {"r": r, "estimator": estimator, "cv": 5, "random_state": 3}
+    folds = KFold(5, shuffle=True, random_state=3)
+    by_hand = np.empty(len(y))
+    for train, test in folds.split(P):
+        by_hand[test] = ClusterExpansion(L, M, **params).fit(P[train], y[train]).predict(P[test])
+    assert np.array_equal(cross_val_predict(ClusterExpansion(L, M, **params), P, y, cv=folds), by_hand)
+
+
+def test_surrogate_fit_cv_is_sklearn_cross_validation() -> None:
+    """``SurrogateFit.cv`` holds the K-fold figures of the out-of-fold predictions, metric units and sign kept."""
+    space = PlacementSpace("FSG", ("FSG",) * 5)
+    _, P, y = dataset(9, 50, space.n_layers, space.n_mixers, 1, noise=0.05)
+    kl = 1.0 - y  # lower is better: the surrogate is fitted to -kl
+    fit = SurrogateFit.fit(space.decode(P), kl, space, metric="kl", r=1, estimator="ridge", random_state=4)
+    folds = KFold(5, shuffle=True, random_state=4)
+    oof = np.empty(len(y))
+    for train, test in folds.split(P):
+        model = ClusterExpansion(space.n_layers, space.n_mixers, r=1, estimator="ridge", random_state=4)
+        oof[test] = -model.fit(P[train], -kl[train]).predict(P[test])
+    assert fit.cv["folds"] == 5 and fit.cv["n"] == 50
+    assert fit.cv["rmse"] == pytest.approx(np.sqrt(np.mean((oof - kl) ** 2)), rel=1e-12)
+    assert fit.cv["spearman"] == pytest.approx(spearman(oof, kl), rel=1e-12)
+    assert fit.cv["kendall"] == pytest.approx(kendall(oof, kl), rel=1e-12)
+    assert "5-fold CV RMSE" in fit.summary() and "5-fold CV Spearman" in fit.summary()

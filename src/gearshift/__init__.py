@@ -24,7 +24,7 @@ _LAZY = {
     "CacheError": "cache",
     "SupernetCache": "cache",
     "CheckpointError": "checkpoint",
-    "thin": "checkpoint",
+    "thin": "model",
     "Supernet": "model",
     "placement_report": "report",
 }

@@ -17,10 +17,9 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import CheckpointError, read_config, read_presets
 from .clitools import CliError, Parser, add_overwrite, check_output_dir, missing_extra_message, positive_int
-from .config import KIND_LETTERS, ConfigError, SupernetConfig
+from .config import DTYPES, KIND_LETTERS, SHAPES, ConfigError, SupernetConfig
 from .placement import PlacementError, composition, placement_letters
 
-SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
 # Stage modules that add their own sub-commands through ``register(subparsers)``; none imports its extra up front.
 EXTENSIONS = (
     "gearshift.train.cli",
@@ -29,7 +28,6 @@ EXTENSIONS = (
     "gearshift.evals.cli",
     "gearshift.pipeline.cli",
 )
-DTYPES = ("float32", "bfloat16", "float16")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
@@ -230,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_thin(args: argparse.Namespace) -> int:
-    from .checkpoint import thin
+    from .model import thin
 
     check_output_dir(args.out, args.overwrite, source=args.model)
     model = _load(args.model)

@@ -1,7 +1,7 @@
 """Supernet configuration as plain data.
 
 A supernet is a stack of layers that share an MLP and two norms; each layer holds a non-empty set of named
-token mixers. The configuration mirrors the Apriel2 ``config.json`` (see ``checkpoint.py`` for the mapping) but
+token mixers. The configuration mirrors the Apriel2 ``config.json`` (see ``apriel2.py`` for the mapping) but
 is validated and typed here, so that every later stage can trust it.
 """
 
@@ -267,6 +267,12 @@ class SupernetConfig:
             max_position_embeddings=8192,
             rope_theta=1e5,
         )
+
+
+# The built-in shapes by command-line name (``gearshift init --shape``, a shape in place of a checkpoint for costs),
+# and the weight dtypes the commands accept; here beside the config so that every command reads them from one floor.
+SHAPES = {"tiny": SupernetConfig.tiny, "small-1b": SupernetConfig.small_1b, "apriel-15b": SupernetConfig.apriel_15b}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive(obj: object, *names: str) -> None:

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import thin
 from .config import SupernetConfig
-from .model import Supernet
+from .model import Supernet, thin
 from .report import PAPER_PRESETS, format_reports, paper_placement, placement_report
 
 VOCAB = 256

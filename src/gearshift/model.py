@@ -6,7 +6,7 @@ state dict of this module *is* an Apriel2 stochastic-supernet state dict.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .cache import SupernetCache
+from .checkpoint import (
+    PRESETS_NAME,
+    CheckpointError,
+    read_config,
+    read_presets,
+    read_state,
+    restrict_mixers,
+    write_checkpoint,
+)
 from .config import AttentionConfig, GDNConfig, KDAConfig, LayerConfig, MixerConfig, MLPConfig, SupernetConfig
 from .layers.attention import Attention
 from .layers.base import Mixer, RMSNorm, StepContext, fuse_linears_, linear_outputs
@@ -161,17 +170,61 @@ class Supernet(nn.Module):
                 p.copy_(torch.empty_like(p, dtype=torch.float32).normal_(0, std, generator=generator))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Supernet:
-        """Load an Apriel2 checkpoint directory (see ``gearshift.checkpoint.load``)."""
-        from .checkpoint import load
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        mixers: Iterable[str] | None = None,
+    ) -> Supernet:
+        """Load an Apriel2 checkpoint directory, with its presets, in eval mode.
 
-        return load(path, **kwargs)
+        ``dtype`` casts every tensor (default: as stored). ``mixers`` keeps only mixers with these names (to save
+        memory when serving a subset). Missing, unexpected or mis-shaped tensors raise ``CheckpointError``.
+        """
+        path = Path(path)
+        cfg, stochastic = read_config(path)
+        if mixers is not None:
+            cfg = restrict_mixers(cfg, mixers)
+        presets = read_presets(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        state = read_state(path, cfg, stochastic, shapes, device=device, dtype=dtype, partial=mixers is not None)
+        model.load_state_dict(state, assign=True, strict=True)
+        for name, entry in presets.items():
+            meta = {k: v for k, v in entry.items() if k not in ("placement", "letters")}
+            try:
+                model.add_preset(name, entry["placement"], **meta)
+            except ValueError as exc:
+                raise CheckpointError(f"{path / PRESETS_NAME}: preset {name!r}: {exc}") from None
+        return model.eval()
 
-    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
-        """Write an Apriel2 checkpoint directory (see ``gearshift.checkpoint.save``)."""
-        from .checkpoint import save
+    def save_pretrained(
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int | str = "5GB",
+        presets: Mapping[str, Any] | None = None,
+        copy_from: str | Path | None = None,
+    ) -> None:
+        """Write an Apriel2 checkpoint directory (``gearshift.checkpoint.write_checkpoint``); files appear atomically.
 
-        save(self, path, **kwargs)
+        Presets: ``presets`` (name -> placement, or name -> dict with a 'placement' and any metadata) or, by
+        default, the model's own. ``copy_from`` copies tokenizer/chat-template files from another checkpoint.
+        """
+        if presets is None:
+            presets = {name: {**self.preset_meta.get(name, {}), "placement": p} for name, p in self.presets.items()}
+        write_checkpoint(
+            path,
+            self.config,
+            self.state_dict(),
+            presets,
+            known_presets=self.presets,
+            max_shard_size=max_shard_size,
+            copy_from=copy_from,
+        )
 
     # ------------------------------------------------------------------ placements
     def resolve(self, placement: PlacementSpec = None) -> Placement:
@@ -429,3 +482,31 @@ class Supernet(nn.Module):
                     continue
             total += p.numel()
         return total
+
+
+def thin(
+    model: Supernet,
+    placements: Sequence[PlacementSpec],
+    path: str | Path,
+    *,
+    copy_from: str | Path | None = None,
+    **save_kwargs: Any,
+) -> Supernet:
+    """Write a checkpoint keeping, per layer, only the mixers that the given placements use; returns the thinned
+    model (sharing the kept tensors).
+
+    Presets whose placements survive thinning are kept. The thinned model gives the same logits as the full one
+    for every kept placement (only unused tensors are dropped). The default placement stays if it is kept, else
+    the first of ``placements`` becomes it.
+    """
+    cfg = model.thinned_config(placements)
+    with torch.device("meta"):
+        thinned = Supernet(cfg)
+    wanted = thinned.state_dict().keys()
+    state = {k: v for k, v in model.state_dict().items() if k in wanted}
+    thinned.load_state_dict(state, assign=True, strict=True)
+    for name, placement in model.presets.items():
+        if cfg.holds(placement):
+            thinned.add_preset(name, placement, **model.preset_meta.get(name, {}))
+    thinned.save_pretrained(path, copy_from=copy_from, **save_kwargs)
+    return thinned

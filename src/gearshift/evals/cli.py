@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..clitools import positive_int
-
-DTYPES = ("float32", "bfloat16", "float16")
+from ..config import DTYPES
 
 
 def _model(args: argparse.Namespace) -> Any:

@@ -600,7 +600,7 @@ class Build:
 
     def stage_place(self) -> dict:
         from ..place.measure import PlacementScorer, load_sequences, measure_placements
-        from ..place.selection import stratified
+        from ..place.sampling import stratified
         from ..place.table import MeasurementTable
 
         r = self.recipe

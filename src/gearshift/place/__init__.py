@@ -9,9 +9,10 @@ search runs anywhere the measurements can be read. Typical flow::
 
 Connected to the model (these load lazily: measuring and timing need torch): ``space`` (letters <-> indices,
 checks against the layers), ``table`` (resumable JSONL measurements), ``measure`` (PlacementScorer),
-``selection``, ``fit`` (SurrogateFit), ``costs`` (timed/modelled per-layer costs, CostTerms), ``optimize``
-(constraints, frontier, presets), ``presets`` (presets.json, Pareto regret), ``loop`` (active learning),
-``stability`` and ``cli`` (``gearshift place ...``). See docs/placement.md.
+``sampling`` (stratified placements), ``fit`` (SurrogateFit), ``costs`` (timed/modelled per-layer costs,
+CostTerms), ``optimize`` (constraints, frontier, presets), ``selection`` (what to measure next), ``presets``
+(presets.json, Pareto regret), ``loop`` (active learning), ``stability`` and ``cli`` (``gearshift place ...``).
+See docs/placement.md.
 """
 
 from importlib import import_module

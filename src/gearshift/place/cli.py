@@ -35,7 +35,7 @@ def _log(msg: str) -> None:
 def _config(model: str):
     """A checkpoint directory's config, or a built-in shape (tiny, apriel-15b) for costs."""
     from ..checkpoint import read_config
-    from ..cli import SHAPES
+    from ..config import SHAPES
 
     if model in SHAPES and not Path(model).exists():
         return SHAPES[model]()
@@ -79,7 +79,9 @@ def _extra_metrics(items: list[str]) -> dict[str, Any]:
 
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, else float32")
+    from ..config import DTYPES
+
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, else float32")
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:
@@ -331,7 +333,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from .costs import device_name, fit_regression, modelled_costs, timed_costs, whole_model_times
-    from .selection import stratified
+    from .sampling import stratified
     from .space import PlacementSpace
 
     config = _config(args.model)

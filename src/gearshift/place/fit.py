@@ -6,8 +6,10 @@ JSON file holds the chain-model coefficients the DP optimises (so ``optimize`` n
 refit), their stds, cross-validated errors, and the training data: proposals need the estimator's predictive
 std, which is restored by refitting the stored data with the stored estimator and seed (deterministic).
 
-Cross-validation: K-fold out-of-fold predictions of the chosen estimator, so every measured placement is
-predicted by a model that did not see it; RMSE (metric units), Spearman and Kendall are computed on those.
+Cross-validation: K-fold out-of-fold predictions of the chosen estimator (scikit-learn's ``cross_val_predict``
+over clones of the fitted ``ClusterExpansion``), so every measured placement is predicted by a model that did not
+see it; RMSE (metric units), Spearman and Kendall are computed on those. They are K-fold CV figures on the measured
+placements, not a test on placements held out of the whole search.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import KFold
+from sklearn.model_selection import KFold, cross_val_predict
 
 from ..data.tokens import atomic_write_json
 from .dp import evaluate
 from .metrics import kendall, spearman
+from .sampling import stratified
 from .space import PlaceError, PlacementSpace
 from .surrogate import ClusterExpansion
 from .table import MeasurementTable
@@ -120,10 +123,11 @@ class SurrogateFit:
             cv_folds=cv,
             _model=ce,
         )
-        fit.cv = fit._cross_validate(P, q)
+        fit.cv = fit._cross_validate(ce, P, q)
         return fit
 
     def _new_model(self) -> ClusterExpansion:
+        """An unfitted ``ClusterExpansion`` with the stored parameters (a loaded fit holds no estimator to clone)."""
         return ClusterExpansion(
             self.space.n_layers,
             self.space.n_mixers,
@@ -134,14 +138,13 @@ class SurrogateFit:
             random_state=self.random_state,
         )
 
-    def _cross_validate(self, P: np.ndarray, q: np.ndarray) -> dict[str, Any]:
+    def _cross_validate(self, estimator: ClusterExpansion, P: np.ndarray, q: np.ndarray) -> dict[str, Any]:
+        """K-fold CV of ``estimator``'s parameters (it is cloned per fold, never refitted itself)."""
         n = len(q)
         folds = min(self.cv_folds, n)
         if n < 4 or n - math.ceil(n / folds) < 3:
             return {"folds": 0, "n": n, "rmse": None, "spearman": None, "kendall": None, "note": "too few placements"}
-        oof = np.empty(n)
-        for train, test in KFold(folds, shuffle=True, random_state=self.random_state).split(P):
-            oof[test] = self._new_model().fit(P[train], q[train]).predict(P[test])
+        oof = cross_val_predict(estimator, P, q, cv=KFold(folds, shuffle=True, random_state=self.random_state))
         y, pred = self.sign * q, self.sign * oof
         return {
             "folds": folds,
@@ -200,8 +203,6 @@ class SurrogateFit:
     ) -> list[str]:
         """The ``n`` most uncertain unmeasured placements (pool restricted to the layers' mixers), then the
         given ``frontier`` placements not measured yet."""
-        from .selection import stratified
-
         measured = list(self.placements) + list(exclude or [])
         pool = self.space.encode(stratified(self.space, max(4096, 16 * n), seed))  # at most the space
         rows = None
@@ -282,8 +283,8 @@ class SurrogateFit:
             scores = "cross-validation skipped (too few placements)"
         else:
             scores = (
-                f"{cv['folds']}-fold CV RMSE {cv['rmse']:.4g}, held-out Spearman {_fmt(cv['spearman'])}, "
-                f"Kendall {_fmt(cv['kendall'])}"
+                f"{cv['folds']}-fold CV RMSE {cv['rmse']:.4g}, {cv['folds']}-fold CV Spearman "
+                f"{_fmt(cv['spearman'])}, Kendall {_fmt(cv['kendall'])}"
             )
         return f"{self.metric}: {len(self.placements)} placements, r={self.r}, estimator {self.estimator}; {scores}"
 

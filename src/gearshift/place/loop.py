@@ -19,7 +19,7 @@ from .fit import SurrogateFit, fit_table
 from .measure import PlacementScorer, measure_placements
 from .optimize import Constraints, optimize
 from .presets import pareto_regret_of
-from .selection import stratified
+from .sampling import stratified
 from .space import PlaceError
 from .table import MeasurementTable
 

@@ -175,7 +175,8 @@ def choose_presets(
     """Per target (a cap on per-layer cost), the best frontier point or k-best alternative within it that is
     not chosen yet and differs from the chosen ones in >= ``diverse_layers`` layers; None when nothing fits.
     With ``distinct=False`` (explicit speed-up targets) a placement may serve several targets: each gets the best
-    placement within its cap. The tightest cap chooses first (a looser one has more to choose from), whatever order the targets come in."""
+    placement within its cap. The tightest cap chooses first (a looser one has more to choose from), whatever order
+    the targets come in."""
     pool = [s for f in frontier for s in (f, *f.alternatives)]
     chosen: list[Solution] = []
     out: list[Solution | None] = [None] * len(targets)

@@ -3,7 +3,7 @@
 ``write_presets`` edits only ``presets.json`` (atomically: temp file + rename), never the weights, so a 50 GB
 checkpoint gains presets in milliseconds and a crash leaves either the old file or the new one. Presets are
 validated with the model's own rules (``Supernet.add_preset`` on a weightless copy of the model) and stored in
-the same form ``checkpoint.save`` writes, so ``Supernet.from_pretrained`` loads them with their metadata.
+the same form ``Supernet.save_pretrained`` writes, so ``Supernet.from_pretrained`` loads them with their metadata.
 
 ``pareto_regret_of`` answers "is a preset beaten by something we already measured?": for each measured preset,
 the best measured quality at the same or lower cost minus the preset's measured quality.

@@ -3,46 +3,25 @@
 A selection is written ``stratified:N``, ``proposals:FIT.json`` (or ``proposals:FIT.json:N``) or a path to a
 text file with one letter placement per line (``#`` starts a comment). Everything comes back as validated
 letter strings, so a list written for another model fails before the model is loaded onto a device.
+
+This module stands above ``fit`` and ``optimize`` (proposals need a fit and its frontier); the stratified sample
+lives below them in ``sampling`` (a fit draws its candidate pool from it).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from .sampling import stratified
 from .space import PlaceError, PlacementSpace
-from .surrogate import stratified_placements
 
 if TYPE_CHECKING:
     from .costs import CostTerms
 
+# ``stratified`` stays importable from here, where it lived before ``sampling`` (docs and scripts import it so)
 __all__ = ["parse_selection", "read_placement_file", "stratified"]
-
-
-def stratified(space: PlacementSpace, n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct placements stratified by mixer composition (single-mixer placements first when n is
-    large enough), restricted to the mixers each layer holds; the whole space when it has at most n."""
-    if n < 1:
-        raise PlaceError(f"the number of stratified placements must be >= 1, got {n}")
-    if n >= space.size:  # small spaces (a few layers): everything, the single-mixer placements first
-        every = ["".join(p) for p in itertools.product(*space.layers)]
-        return sorted(every, key=lambda p: len(set(p)) > 1)
-    rng = np.random.default_rng(seed)
-    allowed = space.allowed
-    mask = None if allowed.all() else allowed  # the unrestricted sampler is the fast one
-    out: dict[str, None] = {}
-    idle = 0
-    while len(out) < n and idle < 5:  # draw again while that still finds new placements
-        before = len(out)
-        batch = stratified_placements(2 * (n - len(out)) + 8, space.n_layers, space.n_mixers, rng, allowed=mask)
-        for p in space.decode(batch):
-            out.setdefault(p)
-        idle = idle + 1 if len(out) == before else 0
-    return list(out)[:n]
 
 
 def read_placement_file(path: str | Path, space: PlacementSpace) -> list[str]:

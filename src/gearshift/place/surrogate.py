@@ -27,6 +27,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import BayesianRidge, Lasso, LassoCV, RidgeCV
 from sklearn.metrics import r2_score
 from sklearn.model_selection import KFold, cross_val_score
+from sklearn.utils.validation import check_is_fitted
 
 from .metrics import kendall, spearman
 
@@ -212,15 +213,19 @@ class FastARD(RegressorMixin, BaseEstimator):
         return mean, np.sqrt(np.clip(quad, 0.0, None) + 1.0 / self.alpha_)
 
 
-class ClusterExpansion:
+class ClusterExpansion(RegressorMixin, BaseEstimator):
     """Linear cluster expansion over placements with one-body and pair (range ``r``) terms.
 
-    Parameters follow scikit-learn conventions. ``estimator="auto"`` picks among Bayesian ridge, ARD, lasso
-    and ridge by K-fold CV (negative MSE), storing ``cv_results_`` (name -> mean CV RMSE) and
-    ``estimator_name_``. Predictive std: Bayesian ridge and ARD use their Gaussian posterior; ``ridge`` uses
-    the Gaussian posterior implied by the ridge penalty with the noise variance estimated from the residuals
-    (analytic, residual-based); ``lasso`` uses ``n_bootstrap`` bootstrap refits at the CV-chosen alpha, with
-    the residual noise variance added. All four stds include observation noise, so they are on one scale.
+    A scikit-learn regressor over placements (X = integer mixer indices [n, n_layers]): ``__init__`` only stores
+    its parameters and ``fit`` checks them, so ``sklearn.base.clone``, ``get_params``/``set_params`` and
+    ``sklearn.model_selection`` (``cross_val_predict``, ``KFold``) work on it.
+
+    ``estimator="auto"`` picks among Bayesian ridge, ARD, lasso and ridge by K-fold CV (negative MSE), storing
+    ``cv_results_`` (name -> mean CV RMSE) and ``estimator_name_``. Predictive std: Bayesian ridge and ARD use their
+    Gaussian posterior; ``ridge`` uses the Gaussian posterior implied by the ridge penalty with the noise variance
+    (``noise_var_``) estimated from the residuals (analytic, residual-based); ``lasso`` uses ``n_bootstrap``
+    bootstrap refits at the CV-chosen alpha, with the residual noise variance added. All four stds include
+    observation noise, so they are on one scale.
     """
 
     def __init__(
@@ -242,11 +247,11 @@ class ClusterExpansion:
         self.cv = cv
         self.random_state = random_state
         self.n_bootstrap = n_bootstrap
-        self._validate_params()
 
     # -- parameters and features ---------------------------------------------------------------------------
 
-    def _validate_params(self) -> None:
+    def _check_params(self) -> None:
+        """Parameter checks, run by ``fit`` (scikit-learn's rule: a constructor only stores its arguments)."""
         if int(self.n_layers) != self.n_layers or self.n_layers < 1:
             raise ValueError(f"n_layers must be a positive integer, got {self.n_layers}")
         if int(self.n_mixers) != self.n_mixers or self.n_mixers < 2:
@@ -274,6 +279,7 @@ class ClusterExpansion:
 
     def features(self, P: Any) -> np.ndarray:
         """Indicator features [n, n_features]: one-body block, then pair blocks for d = 1..r."""
+        self._check_params()
         P = check_placements(P, self.n_layers, self.n_mixers)
         O = (P[:, :, None] == self._others[None, None, :]).astype(float)  # [n, L, M-1]
         n = P.shape[0]
@@ -319,7 +325,7 @@ class ClusterExpansion:
 
     def fit(self, P: Any, y: Any) -> ClusterExpansion:
         """Fit to measured placements P [n, L] and qualities y [n]."""
-        self._validate_params()
+        self._check_params()
         P = check_placements(P, self.n_layers, self.n_mixers)
         y = np.asarray(y, dtype=float).ravel()
         if y.size != P.shape[0]:
@@ -347,6 +353,7 @@ class ClusterExpansion:
         self.onebody_, self.pairs_ = self._unpack(self.coef_)
         self.onebody_std_, self.pairs_std_ = self._unpack(self.coef_std_)
         self.placements_ = P
+        self.n_features_in_ = self.n_layers
         return self
 
     def _cv_select(self, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -372,16 +379,16 @@ class ClusterExpansion:
             self.coef_std_ = est.coef_std_.copy()
         elif name == "ridge":
             alpha = float(est.alpha_)
-            self._x_mean = X.mean(axis=0)
-            _, s, Vt = np.linalg.svd(X - self._x_mean, full_matrices=False)
-            self._ridge_V = Vt.T
-            self._ridge_w = 1.0 / (s**2 + alpha)
-            self._ridge_alpha = alpha
-            dof = float((s**2 * self._ridge_w).sum())
+            self._x_mean_ = X.mean(axis=0)
+            _, s, Vt = np.linalg.svd(X - self._x_mean_, full_matrices=False)
+            self._ridge_V_ = Vt.T
+            self._ridge_w_ = 1.0 / (s**2 + alpha)
+            self._ridge_alpha_ = alpha
+            dof = float((s**2 * self._ridge_w_).sum())
             resid = y - est.predict(X)
-            self._noise_var = float(resid @ resid) / max(n - dof - 1.0, 1.0)
-            diag = (self._ridge_V**2 @ self._ridge_w) + (1.0 - (self._ridge_V**2).sum(axis=1)) / alpha
-            self.coef_std_ = np.sqrt(self._noise_var * np.clip(diag, 0, None))
+            self.noise_var_ = float(resid @ resid) / max(n - dof - 1.0, 1.0)
+            diag = (self._ridge_V_**2 @ self._ridge_w_) + (1.0 - (self._ridge_V_**2).sum(axis=1)) / alpha
+            self.coef_std_ = np.sqrt(self.noise_var_ * np.clip(diag, 0, None))
         else:  # lasso: bootstrap refits at the CV-chosen alpha
             rng = np.random.default_rng(self.random_state)
             models = []
@@ -389,16 +396,16 @@ class ClusterExpansion:
                 idx = rng.integers(0, n, n)
                 m = Lasso(alpha=float(est.alpha_), max_iter=5000).fit(X[idx], y[idx])
                 models.append((float(m.intercept_), m.coef_.copy()))
-            self._boot_intercepts = np.array([b for b, _ in models])
-            self._boot_coefs = np.stack([c for _, c in models])
+            self._boot_intercepts_ = np.array([b for b, _ in models])
+            self._boot_coefs_ = np.stack([c for _, c in models])
             resid = y - est.predict(X)
             nnz = int((est.coef_ != 0).sum())
-            self._noise_var = float(resid @ resid) / max(n - nnz - 1.0, 1.0)
-            self.coef_std_ = self._boot_coefs.std(axis=0, ddof=1)
+            self.noise_var_ = float(resid @ resid) / max(n - nnz - 1.0, 1.0)
+            self.coef_std_ = self._boot_coefs_.std(axis=0, ddof=1)
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "estimator_"):
-            raise ValueError("this ClusterExpansion is not fitted yet; call fit(P, y) first")
+        # NotFittedError is a ValueError (and an AttributeError), as scikit-learn's own estimators raise
+        check_is_fitted(self, "estimator_", msg="this ClusterExpansion is not fitted yet; call fit(P, y) first")
 
     # -- prediction ------------------------------------------------------------------------------------------
 
@@ -413,13 +420,13 @@ class ClusterExpansion:
         if name in ("bayes_ridge", "ard"):
             _, std = self.estimator_.predict(X, return_std=True)
         elif name == "ridge":
-            Z = X - self._x_mean
-            ZV = Z @ self._ridge_V
-            quad = (ZV**2 @ self._ridge_w) + ((Z**2).sum(axis=1) - (ZV**2).sum(axis=1)) / self._ridge_alpha
-            std = np.sqrt(self._noise_var * (1.0 + 1.0 / len(self.placements_) + np.clip(quad, 0, None)))
+            Z = X - self._x_mean_
+            ZV = Z @ self._ridge_V_
+            quad = (ZV**2 @ self._ridge_w_) + ((Z**2).sum(axis=1) - (ZV**2).sum(axis=1)) / self._ridge_alpha_
+            std = np.sqrt(self.noise_var_ * (1.0 + 1.0 / len(self.placements_) + np.clip(quad, 0, None)))
         else:
-            boot = self._boot_intercepts[None, :] + X @ self._boot_coefs.T
-            std = np.sqrt(boot.var(axis=1, ddof=1) + self._noise_var)
+            boot = self._boot_intercepts_[None, :] + X @ self._boot_coefs_.T
+            std = np.sqrt(boot.var(axis=1, ddof=1) + self.noise_var_)
         return mean, np.asarray(std, dtype=float)
 
     def score(self, P: Any, y: Any) -> float:
