@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from gearshift.ops import attention as attention_ops
+from gearshift import envs
 from gearshift.ops.fused import fusion
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
@@ -195,9 +195,8 @@ def main() -> None:
     part = args.batch // len(presets)
     runs = []
     for chunk, fuse in itertools.product(args.split_kv, args.fusion):
-        attention_ops.SPLIT_KV_CHUNK = chunk
         label = f"split-KV {chunk:<5} fusion {fuse:<3}"
-        with fusion(fuse == "on"):
+        with envs.override(SPLIT_KV="auto" if chunk < 0 else chunk), fusion(fuse == "on"):
             engine = make_engine(args.batch) if args.pools == "union" else None  # union: one engine for all runs
             rows = []
             for name, placement in presets.items():
