@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from gearshift import envs
 from gearshift.ops import attention as ops
 from gearshift.ops.fused import fusion
 
@@ -50,12 +51,8 @@ def timed(fn, device: torch.device, reps: int) -> float:
 
 def _fused(q, k, v, q_index, k_index, scale, cudnn: bool | None = None):
     """The engine's attention call with split-KV off: one masked SDPA call (cuDNN's kernels or not)."""
-    saved, ops.SPLIT_KV_CHUNK = ops.SPLIT_KV_CHUNK, 0
-    try:
-        with ops.cudnn_sdpa(cudnn):
-            return ops.attend(q, k, v, q_index, k_index, None, None, scale)
-    finally:
-        ops.SPLIT_KV_CHUNK = saved
+    with envs.override(SPLIT_KV=0), ops.cudnn_sdpa(cudnn):
+        return ops.attend(q, k, v, q_index, k_index, None, None, scale)
 
 
 def _split(q, k, v, mask, scale, chunk: int, fused_chain: bool):
@@ -96,7 +93,7 @@ def main() -> None:
             k_index = torch.where(k_index <= last, k_index, torch.full_like(k_index, -1))  # -1: empty positions
             mask = ops.attention_mask(held, k_index, None, None)
             methods = {"fused": lambda q=q, k=k, v=v, i=k_index, h=held: _fused(q, k, v, h, i, scale)}
-            if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels (CUDNN_SDPA)
+            if device.type == "cuda":  # the same call with SDPA kept off cuDNN's kernels (GEARSHIFT_CUDNN_SDPA)
                 methods["fused-no-cudnn"] = lambda q=q, k=k, v=v, i=k_index, h=held: _fused(q, k, v, h, i, scale, False)
             for chunk in args.chunks:
                 for chain in ("fused", "plain") if device.type == "cuda" else ("plain",):

@@ -31,9 +31,9 @@ import traceback
 
 import torch
 
+from gearshift import envs
 from gearshift.config import SupernetConfig
 from gearshift.model import Supernet
-from gearshift.ops import attention as attention_ops
 from gearshift.ops.fused import fusion
 from gearshift.serve.engine import Engine, SamplingParams
 
@@ -63,16 +63,15 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int
     outputs = []
     graph_count = 0
     for graphs in (False, True):
-        attention_ops.SPLIT_KV_CHUNK = split_kv
-        engine = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=graphs)
-        reqs = [
-            engine.submit(p, pl, SamplingParams(max_tokens=m, stop_token_ids=()))
-            for p, pl, m in zip(prompts, placements, lengths, strict=True)
-        ]
-        engine.run()
+        with envs.override(SPLIT_KV=split_kv):
+            engine = Engine(model, max_batch=3, prefill_chunk=16, cuda_graphs=graphs)
+            reqs = [
+                engine.submit(p, pl, SamplingParams(max_tokens=m, stop_token_ids=()))
+                for p, pl, m in zip(prompts, placements, lengths, strict=True)
+            ]
+            engine.run()
         outputs.append([r.output for r in reqs])
         graph_count = max(graph_count, len(engine._graphs))
-    attention_ops.SPLIT_KV_CHUNK = -1
     same = [a == b for a, b in zip(*outputs, strict=True)]
     row = {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
     return row | ({"split_kv": split_kv} if split_kv else {})
@@ -199,11 +198,11 @@ def main() -> None:
                 report.setdefault(part, []).append({"dtype": str(dtype), "error": traceback.format_exc()})
                 print(report[part][-1]["error"], flush=True)
             write_json(args.out, report)
-    attention_ops.SPLIT_KV_CHUNK = -1  # the speed part times the default path (auto)
     if args.model:
         try:
             model = Supernet.from_pretrained(args.model, device=device, dtype=torch.bfloat16).eval()
-            report["speed"] = speed(model, args.context, args.batches, args.steps)
+            with envs.override(SPLIT_KV="auto"):  # the speed part times the default path
+                report["speed"] = speed(model, args.context, args.batches, args.steps)
         except Exception:  # noqa: BLE001
             report["speed_error"] = traceback.format_exc()
             print(report["speed_error"], flush=True)

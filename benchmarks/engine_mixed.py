@@ -23,11 +23,10 @@ import time
 
 import torch
 
-from gearshift.ops import attention as attention_ops
+from gearshift import envs
 from gearshift.ops.fused import fusion
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, SamplingParams
-from gearshift.serve.pools import AttentionPool, RecurrentPool
 
 from common import device_name, profile_cuda, random_supernet, sync, write_json
 
@@ -37,16 +36,7 @@ def fill(engine: Engine, req, context: int) -> None:
     read."""
     gen = torch.Generator(device=engine.device).manual_seed(req.id)
     for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
-        pool = engine.pools[i][name]
-        if isinstance(pool, AttentionPool):
-            length = pool.k.shape[2]
-            held = torch.arange(max(0, context - length), context, device=engine.device)
-            pool.k[slot].normal_(generator=gen)
-            pool.v[slot].normal_(generator=gen)
-            pool.index[slot] = -1
-            pool.index[slot, held % length if pool.window is not None else held] = held
-        elif isinstance(pool, RecurrentPool):
-            pool.state[slot].normal_(0, 0.01, generator=gen)
+        engine.pools[i][name].fill_random(slot, context, gen)
     req.tokens = req.prompt + [1] * (context - len(req.prompt))
     req.prompt = list(req.tokens)  # the synthetic context counts as prompt: max_tokens applies to what follows
     req.processed = req.draft_processed = context - 1
@@ -205,9 +195,8 @@ def main() -> None:
     part = args.batch // len(presets)
     runs = []
     for chunk, fuse in itertools.product(args.split_kv, args.fusion):
-        attention_ops.SPLIT_KV_CHUNK = chunk
         label = f"split-KV {chunk:<5} fusion {fuse:<3}"
-        with fusion(fuse == "on"):
+        with envs.override(SPLIT_KV="auto" if chunk < 0 else chunk), fusion(fuse == "on"):
             engine = make_engine(args.batch) if args.pools == "union" else None  # union: one engine for all runs
             rows = []
             for name, placement in presets.items():

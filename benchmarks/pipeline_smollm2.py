@@ -16,12 +16,12 @@ import argparse
 import copy
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from gearshift import envs
 from gearshift.data.tokens import TokenShards
 from gearshift.model import Supernet
 from gearshift.ops.dispatch import kernel_gradient_checks
@@ -59,14 +59,14 @@ def preflight(model: Supernet, device: torch.device) -> dict:
                 sync(device)
                 break
             except Exception as exc:  # noqa: BLE001 - retried once on the reference path, then raised
-                if attempt or os.environ.get("GEARSHIFT_TRAIN_BACKEND") == "torch" or device.type != "cuda":
+                if attempt or envs.TRAIN_BACKEND == "torch" or device.type != "cuda":
                     raise
                 result["kernel_error"] = f"{name}: {type(exc).__name__}: {exc}"
                 print(f"preflight: {result['kernel_error']}; training on the PyTorch path", flush=True)
-                os.environ["GEARSHIFT_TRAIN_BACKEND"] = "torch"
+                envs.assign(TRAIN_BACKEND="torch")
                 probe.zero_grad(set_to_none=True)
         result["seconds"][name] = time.perf_counter() - t0
-    result["train_backend"] = os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto")
+    result["train_backend"] = envs.TRAIN_BACKEND
     result["kernel_gradient_cosines"] = kernel_gradient_checks()  # fla vs the reference, checked on first use
     del probe
     release(device)

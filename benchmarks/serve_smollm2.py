@@ -33,10 +33,10 @@ from itertools import cycle, islice
 
 import torch
 
+from gearshift import envs
 from gearshift.checkpoint import load_tokenizer
 from gearshift.generation import pad_left
 from gearshift.model import Supernet
-from gearshift.ops.attention import cudnn_sdpa
 from gearshift.ops.fused import fusion
 from gearshift.placement import placement_letters
 from gearshift.serve.engine import Engine, SamplingParams
@@ -284,7 +284,7 @@ def trace_section(model, prompts, args, device, dtype, report: dict) -> None:
         methods["engine_graphs"] = partial(engine_generate, model, graphs=True)
         # the same with every element-wise chain eager (ops/fused.py compiles them by default on CUDA)
         methods["engine_graphs_unfused"] = partial(unfused, partial(engine_generate, model, graphs=True))
-        # SDPA on cuDNN's kernels never / always (ops/attention.py CUDNN_SDPA; by default over long keys only)
+        # SDPA on cuDNN's kernels never / always (GEARSHIFT_CUDNN_SDPA; by default over long keys only)
         for setting, name in ((False, "no_cudnn"), (True, "cudnn")):
             methods[f"engine_graphs_{name}"] = partial(cudnn, setting, partial(engine_generate, model, graphs=True))
             methods[f"supernet_generate_{name}"] = partial(cudnn, setting, partial(supernet_generate, model))
@@ -326,7 +326,7 @@ def unfused(fn, *args):
 
 
 def cudnn(setting: bool, fn, *args):
-    with cudnn_sdpa(setting):
+    with envs.override(CUDNN_SDPA=setting):
         return fn(*args)
 
 

@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 
+from gearshift import envs
 from gearshift.config import LayerConfig, SupernetConfig
 from gearshift.model import Supernet
 from gearshift.ops import dispatch
@@ -198,13 +199,8 @@ def measure(step, flops_of_step, tokens: int, device, warmup: int, steps: int) -
 @contextlib.contextmanager
 def before_changes():
     """The training path before this work: GDN on the eager PyTorch chunk form, nothing compiled."""
-    saved = dispatch.GDN_VIA_KDA
-    dispatch.GDN_VIA_KDA = False
-    try:
-        with compilation(False):
-            yield
-    finally:
-        dispatch.GDN_VIA_KDA = saved
+    with envs.override(GDN_VIA_KDA=False), compilation(False):
+        yield
 
 
 def run_cell(shape: str, seq: int, rows: int, variant: str, args, device) -> dict:
@@ -247,8 +243,6 @@ def loss_check(cfg: SupernetConfig, seq: int, rows: int, device) -> dict:
     """The fast path's losses against the PyTorch path's (eager, PyTorch delta rule, dense masks, materialised
     logits) on one packed batch and a placement using every mixer, gradients on (the training kernels run, the
     compiled graphs of the distill cell are reused) and bf16 autocast on both."""
-    from gearshift.ops import attention
-
     data = random_rows(cfg.vocab_size, seq, rows, seq // 4, seed=1)
     trainer = make_trainer(cfg, "distill", data, seq, rows, device, fast=True)
     kinds = ["attention", "sliding_window", "gdn", "kda"]
@@ -262,14 +256,10 @@ def loss_check(cfg: SupernetConfig, seq: int, rows: int, device) -> dict:
             fast and device.type == "cuda"
         )
         trainer.fused_loss = fast
-        saved_flex, attention.FLEX_ATTENTION = attention.FLEX_ATTENTION, fast
-        try:
-            with dispatch.use_backend("auto" if fast else "torch"), compilation(fast):
-                t_out, t_acts = trainer.teacher_pass(inputs, documents)
-                with trainer.autocast():
-                    loss, terms, _ = trainer.pass_losses(inputs, targets, mask, documents, placement, t_out, t_acts)
-        finally:
-            attention.FLEX_ATTENTION = saved_flex
+        with envs.override(FLEX=fast), dispatch.use_backend("auto" if fast else "torch"), compilation(fast):
+            t_out, t_acts = trainer.teacher_pass(inputs, documents)
+            with trainer.autocast():
+                loss, terms, _ = trainer.pass_losses(inputs, targets, mask, documents, placement, t_out, t_acts)
         terms = dict(zip(["act", "fkl", "rkl", "ce"], terms.tolist(), strict=True))
         out[name] = {"loss": float(loss.detach()), **terms}
         del loss, terms, t_out, t_acts

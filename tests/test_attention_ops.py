@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gearshift import envs
 from gearshift.ops import attention as ops
 
 
@@ -32,7 +33,7 @@ def test_attend_takes_the_split_path_only_for_engine_decode(monkeypatch):
     calls = []
     real = ops.split_kv_attention
     monkeypatch.setattr(ops, "split_kv_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", 8)
+    monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "8")
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8)
     idx = torch.arange(32).repeat(2, 1)
     out = ops.attend(q, k, v, torch.tensor([[31], [20]]), idx, None, None, 0.5)  # per-row positions: split
@@ -54,7 +55,7 @@ def test_auto_split_only_where_the_fused_kernel_leaves_the_gpu_idle(monkeypatch)
     assert ops.auto_split_chunk(8 * 8, 16384, 132) == ops.SPLIT_KV_AUTO_CHUNK
     assert ops.auto_split_chunk(16 * 8, 16384, 132) == 0  # fills the GPU: the fused kernel
     assert ops.auto_split_chunk(8, 1024, 132) == 0  # short context
-    monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", -1)
+    monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "auto")
     assert ops._split_kv_chunk(torch.zeros(1, 8, 8192, 4)) == 0  # auto: never on CPU
 
 
@@ -68,4 +69,4 @@ def test_cudnn_rule():
         assert not ops.cudnn_allowed(16640)
     with ops.cudnn_sdpa(True):
         assert ops.cudnn_allowed(256)
-    assert ops.CUDNN_SDPA is None  # restored: auto
+    assert envs.CUDNN_SDPA is None  # restored: auto

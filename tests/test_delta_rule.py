@@ -210,7 +210,7 @@ def test_training_kernel_routes_gdn_through_kda_where_its_own_backward_fails(mon
     verdicts["gdn-via-kda"] = False  # a route whose gradient check fails never trains
     assert dispatch.training_kernel(cuda, per_channel=False) is None
     verdicts["gdn-via-kda"] = True
-    monkeypatch.setattr(dispatch, "GDN_VIA_KDA", False)
+    monkeypatch.setenv("GEARSHIFT_GDN_VIA_KDA", "0")
     assert dispatch.training_kernel(cuda, per_channel=False) is None
     verdicts["kda"] = False
     assert dispatch.training_kernel(cuda, per_channel=True) is None

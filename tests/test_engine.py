@@ -40,7 +40,7 @@ def test_split_kv_decode_equals_each_request_alone(model, monkeypatch):
     calls = []
     real = ops.split_kv_attention
     monkeypatch.setattr(ops, "split_kv_attention", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(ops, "SPLIT_KV_CHUNK", 4)
+    monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "4")
     engine = Engine(model, max_batch=8, max_context=64)
     outs = engine.generate(PROMPTS, PLACEMENTS, SamplingParams(max_tokens=12, stop_token_ids=()))
     for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):

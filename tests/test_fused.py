@@ -44,7 +44,7 @@ def test_fused_bodies_trace_as_one_graph(fn, args):
 
 def test_fusion_runs_only_for_inference_where_enabled(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(fused, "MODE", "auto")
+    monkeypatch.setenv("GEARSHIFT_COMPILE", "auto")
     with torch.no_grad():
         assert not fused.fusion_active(cuda)  # eager calls on CUDA: only graph captures and their warm-ups fuse
         with fused.fusion(True):
@@ -55,10 +55,10 @@ def test_fusion_runs_only_for_inference_where_enabled(monkeypatch):
             assert not fused.fusion_active(cuda)
     with fused.fusion(True):
         assert not fused.fusion_active(cuda)  # gradients on: training keeps the eager bodies
-    monkeypatch.setattr(fused, "MODE", "0")
+    monkeypatch.setenv("GEARSHIFT_COMPILE", "0")
     with torch.no_grad():
         assert not fused.fusion_active(cuda)
-    monkeypatch.setattr(fused, "MODE", "1")
+    monkeypatch.setenv("GEARSHIFT_COMPILE", "1")
     with torch.no_grad():
         assert fused.fusion_active(cpu)
 
@@ -83,7 +83,7 @@ def test_compiled_decoding_equals_eager(monkeypatch, recwarn):
         return greedy + engine.generate(prompts, placements, sampled), logits
 
     eager, eager_logits = run()
-    monkeypatch.setattr(fused, "MODE", "1")
+    monkeypatch.setenv("GEARSHIFT_COMPILE", "1")
     compiled, compiled_logits = run()
     assert not [w for w in recwarn if "torch.compile of" in str(w.message)]  # no body fell back to eager
     assert compiled == eager

@@ -102,7 +102,7 @@ def test_flex_attention_matches_the_dense_masked_path(window, monkeypatch):
     q, k, v = (torch.randn(b, n, t, d, device="cuda", generator=gen, dtype=torch.bfloat16) for n in (h, hkv, hkv))
     outs = []
     for flex in (False, True):
-        monkeypatch.setattr(attention, "FLEX_ATTENTION", flex)
+        monkeypatch.setenv("GEARSHIFT_FLEX", "1" if flex else "0")
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         o = attention.document_attention(*xs, docs, window, d**-0.5)
         o.float().square().sum().backward()
@@ -126,7 +126,6 @@ def test_the_fast_training_step_computes_the_pytorch_paths_losses_and_gradients(
     """Compiled blocks, fla kernels, flex attention and the compiled fused loss against the eager PyTorch path
     (PyTorch delta rule, dense masks, materialised logits), one distillation pass on the same packed batch,
     bf16 autocast both: the losses within bf16 noise, the gradients pointing the same way."""
-    from gearshift.ops import attention
     from gearshift.train.losses import activation_terms, kl_terms, linear_losses
 
     student, teacher = small_supernet(), small_supernet()
@@ -140,7 +139,7 @@ def test_the_fast_training_step_computes_the_pytorch_paths_losses_and_gradients(
         student.zero_grad()
         student.compile_blocks = teacher.compile_blocks = fast
         backend = "auto" if fast else "torch"
-        monkeypatch.setattr(attention, "FLEX_ATTENTION", fast)
+        monkeypatch.setenv("GEARSHIFT_FLEX", "1" if fast else "0")
         with dispatch.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
             t_acts, s_acts = [], []
             with torch.no_grad():

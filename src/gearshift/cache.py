@@ -8,13 +8,16 @@
 
 All caches of a batch share one timeline of token *indices*; batches are left-padded and ``SupernetCache.start``
 holds each row's first real index (RoPE positions are index - start). Every cache can be cloned, truncated
-(rolled back) and asked for its memory.
+(rolled back) and asked for its memory. What mixers need of a cache is written down as protocols
+(``AttentionCache``, ``RecurrentStateCache``), which the serving engine's pool views speak too; what a layer's
+cache holds comes from its mixer's ``state_spec()`` (``gearshift.state``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -22,6 +25,66 @@ from torch import Tensor
 
 class CacheError(RuntimeError):
     """A cache used in a way its state cannot support (e.g. rolling back further than it remembers)."""
+
+
+@runtime_checkable
+class AttentionCache(Protocol):
+    """What an attention mixer needs of its cache: the decoding caches below and the engine's pool views
+    (``serve.pools.AttentionView``) both speak it."""
+
+    exact: bool  # ``update`` returns only real past keys (no empty or stale slots): no mask needed
+
+    def update(self, k_new: Tensor, v_new: Tensor, q_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store the new keys/values [B, Hkv, T, D] at token indices ``q_index``; return (keys, values, key
+        indices) to attend over, the new ones included."""
+        ...
+
+
+@runtime_checkable
+class RecurrentStateCache(Protocol):
+    """What a delta-rule mixer (GDN, KDA) needs of its cache: ``RecurrentCache`` and the engine's
+    ``serve.pools.RecurrentView`` both speak it."""
+
+    state: Tensor | None  # [B, H, K, V] fp32, None before the first call
+    conv: list[Tensor | None]  # conv tails, each [B, K-1, C]
+    rollback: int  # keep the state after each of a call's last ``rollback`` tokens (``record``)
+    in_place: bool  # the mixer may write the new state over ``state``
+    length: int  # tokens read so far
+
+    def update(self, state: Tensor, conv: Sequence[Tensor], t: int) -> None:
+        """Store the state and conv tails after this call's ``t`` tokens."""
+        ...
+
+    def record(self, length: int, state: Tensor, conv: Sequence[Tensor]) -> None:
+        """Keep a roll-back point: the state after ``length`` tokens."""
+        ...
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """What ``SupernetCache`` needs of each layer's cache, besides the mixer's side above."""
+
+    length: int
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the state after the first ``length`` tokens."""
+        ...
+
+    def make_static(self, capacity: int) -> None:
+        """Fix the buffers' shapes and addresses (CUDA-graph decoding)."""
+        ...
+
+    def positions_held(self) -> int:
+        """Token positions whose keys/values are held (0 for a recurrent state)."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held."""
+        ...
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these batch rows, in this order."""
+        ...
 
 
 def _into(buffer: Tensor | None, value: Tensor) -> Tensor:
@@ -242,9 +305,6 @@ class RecurrentCache:
         self.snapshots = {n: (s[rows], [c[rows] for c in cs]) for n, (s, cs) in self.snapshots.items()}
 
 
-LayerCache = FullKVCache | WindowKVCache | RecurrentCache
-
-
 class SupernetCache:
     """The decoding state of a batch under one placement: one layer cache per layer + the shared timeline."""
 
@@ -343,36 +403,16 @@ class SupernetCache:
 def synthetic_cache(
     model, placement, batch: int, context: int, extra: int = 16, dtype: torch.dtype | None = None
 ) -> SupernetCache:
-    """A cache as if ``context`` tokens had been processed, filled with random state (decode speed does not
-    depend on the values; prefilling big batches at 32k would take minutes of device time)."""
+    """A cache as if ``context`` tokens had been processed, filled with random state shaped by each mixer's
+    ``state_spec()`` (decode speed does not depend on the values; prefilling big batches at 32k would take minutes
+    of device time). Full-attention layers keep room for ``extra`` more tokens."""
     device = model.device
     dtype = dtype or model.model.embed_tokens.weight.dtype
-    cache = model.new_cache(batch, placement)
-    for i, (block, name) in enumerate(zip(model.blocks, cache.placement, strict=True)):
-        mixer = block.mixer.mixers[name]
-        layer = cache.layers[i]
-        if isinstance(layer, FullKVCache):
-            c = mixer.cfg
-            layer.k = torch.randn(batch, c.head_groups, context + extra, c.head_size, device=device, dtype=dtype)
-            layer.v = torch.randn_like(layer.k)
-        elif isinstance(layer, WindowKVCache):
-            c = mixer.cfg
-            layer.k = torch.randn(batch, c.head_groups, layer.capacity, c.head_size, device=device, dtype=dtype)
-            layer.v = torch.randn_like(layer.k)
-            held = torch.arange(max(0, context - layer.capacity), context, device=device)
-            layer.index = torch.full((layer.capacity,), -1, dtype=torch.long, device=device)
-            layer.index[held % layer.capacity] = held
-        elif isinstance(layer, RecurrentCache):
-            kind = mixer.kind
-            c = mixer.cfg
-            if kind == "gdn":
-                heads, dk, dv = c.value_heads, c.key_head_dim, c.value_head_dim
-                convs = [2 * mixer.key_dim + mixer.value_dim]
-            else:
-                heads, dk, dv = c.heads, c.head_dim, c.head_dim
-                convs = [3 * c.heads * c.head_dim]  # the three convs side by side
-            layer.state = 0.01 * torch.randn(batch, heads, dk, dv, device=device)
-            layer.conv = [torch.randn(batch, c.conv_kernel - 1, n, device=device, dtype=dtype) for n in convs]
-        layer.length = context
+    placement = model.resolve(placement)
+    layers = [
+        block.mixer.mixers[name].state_spec().random_cache(batch, context, extra, device, dtype)
+        for block, name in zip(model.blocks, placement, strict=True)
+    ]
+    cache = SupernetCache(placement, layers, batch, device)
     cache.length = context
     return cache

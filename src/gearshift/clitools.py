@@ -7,12 +7,13 @@ Nothing here imports torch: ``gearshift --help`` and ``gearshift info`` must sta
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from . import envs
 
 # the PyPI name of a module, where they differ
 PIP_NAMES = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
@@ -131,8 +132,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def progress_disabled() -> bool | None:
     """tqdm's ``disable`` value: GEARSHIFT_PROGRESS=1 / 0 forces bars on / off; by default they show on a terminal."""
-    env = os.environ.get("GEARSHIFT_PROGRESS")
-    return None if env is None else env.strip() in ("0", "false", "no")
+    shown = envs.PROGRESS
+    return None if shown is None else not shown
 
 
 def progress(

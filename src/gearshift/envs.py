@@ -61,8 +61,10 @@ class Switch:
 
     def read(self) -> Any:
         raw = os.environ.get(self.var)
-        if raw is None or raw == "":
-            raw = self.default
+        return self.value_of(self.default if raw is None or raw == "" else raw)
+
+    def value_of(self, raw: str) -> Any:
+        """What the text ``raw`` means for this switch; a ValueError naming the variable when it means nothing."""
         if self.choices is not None and raw not in self.choices:
             raise ValueError(f"{self.var}={raw!r}: choose from {', '.join(self.choices)}")
         try:
@@ -114,18 +116,26 @@ def __getattr__(name: str) -> Any:
     return switch.read()
 
 
+def _texts(values: dict[str, Any]) -> dict[str, str]:
+    """The variables' texts for these switch values, each checked as the environment's would be."""
+    unknown = set(values) - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown switch(es) {sorted(unknown)}; known: {', '.join(SWITCHES)}")
+    texts = {name: _text(value) for name, value in values.items()}
+    for name, text in texts.items():
+        SWITCHES[name].value_of(text)  # a bad value fails here, not at its first use
+    return texts
+
+
 @contextlib.contextmanager
 def override(**values: Any) -> Iterator[None]:
     """Set switches inside a block (``override(SPLIT_KV=0, CUDNN_SDPA="auto")``), restoring them after; values are
     written as the variable's text, so they are checked as the environment's would be. Process-wide."""
-    unknown = set(values) - set(SWITCHES)
-    if unknown:
-        raise ValueError(f"unknown switch(es) {sorted(unknown)}; known: {', '.join(SWITCHES)}")
+    texts = _texts(values)
     saved = {name: os.environ.get(SWITCHES[name].var) for name in values}
     try:
-        for name, value in values.items():
-            os.environ[SWITCHES[name].var] = _text(value)
-            SWITCHES[name].read()  # a bad value fails here, not at its first use
+        for name, text in texts.items():
+            os.environ[SWITCHES[name].var] = text
         yield
     finally:
         for name, old in saved.items():
@@ -135,11 +145,22 @@ def override(**values: Any) -> Iterator[None]:
                 os.environ[SWITCHES[name].var] = old
 
 
-def table() -> str:
-    """The switches as a Markdown table (variable, default, current value, meaning)."""
+def assign(**values: Any) -> None:
+    """Set switches for the rest of the process and the processes it starts, checked as ``override`` checks them
+    (``assign(TRAIN_BACKEND="torch")``: a build moves training to the PyTorch path after a kernel failed)."""
+    for name, text in _texts(values).items():
+        os.environ[SWITCHES[name].var] = text
+
+
+def table(now: bool = True) -> str:
+    """The switches as a Markdown table: variable, default, current value (``now``; without it, the table that
+    README.md's "Configuration" holds) and meaning."""
     rows = ["| variable | default | now | meaning |", "|---|---|---|---|"]
+    if not now:
+        rows = ["| variable | default | meaning |", "|---|---|---|"]
     for s in SWITCHES.values():
-        rows.append(f"| `{s.var}` | {s.default} | {os.environ.get(s.var, '') or s.default} | {s.help} |")
+        value = f" {os.environ.get(s.var, '') or s.default} |" if now else ""
+        rows.append(f"| `{s.var}` | {s.default} |{value} {s.help} |")
     return "\n".join(rows)
 
 

@@ -117,13 +117,9 @@ def _state_bytes(model, chosen, context: int, dtype_bytes: int) -> tuple[int, in
     """(state held, state bytes read and written per decode step) of one sequence under placement ``chosen``."""
     held_total = traffic = 0
     for block, name in zip(model.blocks, chosen, strict=True):
-        mixer = block.mixer.mixers[name]
-        held = mixer.state_bytes(context, dtype_bytes)
-        held_total += held
-        if mixer.kind in ("attention", "sliding_window"):
-            traffic += held + 2 * mixer.cfg.head_groups * mixer.cfg.head_size * dtype_bytes  # read all, write one
-        else:
-            traffic += 2 * held
+        spec = block.mixer.mixers[name].state_spec()
+        held_total += spec.nbytes(context, dtype_bytes)
+        traffic += spec.step_bytes(context, dtype_bytes)
     return held_total, traffic
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..cache import FullKVCache, WindowKVCache
+from ..cache import AttentionCache
 from ..config import AttentionConfig
 from ..ops.attention import attend, document_attention
 from ..ops.fused import apply_rope
+from ..state import KVSpec
 from .base import Mixer, StepContext, fuse_linears_, linear_outputs
 
 
@@ -22,7 +23,7 @@ class Attention(Mixer):
         self.v_proj = nn.Linear(hidden_size, g * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x: Tensor, ctx: StepContext, cache: FullKVCache | WindowKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext, cache: AttentionCache | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.cfg
         q, k, v = linear_outputs(x, self._qkv)
@@ -50,11 +51,5 @@ class Attention(Mixer):
     def fuse_(self) -> None:
         fuse_linears_(self._qkv)
 
-    def new_cache(self, rollback: int = 0, capacity: int = 0) -> FullKVCache | WindowKVCache:
-        if self.cfg.window_size is None:
-            return FullKVCache(capacity)
-        return WindowKVCache(self.cfg.window_size, rollback)
-
-    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
-        held = context if self.cfg.window_size is None else min(context, self.cfg.window_size)
-        return 2 * self.cfg.head_groups * self.cfg.head_size * held * dtype_bytes
+    def state_spec(self) -> KVSpec:
+        return KVSpec(heads=self.cfg.head_groups, head_size=self.cfg.head_size, window=self.cfg.window_size)

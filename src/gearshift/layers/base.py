@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache import RecurrentCache
+from ..cache import LayerCache, RecurrentStateCache
 from ..config import RopeConfig
 from ..ops.attention import rope_cos_sin, rope_inv_freq
 from ..ops.documents import Documents
 from ..ops.fused import rms_norm
+from ..state import StateSpec
 
 
 @dataclass
@@ -65,12 +66,18 @@ class Mixer(nn.Module):
         """Lay out the weights that read the same input as one tensor each (``fuse_parameters_``), so inference
         runs one matmul where it ran several. Names, shapes and values do not change."""
 
-    def new_cache(self, rollback: int = 0, capacity: int = 0):  # pragma: no cover - interface
+    def state_spec(self) -> StateSpec:  # pragma: no cover - interface
+        """What this mixer keeps between decode steps (shapes, window, conv tails): the one description that the
+        decoding cache, the serving pools, synthetic caches and the cost report derive from."""
         raise NotImplementedError
 
-    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:  # pragma: no cover - interface
+    def new_cache(self, rollback: int = 0, capacity: int = 0) -> LayerCache:
+        """An empty decoding cache for this mixer's state (``rollback``: tokens it can return to)."""
+        return self.state_spec().new_cache(rollback, capacity)
+
+    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
         """Bytes of decoding state one sequence needs at ``context`` tokens."""
-        raise NotImplementedError
+        return self.state_spec().nbytes(context, dtype_bytes)
 
 
 def fuse_parameters_(params: Sequence[Tensor], stack: bool = False) -> None:
@@ -181,7 +188,7 @@ class NormWeight(nn.Module):
 
 
 def advance_recurrent_cache(
-    cache: RecurrentCache,
+    cache: RecurrentStateCache,
     state: Tensor,
     new_tails: list[Tensor],
     conv_inputs: list[tuple[Tensor | None, Tensor]],

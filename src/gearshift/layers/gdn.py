@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import RecurrentCache
+from ..cache import RecurrentStateCache
 from ..config import GDNConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
 from ..ops.fused import activate_qkv, decay_gates, gated_rms_norm
+from ..state import RecurrentSpec
 from .base import Mixer, NormWeight, ShortConv, StepContext, advance_recurrent_cache, fuse_linears_, linear_outputs
 
 
@@ -30,7 +31,7 @@ class GatedDeltaNet(Mixer):
         self.norm = NormWeight(cfg.value_head_dim)
         self.out_proj = nn.Linear(vd, hidden_size, bias=False)
 
-    def forward(self, x: Tensor, ctx: StepContext, cache: RecurrentCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext, cache: RecurrentStateCache | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.cfg
         kd, vd = self.key_dim, self.value_dim
@@ -65,11 +66,12 @@ class GatedDeltaNet(Mixer):
     def fuse_(self) -> None:
         fuse_linears_(self._in_projs)
 
-    def new_cache(self, rollback: int = 0, capacity: int = 0) -> RecurrentCache:
-        return RecurrentCache(n_convs=1, rollback=rollback)
-
-    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+    def state_spec(self) -> RecurrentSpec:
         c = self.cfg
-        state = c.value_heads * c.key_head_dim * c.value_head_dim * 4
-        conv = (c.conv_kernel - 1) * (2 * self.key_dim + self.value_dim) * dtype_bytes
-        return state + conv
+        return RecurrentSpec(  # one conv tail over [q | k | v]
+            heads=c.value_heads,
+            key_dim=c.key_head_dim,
+            value_dim=c.value_head_dim,
+            conv_channels=(2 * self.key_dim + self.value_dim,),
+            conv_kernel=c.conv_kernel,
+        )

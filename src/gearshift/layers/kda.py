@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..cache import RecurrentCache
+from ..cache import RecurrentStateCache
 from ..config import KDAConfig
 from ..ops.conv import causal_conv1d
 from ..ops.dispatch import delta_rule
 from ..ops.fused import activate_qkv, decay_gates, gated_rms_norm
+from ..state import RecurrentSpec
 from .base import (
     Mixer,
     NormWeight,
@@ -47,7 +48,7 @@ class KimiDeltaAttention(Mixer):
         self.norm = NormWeight(d)
         self.o_proj = nn.Linear(p, hidden_size, bias=False)
 
-    def forward(self, x: Tensor, ctx: StepContext, cache: RecurrentCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: StepContext, cache: RecurrentStateCache | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.cfg
         h, d = c.heads, c.head_dim
@@ -108,11 +109,12 @@ class KimiDeltaAttention(Mixer):
         fuse_parameters_([self.f_b_proj.weight, self.g_b_proj.weight], stack=True)
         fuse_parameters_(self._convs)
 
-    def new_cache(self, rollback: int = 0, capacity: int = 0) -> RecurrentCache:
-        return RecurrentCache(n_convs=1, rollback=rollback)  # one tail for the three convs, [B, K-1, 3p]
-
-    def state_bytes(self, context: int, dtype_bytes: int = 2) -> int:
+    def state_spec(self) -> RecurrentSpec:
         c = self.cfg
-        state = c.heads * c.head_dim * c.head_dim * 4
-        conv = 3 * (c.conv_kernel - 1) * c.heads * c.head_dim * dtype_bytes
-        return state + conv
+        return RecurrentSpec(  # one conv tail for the three convs side by side, [K-1, 3p]
+            heads=c.heads,
+            key_dim=c.head_dim,
+            value_dim=c.head_dim,
+            conv_channels=(3 * c.heads * c.head_dim,),
+            conv_kernel=c.conv_kernel,
+        )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import envs
 from ..config import RopeConfig
 from .compiled import compiled
 from .documents import Documents
@@ -25,30 +25,23 @@ from .fused import fusible
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
 MAX_MASK_ELEMENTS = 1 << 24
 # Engine decode (per-row positions, a few queries) can use split-KV attention (split_kv_attention) over chunks of
-# this many keys. -1 = auto (the default): on CUDA, when the fused kernel's work items (rows x KV heads) are
-# at most half the GPU's multiprocessors and there are at least SPLIT_KV_AUTO_KEYS keys. On the H200 (15B shape,
-# benchmarks/decode_attention.py) the fused kernel takes the same ~365 us at 16k keys for 1 to 16 rows, split-KV
-# 110 us for 1 row and 290 us for 8, 480 us for 16. 0 = never, N > 0 = always where it applies (chunks of N).
-# The environment variable GEARSHIFT_SPLIT_KV sets it ("auto", "0", "512", ...).
-_split_env = os.environ.get("GEARSHIFT_SPLIT_KV", "auto")
-SPLIT_KV_CHUNK = -1 if _split_env == "auto" else int(_split_env)
+# GEARSHIFT_SPLIT_KV keys (envs.SPLIT_KV: "auto", "0", "512", ...). auto (-1, the default): on CUDA, when the fused
+# kernel's work items (rows x KV heads) are at most half the GPU's multiprocessors and there are at least
+# SPLIT_KV_AUTO_KEYS keys. On the H200 (15B shape, benchmarks/decode_attention.py) the fused kernel takes the same
+# ~365 us at 16k keys for 1 to 16 rows, split-KV 110 us for 1 row and 290 us for 8, 480 us for 16. 0 = never,
+# N > 0 = always where it applies (chunks of N).
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
-# Whether SDPA may pick cuDNN's kernels on CUDA. Measured on the H200 by benchmarks/decode_attention.py and
-# benchmarks/engine_mixed.py (BENCHMARKS.md, "Decode attention"): they are the fastest decode kernels (about 2x
-# the ones SDPA picks without them at 32k-64k keys), which pays at long context (the 15B engine at 16k: 1370
-# tokens/s with them, 1025 without), but cuDNN builds an execution plan for each new shape, paid on the host, and
-# short calls do not earn it back (SmolLM2 traces at batch 512, keys ~200: 45.2k tokens/s with cuDNN everywhere,
-# 43.0k with cuDNN only in graph captures, 53.5k without). None = auto (the default): cuDNN for calls over at
-# least CUDNN_MIN_KEYS keys. 4096 takes in the 15B shape's sliding-window rings (4,352 keys): with cuDNN, a step's
-# attention kernels took 1.3-1.4x less time and three-preset batches at 2k-16k context made 8-19% more tokens/s;
-# the traces' calls stay far below it.
-# GEARSHIFT_CUDNN_SDPA=1 / 0: always / never.
-_cudnn_env = os.environ.get("GEARSHIFT_CUDNN_SDPA", "auto")
-if _cudnn_env not in ("auto", "1", "0"):
-    raise ValueError(f"GEARSHIFT_CUDNN_SDPA must be auto, 1 or 0, not {_cudnn_env!r}")
-CUDNN_SDPA: bool | None = {"auto": None, "1": True, "0": False}[_cudnn_env]
+# Whether SDPA may pick cuDNN's kernels on CUDA (GEARSHIFT_CUDNN_SDPA, envs.CUDNN_SDPA). Measured on the H200 by
+# benchmarks/decode_attention.py and benchmarks/engine_mixed.py (BENCHMARKS.md, "Decode attention"): they are the
+# fastest decode kernels (about 2x the ones SDPA picks without them at 32k-64k keys), which pays at long context
+# (the 15B engine at 16k: 1370 tokens/s with them, 1025 without), but cuDNN builds an execution plan for each new
+# shape, paid on the host, and short calls do not earn it back (SmolLM2 traces at batch 512, keys ~200: 45.2k
+# tokens/s with cuDNN everywhere, 43.0k with cuDNN only in graph captures, 53.5k without). auto (the default):
+# cuDNN for calls over at least CUDNN_MIN_KEYS keys. 4096 takes in the 15B shape's sliding-window rings (4,352
+# keys): with cuDNN, a step's attention kernels took 1.3-1.4x less time and three-preset batches at 2k-16k context
+# made 8-19% more tokens/s; the traces' calls stay far below it. 1 / 0: always / never.
 CUDNN_MIN_KEYS = 4096
 
 
@@ -139,8 +132,8 @@ def attend(
 
 
 def _split_kv_chunk(k: Tensor) -> int:
-    """The split-KV chunk for a decode over keys k [B, Hkv, Tk, D], or 0 for the fused kernel (SPLIT_KV_CHUNK)."""
-    chunk, tk = SPLIT_KV_CHUNK, k.shape[2]
+    """The split-KV chunk for a decode over keys k [B, Hkv, Tk, D], or 0 for the fused kernel (envs.SPLIT_KV)."""
+    chunk, tk = envs.SPLIT_KV, k.shape[2]
     if chunk < 0:
         if not k.is_cuda:
             return 0
@@ -176,18 +169,16 @@ def _masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
 
 @contextlib.contextmanager
 def cudnn_sdpa(allow: bool | None) -> Iterator[None]:
-    """Set CUDNN_SDPA (True / False / None = auto) inside a block, e.g. to time both kernel families."""
-    global CUDNN_SDPA
-    saved, CUDNN_SDPA = CUDNN_SDPA, allow
-    try:
+    """Set GEARSHIFT_CUDNN_SDPA (True / False / None = auto) inside a block, e.g. to time both kernel families."""
+    with envs.override(CUDNN_SDPA=allow):
         yield
-    finally:
-        CUDNN_SDPA = saved
 
 
 def cudnn_allowed(keys: int) -> bool:
-    """Whether a CUDA SDPA call over ``keys`` keys may use cuDNN's kernels (CUDNN_SDPA, else CUDNN_MIN_KEYS)."""
-    return CUDNN_SDPA if CUDNN_SDPA is not None else keys >= CUDNN_MIN_KEYS
+    """Whether a CUDA SDPA call over ``keys`` keys may use cuDNN's kernels (envs.CUDNN_SDPA, else
+    CUDNN_MIN_KEYS)."""
+    allow = envs.CUDNN_SDPA
+    return allow if allow is not None else keys >= CUDNN_MIN_KEYS
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
@@ -297,7 +288,7 @@ def document_attention(
         if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
             k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if q.is_cuda and FLEX_ATTENTION:
+    if q.is_cuda and _flex_attention is not None and envs.FLEX:
         return flex_attention(q, k, v, documents.block_mask(window), scale)
     tile = max(1, MAX_MASK_ELEMENTS // max(1, b * t))
     outs = []
@@ -313,9 +304,8 @@ try:
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:  # torch < 2.5
     _flex_attention = None
-# Whether CUDA training uses flex attention for masks other than plain causal (GEARSHIFT_FLEX=0: the dense-mask
-# SDPA path everywhere, e.g. to compare).
-FLEX_ATTENTION = os.environ.get("GEARSHIFT_FLEX", "1") != "0" and _flex_attention is not None
+# CUDA training uses flex attention for masks other than plain causal where torch has it, unless GEARSHIFT_FLEX=0
+# (envs.FLEX: the dense-mask SDPA path everywhere, e.g. to compare).
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:

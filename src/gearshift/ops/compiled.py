@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 
+from .. import envs
+
 F = TypeVar("F", bound=Callable)
 
-ENABLED = os.environ.get("GEARSHIFT_TRAIN_COMPILE", "1") != "0"
+_switched: list[bool] = []  # compilation() blocks, innermost last
 # One function compiles a variant per mixer kind, grad mode, dtype and shape: more than dynamo's default of 8.
 RECOMPILE_LIMIT = 256
 
@@ -33,7 +34,7 @@ def compiled(fn: F, *, name: str | None = None, dynamic: bool = False) -> F:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not ENABLED or state["failed"] or torch.compiler.is_compiling():
+        if state["failed"] or torch.compiler.is_compiling() or not compile_enabled():
             return fn(*args, **kwargs)
         if state["fn"] is None:
             config = torch._dynamo.config
@@ -56,13 +57,17 @@ def compiled(fn: F, *, name: str | None = None, dynamic: bool = False) -> F:
     return call  # type: ignore[return-value]
 
 
+def compile_enabled() -> bool:
+    """Whether ``compiled`` functions compile now: the innermost ``compilation`` block says (on outside any), and
+    GEARSHIFT_TRAIN_COMPILE=0 overrules it."""
+    return (_switched[-1] if _switched else True) and envs.TRAIN_COMPILE
+
+
 @contextlib.contextmanager
 def compilation(enabled: bool) -> Iterator[None]:
     """Turn every ``compiled`` function on (unless GEARSHIFT_TRAIN_COMPILE=0) or off inside a block (benchmarks)."""
-    global ENABLED
-    saved = ENABLED
-    ENABLED = enabled and os.environ.get("GEARSHIFT_TRAIN_COMPILE", "1") != "0"
+    _switched.append(enabled)
     try:
         yield
     finally:
-        ENABLED = saved
+        _switched.pop()

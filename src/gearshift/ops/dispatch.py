@@ -21,7 +21,6 @@ import contextlib
 import functools
 import importlib.util
 import inspect
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -29,25 +28,20 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .. import envs
+from ..envs import BACKENDS
 from .delta_rule import chunk_delta_rule, recurrent_delta_rule, wants_grad
 from .documents import Documents
-
-_forced: list[str] = []
-BACKENDS = ("auto", "torch", "fla")
-# GDN may train through fla's KDA kernel (its decay broadcast over K) where fla's own GDN backward is unusable.
-GDN_VIA_KDA = os.environ.get("GEARSHIFT_GDN_VIA_KDA", "1") != "0"
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force the delta-rule backend inside a ``with`` block: 'torch', 'fla' or 'auto'."""
+    """Force the delta-rule backend inside a ``with`` block: 'torch', 'fla' or 'auto' -- for training too (the
+    block's ``GEARSHIFT_BACKEND``, with ``GEARSHIFT_TRAIN_BACKEND`` back to following it)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
-    _forced.append(name)
-    try:
+    with envs.override(BACKEND=name, TRAIN_BACKEND="auto"):
         yield
-    finally:
-        _forced.pop()
 
 
 @functools.cache
@@ -77,13 +71,9 @@ def _fla_recurrent_in_place():
 def backend_for(device: torch.device, training: bool = False) -> str:
     """The delta-rule backend for a call on ``device``; ``training`` (gradients wanted) also honours
     ``GEARSHIFT_TRAIN_BACKEND``, so training can take the reference path while inference keeps the kernels."""
-    name = _forced[-1] if _forced else os.environ.get("GEARSHIFT_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"GEARSHIFT_BACKEND={name!r} is not one of {BACKENDS}")
-    if training and not _forced and os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto") != "auto":
-        name = os.environ["GEARSHIFT_TRAIN_BACKEND"]
-        if name not in BACKENDS:
-            raise ValueError(f"GEARSHIFT_TRAIN_BACKEND={name!r} is not one of {BACKENDS}")
+    name = envs.BACKEND
+    if training and envs.TRAIN_BACKEND != "auto":
+        name = envs.TRAIN_BACKEND
     if name == "auto":
         name = "fla" if device.type == "cuda" else "torch"
     if name == "fla":
@@ -280,7 +270,7 @@ def training_kernel(device: torch.device, per_channel: bool, heads: tuple[int, i
         return "kda" if _gradients_check(index, "kda", heads)[0] else None
     if not _gdn_backward_broken_on(index) and _gradients_check(index, "gdn", heads)[0]:
         return "gdn"
-    if GDN_VIA_KDA and _gradients_check(index, "gdn-via-kda", heads)[0]:
+    if envs.GDN_VIA_KDA and _gradients_check(index, "gdn-via-kda", heads)[0]:
         return "kda"
     return None
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -28,18 +27,16 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-MODES = ("auto", "0", "1")
-MODE = os.environ.get("GEARSHIFT_COMPILE", "auto")
-if MODE not in MODES:
-    raise ValueError(f"GEARSHIFT_COMPILE={MODE!r}: choose from {MODES}")
-_switched: list[bool] = []
+from .. import envs
+
+_switched: list[bool] = []  # fusion() blocks, innermost last
 
 F = TypeVar("F", bound=Callable)
 
 
 @contextlib.contextmanager
 def fusion(enabled: bool) -> Iterator[None]:
-    """Turn the compiled paths on (unless ``MODE`` is 0) or off inside a ``with`` block."""
+    """Turn the compiled paths on (unless GEARSHIFT_COMPILE is 0) or off inside a ``with`` block."""
     _switched.append(enabled)
     try:
         yield
@@ -53,9 +50,12 @@ def fusion_active(device: torch.device) -> bool:
     for free, while an eager call pays dynamo's guards and inductor's wrapper on the host: on the H200 a prefill
     forward of the SmolLM2 supernet took 339 ms with compiled bodies against 266 ms eager, while a decode step
     replayed from a graph took 3.0 ms fused against 4.3-4.9 ms."""
-    if MODE == "0" or False in _switched or torch.is_grad_enabled():  # an outer fusion(False) wins
+    if False in _switched or torch.is_grad_enabled():  # an outer fusion(False) wins
         return False
-    if MODE == "1":
+    mode = envs.COMPILE
+    if mode == "0":
+        return False
+    if mode == "1":
         return True
     return device.type == "cuda" and (bool(_switched) or _capturing())
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import envs
 from ..data.tokens import atomic_write_json
 from .recipe import Recipe
 from .stages import StageLog
@@ -194,7 +194,7 @@ class Build:
     def _restore(self, name: str) -> None:
         """Side effects of a finished stage that later stages rely on (a resumed build starts a new process)."""
         if name == "preflight" and self.results[name].get("train_backend") == "torch":
-            os.environ["GEARSHIFT_TRAIN_BACKEND"] = "torch"
+            envs.assign(TRAIN_BACKEND="torch")
 
     def _stage_functions(self) -> dict[str, Callable[[], dict]]:
         fns: dict[str, Callable[[], dict]] = {
@@ -350,14 +350,14 @@ class Build:
                     _sync(self.device)
                     break
                 except Exception as exc:  # noqa: BLE001 - retried once on the reference path, then raised
-                    if attempt or os.environ.get("GEARSHIFT_TRAIN_BACKEND") == "torch" or self.device.type != "cuda":
+                    if attempt or envs.TRAIN_BACKEND == "torch" or self.device.type != "cuda":
                         raise
                     result["kernel_error"] = f"{name}: {type(exc).__name__}: {exc}"
                     self.log(f"preflight: {result['kernel_error']}; training on the PyTorch path")
-                    os.environ["GEARSHIFT_TRAIN_BACKEND"] = "torch"
+                    envs.assign(TRAIN_BACKEND="torch")
                     probe.zero_grad(set_to_none=True)
             result["seconds_per_mixer"][name] = time.perf_counter() - t0
-        result["train_backend"] = os.environ.get("GEARSHIFT_TRAIN_BACKEND", "auto")
+        result["train_backend"] = envs.TRAIN_BACKEND
         result["kernel_gradient_cosines"] = kernel_gradient_checks()
         return result
 

@@ -2,8 +2,9 @@
 
 A request owns one slot in the pool of every (layer, mixer) its placement uses, and nothing elsewhere: an
 all-GDN request holds no KV cache at all. Mixers read and write their pools through *views* that speak the
-same cache interface as ``gearshift.cache`` (``update`` for attention; ``state``/``conv``/``update``/``record`` for
-GDN and KDA), so the mixer modules run unchanged on a group of requests at different positions.
+same cache protocols as ``gearshift.cache`` (``AttentionCache``, ``RecurrentStateCache``), so the mixer modules run
+unchanged on a group of requests at different positions. Which pool a mixer gets, and its shapes, follow from
+the mixer's ``state_spec()`` (``pool_for``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import heapq
 
 import torch
 from torch import Tensor
+
+from ..state import KVSpec, RecurrentSpec, StateSpec
 
 LENGTH_ALIGN = 256
 
@@ -53,6 +56,25 @@ def attention_length(capacity: int, window: int | None, spare: int) -> int:
     return -(-length // LENGTH_ALIGN) * LENGTH_ALIGN if length > 4 * LENGTH_ALIGN else length
 
 
+def pool_for(spec: StateSpec, max_context: int, spare: int) -> tuple[type[AttentionPool | RecurrentPool], dict]:
+    """The pool class and its settings (all but slots, device and dtype) that hold one mixer's decoding state,
+    from its ``state_spec()``: ``max_context`` tokens per request at most, ``spare`` positions of a window's ring
+    beyond the window (a chunk's keys written before its queries attend)."""
+    if isinstance(spec, KVSpec):
+        return AttentionPool, dict(
+            heads=spec.heads, head_size=spec.head_size, capacity=max_context, window=spec.window, spare=spare
+        )
+    if isinstance(spec, RecurrentSpec):
+        return RecurrentPool, dict(
+            heads=spec.heads,
+            dk=spec.key_dim,
+            dv=spec.value_dim,
+            conv_channels=list(spec.conv_channels),
+            kernel=spec.conv_kernel,
+        )
+    raise TypeError(f"no pool holds decoding state described by {type(spec).__name__}")
+
+
 class AttentionPool:
     """Full KV [slots, Hkv, capacity, D] (FA) or a ring [slots, Hkv, window + spare, D] with slot indices (SWA)."""
 
@@ -74,6 +96,16 @@ class AttentionPool:
 
     def nbytes_per_slot(self) -> int:
         return (self.k[0].numel() + self.v[0].numel()) * self.k.element_size() + self.index[0].numel() * 8
+
+    def fill_random(self, slot: int, context: int, generator: torch.Generator | None = None) -> None:
+        """Give ``slot`` random keys and values as if it had read ``context`` tokens (benchmarks: prefilling
+        long contexts would dominate their runs)."""
+        length = self.k.shape[2]
+        held = torch.arange(max(0, context - length), context, device=self.k.device)
+        self.k[slot].normal_(generator=generator)
+        self.v[slot].normal_(generator=generator)
+        self.index[slot] = -1
+        self.index[slot, held % length if self.window is not None else held] = held
 
     @staticmethod
     def slot_bytes(heads: int, head_size: int, capacity: int, window: int | None, spare: int, dtype) -> int:
@@ -163,6 +195,11 @@ class RecurrentPool:
 
     def nbytes_per_slot(self) -> int:
         return self.state[0].numel() * 4 + sum(c[0].numel() * c.element_size() for c in self.conv)
+
+    def fill_random(self, slot: int, context: int, generator: torch.Generator | None = None) -> None:
+        """Give ``slot`` a small random state as if it had read ``context`` tokens (its conv tails stay as they
+        are: they hold a few tokens and do not change what a decode step costs)."""
+        self.state[slot].normal_(0, 0.01, generator=generator)
 
     @staticmethod
     def slot_bytes(heads: int, dk: int, dv: int, conv_channels: list[int], kernel: int, dtype) -> int:
