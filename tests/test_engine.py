@@ -741,3 +741,39 @@ def test_padded_replay_never_writes_a_taken_slot(model, stand_in_graphs):
     engine.run()
     for req, prompt, n in zip(reqs, prompts, lengths, strict=True):
         assert req.output == alone(model, prompt, "GGGG", n)
+
+
+def test_a_block_change_made_once_reaches_the_model_and_the_engine(model, monkeypatch):
+    """The engine runs the model's own block loop (Supernet.forward with a mixer dispatch), so one change to
+    Block.forward -- here each block's update scaled by a half -- reaches Supernet.forward and a mixed engine batch
+    alike: both move away from the unchanged model's logits, and the engine still equals the model, row by row."""
+    from gearshift.model import Block
+
+    prompts, placements = [[5, 6, 7, 8, 9], [3, 1, 4, 1, 5]], ["FSGK", "GKFS"]  # rows of different mixers per layer
+    tokens = torch.tensor(prompts)
+    positions = torch.arange(tokens.shape[1])[None].expand(2, -1)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            alone = torch.cat([model(tokens[i : i + 1], placements[i]) for i in range(2)])
+        engine = Engine(model, max_batch=2)  # fresh pools: the prompts' first chunk
+        reqs = [engine.submit(p, pl, SamplingParams(max_tokens=1)) for p, pl in zip(prompts, placements, strict=True)]
+        engine._admit()
+        batched, _ = engine.mixed_forward(
+            tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs], fresh=True
+        )
+        return alone, batched
+
+    before, engine_before = both()
+    original = Block.forward
+
+    def half_update(self, h, mixer, ctx=None, cache=None):
+        out, m = original(self, h, mixer, ctx, cache)
+        return h + 0.5 * (out - h), m
+
+    monkeypatch.setattr(Block, "forward", half_update)
+    after, engine_after = both()
+    torch.testing.assert_close(engine_before, before, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine_after, after, atol=1e-4, rtol=1e-4)
+    assert (after - before).abs().max() > 0.1  # the change is visible ...
+    torch.testing.assert_close(engine_after - engine_before, after - before, atol=1e-4, rtol=1e-4)  # ... alike

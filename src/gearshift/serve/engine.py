@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..generation import is_greedy
 from ..layers.base import StepContext
-from ..model import Supernet
+from ..model import Block, Supernet
 from ..ops.fused import fusion
 from ..placement import Placement, PlacementSpec, placement_letters
 from .logprobs import TokenLogprob, token_logprobs
@@ -643,45 +643,10 @@ class Engine:
             raise ValueError("only fresh rows (first prompt chunks) may be padded")
         if max_position is not None:
             self._check_context(max_position)
-        checked = max_position is not None
-        model = self.model
-        h = model.model.embed_tokens(tokens)
-        views: list[RecurrentView] = []
-        # one context per set of rows, shared by the layers where that set forms a group: positions are gathered
-        # and rotary tables computed once per call, not once per layer (the plan shares equal row tensors)
-        contexts: dict[int, StepContext] = {}
-        for i, (block, groups) in enumerate(zip(model.blocks, self._plan(placements, slots, codes), strict=True)):
-            x = block.input_layernorm(h)
-            out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(x)
-            side = self._fork(len(groups) - 1)
-            for g, stream in zip(groups, [None, *side] if side else [None] * len(groups), strict=True):
-                with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-                    pool = self.pools[i][g.name]
-                    if isinstance(pool, RecurrentPool):
-                        view = pool.view(g.slots, rollback, g.rows, g.span)
-                        views.append(view)
-                    else:
-                        view = pool.view(g.slots, g.span, checked, fresh)
-                    ctx = contexts.get(id(g.rows))
-                    if ctx is None:
-                        pos = positions if g.rows is None else positions[g.rows]
-                        if token_mask is None:
-                            ctx = StepContext(pos, pos)
-                        else:
-                            real = token_mask if g.rows is None else token_mask[g.rows]
-                            ctx = StepContext(pos, pos.clamp(min=0), token_mask=real, padded=True)
-                        contexts[id(g.rows)] = ctx
-                    if g.rows is None:  # every row uses this mixer here: no gather, no scatter
-                        out = block.mixer.mixers[g.name](x, ctx, view)
-                    else:
-                        out[g.rows] = block.mixer.mixers[g.name](x[g.rows], ctx, view)
-            self._join(side)
-            h = h + out
-            h = h + block.mlp(block.post_attention_layernorm(h))
-        if last_only:
-            h = h[:, -1:]
-        h = model.model.norm(h)
-        return (h if hidden else model.logits(h)), views
+        mix = _GroupedMix(self, self._plan(placements, slots, codes), positions, token_mask, rollback,
+                          max_position is not None, fresh)  # fmt: skip
+        out = self.model(tokens, mix=mix, last_only=last_only, return_hidden=hidden)
+        return out, mix.views
 
     def _fork(self, n: int) -> list[torch.cuda.Stream]:
         """``n`` side streams that start after the work queued so far on the current stream (none where group
@@ -1289,6 +1254,59 @@ class _DecodeGraph:
             )
         if pool is None:
             engine._graph_pool = self.graph.pool()
+
+
+class _GroupedMix:
+    """The mixer dispatch of a mixed batch (``Supernet.forward``'s ``mix``): in each layer, the rows of each
+    mixer group run that mixer on their own pool slots, the groups on their own CUDA streams where those are on,
+    and their outputs are scattered into one tensor. Recurrent views (with per-token snapshots under roll-back) are
+    collected in ``views``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        plan: list[list[_Group]],
+        positions: Tensor,
+        token_mask: Tensor | None,
+        rollback: int,
+        checked: bool,
+        fresh: bool,
+    ) -> None:
+        self.engine, self.plan, self.positions, self.token_mask = engine, plan, positions, token_mask
+        self.rollback, self.checked, self.fresh = rollback, checked, fresh
+        self.views: list[RecurrentView] = []
+        # one context per set of rows, shared by the layers where that set forms a group: positions are gathered
+        # and rotary tables computed once per call, not once per layer (the plan shares equal row tensors)
+        self.contexts: dict[int, StepContext] = {}
+
+    def __call__(self, layer: int, block: Block, x: Tensor) -> Tensor:
+        groups = self.plan[layer]
+        engine = self.engine
+        out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(x)
+        side = engine._fork(len(groups) - 1)
+        for g, stream in zip(groups, [None, *side] if side else [None] * len(groups), strict=True):
+            with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
+                pool = engine.pools[layer][g.name]
+                if isinstance(pool, RecurrentPool):
+                    view = pool.view(g.slots, self.rollback, g.rows, g.span)
+                    self.views.append(view)
+                else:
+                    view = pool.view(g.slots, g.span, self.checked, self.fresh)
+                ctx = self.contexts.get(id(g.rows))
+                if ctx is None:
+                    pos = self.positions if g.rows is None else self.positions[g.rows]
+                    if self.token_mask is None:
+                        ctx = StepContext(pos, pos)
+                    else:
+                        real = self.token_mask if g.rows is None else self.token_mask[g.rows]
+                        ctx = StepContext(pos, pos.clamp(min=0), token_mask=real, padded=True)
+                    self.contexts[id(g.rows)] = ctx
+                if g.rows is None:  # every row uses this mixer here: no gather, no scatter
+                    out = block.mixer.mixers[g.name](x, ctx, view)
+                else:
+                    out[g.rows] = block.mixer.mixers[g.name](x[g.rows], ctx, view)
+        engine._join(side)
+        return out
 
 
 @dataclass
