@@ -774,3 +774,29 @@ def test_a_block_change_made_once_reaches_the_model_and_the_engine(model, monkey
     torch.testing.assert_close(engine_after, after, atol=1e-4, rtol=1e-4)
     assert (after - before).abs().max() > 0.1  # the change is visible ...
     torch.testing.assert_close(engine_after - engine_before, after - before, atol=1e-4, rtol=1e-4)  # ... alike
+
+
+def test_engine_config_is_frozen_and_built_from_keywords(model):
+    """Engine options live in a frozen EngineConfig; keyword options build it (and override a given one); the
+    group-streams default is the environment's switch, read when the engine is built."""
+    import dataclasses
+
+    from gearshift import envs
+    from gearshift.serve.engine import EngineConfig
+
+    config = EngineConfig(max_batch=3, prefill_chunk=5, placements=["FSGK", "GGGG"])
+    engine = Engine(model, config)
+    assert engine.engine_config == config and (engine.max_batch, engine.prefill_chunk) == (3, 5)
+    assert Engine(model, max_batch=3, prefill_chunk=5, placements=["FSGK", "GGGG"]).engine_config == config
+    assert Engine(model, config, max_batch=2).engine_config == dataclasses.replace(config, max_batch=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_batch = 4
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        EngineConfig(prefill_chunk=0)
+    with pytest.raises(TypeError):
+        Engine(model, max_bach=2)
+    with envs.override(GROUP_STREAMS=0):
+        assert not EngineConfig().streams() and EngineConfig(group_streams=True).streams()
+    with envs.override(GROUP_STREAMS="auto"):
+        assert EngineConfig().streams() and not EngineConfig(group_streams=False).streams()
+    assert not engine.runner.group_streams  # CUDA only

@@ -64,6 +64,8 @@ class PrefillOutput:
 
 
 class ModelRunner:
+    """Owns the decoding state and runs forwards over it: requests in, logits out (see the module docstring)."""
+
     def __init__(self, model: Supernet, config: EngineConfig) -> None:
         """The runner lays out ``model``'s weights for inference, in place (``Supernet.fuse_projections_``: same
         names and values, fewer matmuls per step), and allocates the pools ``config`` asks for (see

@@ -38,6 +38,9 @@ ADMIT_LOOKAHEAD = 256  # waiting requests passed over (blocked) at most per admi
 
 
 class Scheduler:
+    """Owns the requests (queues, running batch, counters) and the pool slots they hold; runs each step's parts
+    on the runner and the sampler and books what comes back (see the module docstring)."""
+
     def __init__(self, runner: ModelRunner, sampler: Sampler, config: EngineConfig) -> None:
         self.runner, self.sampler = runner, sampler
         self.model = runner.model
