@@ -70,7 +70,7 @@ class _SampledRows:
         free = [i for i, r in enumerate(reqs) if r.generator is None]
         self.free = torch.tensor(free, device=device) if free else None
         self.seeded = [(i, r.generator) for i, r in enumerate(reqs) if r.generator is not None]
-        self.bad: Tensor | None = None  # [N] rows whose distribution could not be drawn from (see generation.draw)
+        self.bad: Tensor | None = None  # [N] rows whose distribution could not be drawn from (see sampling.draw)
 
     def probs(self, logits: Tensor) -> Tensor:
         """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter
