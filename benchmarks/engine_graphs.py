@@ -71,7 +71,7 @@ def check(dtype: torch.dtype, device: torch.device, seed: int = 0, split_kv: int
             ]
             engine.run()
         outputs.append([r.output for r in reqs])
-        graph_count = max(graph_count, len(engine._graphs))
+        graph_count = max(graph_count, len(engine.runner.graphs.captured))
     same = [a == b for a, b in zip(*outputs, strict=True)]
     row = {"dtype": str(dtype), "requests": len(same), "identical": sum(same) / len(same), "graphs": graph_count}
     return row | ({"split_kv": split_kv} if split_kv else {})

@@ -18,6 +18,7 @@ all presets, it prints tokens/s and writes JSON. Self-speculative decoding needs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 
@@ -26,7 +27,7 @@ import torch
 from gearshift import envs
 from gearshift.ops.fused import fusion
 from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
-from gearshift.serve.engine import Engine, SamplingParams
+from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 
 from common import device_name, profile_cuda, random_supernet, sync, write_json
 
@@ -44,7 +45,7 @@ def fill(engine: Engine, req, context: int) -> None:
 
 def start_filled(engine: Engine, reqs: list, context: int) -> list:
     """Admit these submitted requests together (all must fit) and give each ``context`` tokens of state."""
-    engine._admit()
+    engine.scheduler._admit()
     if len(engine.running) != len(reqs):
         raise SystemExit(
             f"only {len(engine.running)} of {len(reqs)} requests fit the state budget "
@@ -73,9 +74,8 @@ def decode_rate(
     seconds = time.perf_counter() - t0
     prof = None
     if profile:
-        graphs, engine.cuda_graphs = engine.cuda_graphs, False
-        prof = profile_cuda(engine.step, top)
-        engine.cuda_graphs = graphs
+        with engine.runner.eager():
+            prof = profile_cuda(engine.step, top)
     for r in reqs:
         engine.cancel(r)
     engine.step()
@@ -153,10 +153,11 @@ def main() -> None:
         """union (``rows`` None): pools for the mixers the presets use, ``batch`` slots each, as a server started
         with --only-presets; sized: pools that hold ``rows[name]`` requests of each preset."""
         ctx = args.max_context or args.context + args.steps + 8
-        kw = dict(max_batch=batch, max_context=ctx, cuda_graphs=args.graphs)
+        config = EngineConfig(max_batch=batch, max_context=ctx, cuda_graphs=args.graphs)
         if args.pools == "union":
-            return Engine(model, **kw, placements=served)
-        return Engine(model, **kw, placement_slots={presets[name]: count for name, count in rows.items()})
+            return Engine(model, dataclasses.replace(config, placements=served))
+        sized = {presets[name]: count for name, count in rows.items()}
+        return Engine(model, dataclasses.replace(config, placement_slots=sized))
 
     def release() -> None:
         if device.type == "cuda":

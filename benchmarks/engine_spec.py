@@ -5,7 +5,8 @@ Random weights accept almost nothing, so this does not measure acceptance: ``ser
 supernet distilled from SmolLM2 (41-56% per draft token there, BENCHMARKS.md, "Self-speculative decoding"). It
 measures the cost side, on the
 shape where self-speculation can pay: a target step bound by reading long KV caches, and a draft that reads
-none. Every row holds ``context`` tokens of random state (target and draft pools); then, in one engine:
+none. Every row holds ``context`` tokens of random state (target and draft pools); then, in one engine (and a
+second one for the rounds of the other ``--draft-graphs`` setting, when both are asked for):
 - the plain decode rate of the target and of each draft (CUDA graphs): a target step ``t_target`` and a draft
   step ``t_draft`` per batch;
 - speculative rounds at a fixed k, ``t_round`` each: k draft steps and one target forward over k + 1 tokens
@@ -23,13 +24,14 @@ decoding is E t_target / (t_round + a^k t_draft). Rounds here reject everything,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from gearshift.placement import placement_letters
 from gearshift.report import PAPER_PRESETS, paper_placement
-from gearshift.serve.engine import Engine, SamplingParams
+from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 
 from common import device_name, random_supernet, sync, write_json
 from engine_mixed import decode_rate, start_filled
@@ -107,28 +109,42 @@ def main() -> None:
 
     target, drafts = resolve(args.target), {name: resolve(name) for name in args.drafts}
     margin = args.steps + 8 + (args.rounds + 8) * (max(args.ks) + 1)
-    engine = Engine(
-        model, max_batch=args.batch, max_context=args.context + margin, spec_k_max=max(args.ks),
-        placements=[target, *drafts.values()], cuda_graphs=device.type == "cuda",
+    config = EngineConfig(
+        max_batch=args.batch, max_context=args.context + margin, spec_k_max=max(args.ks),
+        placements=(target, *drafts.values()), cuda_graphs=device.type == "cuda",
     )  # fmt: skip
+    engine = Engine(model, config)
     graphs = engine.cuda_graphs
     b = args.batch
+    # plain steps on the engine's own setting (graphs where CUDA is); rounds under each --draft-graphs setting, an
+    # engine each (the first one serves the rounds of its own setting)
     t_target = b / decode_rate(engine, [target] * b, args.context, args.steps)[0]
     print(f"{args.target} x{b} at {args.context}: plain step {1e3 * t_target:.2f} ms", flush=True)
-    rows = []
+    t_draft = {}
     for name, draft in drafts.items():
-        t_draft = b / decode_rate(engine, [draft] * b, args.context, args.steps)[0]
-        print(f"  draft {name}: plain step {1e3 * t_draft:.2f} ms ({t_draft / t_target:.2f} of the target's)")
+        t = t_draft[name] = b / decode_rate(engine, [draft] * b, args.context, args.steps)[0]
+        print(f"  draft {name}: plain step {1e3 * t:.2f} ms ({t / t_target:.2f} of the target's)")
+    modes = args.draft_graphs if graphs else ["off"]
+    timed = {}
+    for mode in sorted(modes, key=lambda m: (m == "on") != graphs):  # the running engine's setting first
+        if engine.cuda_graphs != (graphs and mode == "on"):
+            engine = None  # its pools go before the next engine sizes its own to the free memory
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            engine = Engine(model, dataclasses.replace(config, cuda_graphs=graphs and mode == "on"))
+        for name, draft in drafts.items():
+            for k in args.ks:
+                timed[name, k, mode] = round_seconds(engine, target, draft, k, args.context, args.rounds)
+    rows = []
+    for name in drafts:
         for k in args.ks:
-            for mode in args.draft_graphs if graphs else ["off"]:
-                engine.cuda_graphs = graphs and mode == "on"
-                t_round, seen = round_seconds(engine, target, draft, k, args.context, args.rounds)
-                engine.cuda_graphs = graphs
-                gains = {a: speedup(a, k, t_target, t_round, t_draft) for a in ACCEPTANCE}
-                even = break_even(k, t_target, t_round, t_draft)
+            for mode in modes:
+                t_round, seen = timed[name, k, mode]
+                gains = {a: speedup(a, k, t_target, t_round, t_draft[name]) for a in ACCEPTANCE}
+                even = break_even(k, t_target, t_round, t_draft[name])
                 rows.append(
                     {"draft": name, "k": k, "draft_graphs": mode if graphs else "off", "t_target_ms": 1e3 * t_target,
-                     "t_draft_ms": 1e3 * t_draft, "t_round_ms": 1e3 * t_round, "acceptance_seen": seen,
+                     "t_draft_ms": 1e3 * t_draft[name], "t_round_ms": 1e3 * t_round, "acceptance_seen": seen,
                      "break_even_acceptance": even, "speedup_at_acceptance": {str(a): g for a, g in gains.items()}}
                 )  # fmt: skip
                 table = "  ".join(f"a={a}: {g:.2f}x" for a, g in gains.items())

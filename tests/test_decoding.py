@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from gearshift import generation
-from gearshift.generation import filter_logits, pad_left, sample_next
+from gearshift import sampling
+from gearshift.generation import pad_left
+from gearshift.sampling import filter_logits, sample_next
 
 PLACEMENTS = ["FFFF", "SSSS", "GGGG", "KKKK"]
 
@@ -125,7 +126,7 @@ def test_sampling_distribution(tiny_model):
 def test_sampling_matches_the_filtered_distribution(monkeypatch, candidates):
     """sample_next draws from filter_logits' distribution for every top-k / top-p / temperature setting, also
     when a row's nucleus is wider than the candidates it selects first (those rows are redrawn from the sort)."""
-    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     rows = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.03, 0.02], [0.2, 0.18, 0.17, 0.16, 0.15, 0.14]]))
     n = 20000
     logits = rows.repeat_interleave(n, 0)

@@ -24,9 +24,9 @@ def alone(model, prompt, placement, n):
 @pytest.mark.parametrize("chunk,contiguous,overlap", [(256, True, False), (3, True, False), (3, False, False),
                                                      (3, True, True)])  # fmt: skip
 def test_mixed_batch_equals_each_request_alone(model, chunk, contiguous, overlap):
-    engine = Engine(model, max_batch=8, prefill_chunk=chunk)
-    engine.contiguous_reads = contiguous  # slices of consecutive slots (views) or always gathers
-    engine.overlap = overlap  # decoding one step ahead (on by default on CUDA)
+    # contiguous_reads: slices of consecutive slots (views) or always gathers; overlap: decoding one step ahead (on
+    # by default on CUDA)
+    engine = Engine(model, max_batch=8, prefill_chunk=chunk, contiguous_reads=contiguous, overlap=overlap)
     params = SamplingParams(max_tokens=12, stop_token_ids=())
     outs = engine.generate(PROMPTS, PLACEMENTS, params)
     for prompt, placement, out in zip(PROMPTS, PLACEMENTS, outs, strict=True):
@@ -50,8 +50,7 @@ def test_split_kv_decode_equals_each_request_alone(model, monkeypatch):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_continuous_batching_with_a_small_batch(model, overlap):
-    engine = Engine(model, max_batch=2, prefill_chunk=4)
-    engine.overlap = overlap
+    engine = Engine(model, max_batch=2, prefill_chunk=4, overlap=overlap)
     reqs = [
         engine.submit(p, pl, SamplingParams(max_tokens=6 + i, stop_token_ids=()))
         for i, (p, pl) in enumerate(zip(PROMPTS, PLACEMENTS, strict=True))
@@ -130,7 +129,7 @@ def test_speculative_rounds_replay_graphs(model, stand_in_graphs):
 
     def run(graphs):
         engine = Engine(model, max_batch=4, spec_k_max=4)
-        engine.cuda_graphs = graphs  # forced on a CPU engine: only the stand-in graph is used
+        engine.runner.cuda_graphs = graphs  # forced on a CPU engine: only the stand-in graph is used
         reqs = [engine.submit(p, t, params, draft=d, spec_k=3) for p, (t, d) in zip(PROMPTS[:3], pairs, strict=True)]
         engine.run()
         return reqs
@@ -229,8 +228,7 @@ def test_request_errors_and_queue_bound(model):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_stop_tokens_and_context_limit(model, overlap):
-    engine = Engine(model, max_batch=2, max_context=20)
-    engine.overlap = overlap
+    engine = Engine(model, max_batch=2, max_context=20, overlap=overlap)
     first = alone(model, PROMPTS[0], "FSGK", 3)
     r = engine.submit(PROMPTS[0], "FSGK", SamplingParams(max_tokens=10, stop_token_ids=(first[2],)))
     long = engine.submit(PROMPTS[0], "GGGG", SamplingParams(max_tokens=100, stop_token_ids=()))
@@ -284,12 +282,12 @@ def test_positions_bounded_on_the_host(model):
 
     engine = Engine(model, max_batch=1, max_context=16)
     req = engine.submit([1, 2, 3], "FFFF", SamplingParams(max_tokens=4, stop_token_ids=()))
-    engine._admit()
+    engine.scheduler._admit()
     tokens, positions = torch.tensor([[5]]), torch.tensor([[16]])
     with pytest.raises(PoolFullError, match="beyond the engine's context"):
-        engine.mixed_forward(tokens, positions, [req.placement], [req.slots], max_position=16)
+        engine.runner.mixed_forward(tokens, positions, [req.placement], [req.slots], max_position=16)
     with pytest.raises(PoolFullError, match="KV capacity"):  # without the host bound the pool still checks
-        engine.mixed_forward(tokens, positions, [req.placement], [req.slots])
+        engine.runner.mixed_forward(tokens, positions, [req.placement], [req.slots])
 
 
 def test_batched_sampling_by_groups(model):
@@ -299,7 +297,7 @@ def test_batched_sampling_by_groups(model):
     seeded = engine.submit([1], "FFFF", SamplingParams(temperature=1.0, seed=7))
     hot = [engine.submit([1], "FFFF", SamplingParams(temperature=0.5, top_k=1)) for _ in range(2)]  # top_k=1: argmax
     logits = torch.randn(4, 97, generator=torch.Generator().manual_seed(0))
-    out = engine._sample_rows([greedy, seeded, *hot], logits)
+    out = engine.sampler.sample_rows([greedy, seeded, *hot], logits)
     ref = torch.multinomial(logits[1].softmax(-1), 1, generator=torch.Generator().manual_seed(7))
     assert out[0] == int(logits[0].argmax()) and out[1] == int(ref)
     assert out[2:] == [int(logits[2].argmax()), int(logits[3].argmax())]
@@ -312,7 +310,7 @@ class _StandInGraph:
     captured = replays = 0
     shapes: list = []  # (tokens per row, roll-back) of each capture
 
-    def __init__(self, engine, key, placements, slots, codes=None, tokens=1, rollback=0):
+    def __init__(self, runner, key, placements, slots, codes=None, tokens=1, rollback=0):
         import types
 
         self.key, self.codes, self.slots = key, codes, list(slots)
@@ -320,13 +318,13 @@ class _StandInGraph:
         b = len(placements)
         self.tokens = torch.zeros(b, tokens, dtype=torch.long)
         self.positions = torch.zeros(b, tokens, dtype=torch.long)
-        self.plan = engine._plan(placements, slots, codes)
-        self.logits = torch.empty(b, tokens, engine.config.vocab_size)
+        self.plan = runner.plan(placements, slots, codes)
+        self.logits = torch.empty(b, tokens, runner.config.vocab_size)
         self.views = []  # refreshed by each replay, as a graph's buffers are
 
         def replay():
             _StandInGraph.replays += 1
-            out, views = engine.mixed_forward(
+            out, views = runner.mixed_forward(
                 self.tokens, self.positions, placements, slots, rollback=rollback, max_position=0
             )
             self.logits.copy_(out)
@@ -339,9 +337,9 @@ class _StandInGraph:
 
 @pytest.fixture
 def stand_in_graphs(monkeypatch):
-    from gearshift.serve import engine as engine_mod
+    from gearshift.serve import graphs
 
-    monkeypatch.setattr(engine_mod, "_DecodeGraph", _StandInGraph)
+    monkeypatch.setattr(graphs, "DecodeGraph", _StandInGraph)
     _StandInGraph.captured = _StandInGraph.replays = 0
     _StandInGraph.shapes = []
     return _StandInGraph
@@ -358,7 +356,7 @@ def test_graph_decode_bookkeeping(model, stand_in_graphs):
     plain.run()
     graphed = Engine(model, max_batch=3, prefill_chunk=4)
     assert not graphed.cuda_graphs  # on by default, but only where CUDA is
-    graphed.cuda_graphs = True  # forced on a CPU engine: only the stand-in graph is used
+    graphed.runner.cuda_graphs = True  # forced on a CPU engine: only the stand-in graph is used
     got = [graphed.submit(p, pl, sp) for p, pl, sp in zip(PROMPTS, PLACEMENTS, params, strict=True)]
     graphed.run()
     assert [r.output for r in got] == [r.output for r in expected]
@@ -370,12 +368,12 @@ def test_padded_replays_use_decode_graphs_only(model, stand_in_graphs):
     k + 1 tokens with roll-back: plain requests that later take the same slots must never replay it padded (their
     recurrent state would advance k + 1 times)."""
     engine = Engine(model, max_batch=3, spec_k_max=1)
-    engine.cuda_graphs = True
+    engine.runner.cuda_graphs = True
     spec = SamplingParams(max_tokens=12, stop_token_ids=())
     # drafts in pools of their own, k = 1 throughout: the three rows verify 2 tokens together
     first = [engine.submit(p, "GGSG", spec, draft="KKKK", spec_k=1) for p in PROMPTS[:3]]
     engine.run()
-    verify = [g for g in engine._graphs.values() if not g.decode and len(g.codes) == 3]
+    verify = [g for g in engine.runner.graphs.captured.values() if not g.decode and len(g.codes) == 3]
     assert verify and verify[0].codes == tuple(r.code for r in first)
     plain = [SamplingParams(max_tokens=n, stop_token_ids=()) for n in (2, 6, 9)]
     reqs = [engine.submit(p, "GGSG", sp) for p, sp in zip(PROMPTS[:3], plain, strict=True)]
@@ -395,18 +393,18 @@ def test_interleaved_placements_read_every_pool_as_a_view(model):
         engine.submit([1 + i, 2, 3], placement, SamplingParams(max_tokens=4, stop_token_ids=()))
     engine.step()
     rows = engine.running
-    plan = engine._plan([r.placement for r in rows], [r.slots for r in rows], tuple(r.code for r in rows))
+    plan = engine.runner.plan([r.placement for r in rows], [r.slots for r in rows], tuple(r.code for r in rows))
     assert all(group.span is not None for layer in plan for group in layer)
 
 
 def test_replacements_restore_the_cached_composition(model, stand_in_graphs):
     """Continuous batching of one preset: a request that takes a finished one's slots takes its row too (its rank,
-    see Engine._admit), so the batch returns to a composition whose CUDA graph is cached. 24 requests of different
+    see Scheduler._admit), so the batch returns to a composition whose CUDA graph is cached. 24 requests of different
     lengths through 4 rows: 3 captures for 59 steps (appended at the end instead, it was 12)."""
     params = [SamplingParams(max_tokens=5 + (7 * i) % 11, stop_token_ids=()) for i in range(24)]
     prompts = [[1 + i, 2, 3] for i in range(24)]
     engine = Engine(model, max_batch=4, prefill_chunk=64)
-    engine.cuda_graphs = True
+    engine.runner.cuda_graphs = True
     reqs = [engine.submit(p, "GGGG", sp) for p, sp in zip(prompts, params, strict=True)]
     steps = 0
     while engine.has_work():
@@ -423,8 +421,8 @@ def test_first_chunk_attends_to_its_own_keys(model):
     requests' KV, which must never be seen."""
     engine = Engine(model, max_batch=2, prefill_chunk=64)
     fresh = []
-    forward = engine.mixed_forward
-    engine.mixed_forward = lambda *a, **k: fresh.append(k.get("fresh", False)) or forward(*a, **k)
+    forward = engine.runner.mixed_forward
+    engine.runner.mixed_forward = lambda *a, **k: fresh.append(k.get("fresh", False)) or forward(*a, **k)
     long = [(7 * i) % 90 + 1 for i in range(29)]  # longer than the window (6) and the ring (window + spare room)
     params = SamplingParams(max_tokens=6, stop_token_ids=())
     for placement in ("SSSS", "FFFF", "FSGK"):
@@ -441,8 +439,8 @@ def test_prompts_of_different_lengths_prefill_in_one_padded_forward(model):
     the same padded forward) too."""
     engine = Engine(model, max_batch=8, prefill_chunk=32, prefill_tokens=64)
     calls = []
-    forward = engine.mixed_forward
-    engine.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
+    forward = engine.runner.mixed_forward
+    engine.runner.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
     prompts = PROMPTS + [[9, 8, 7, 6, 5, 4, 3, 2, 1, 2], [11, 12]]
     placements = PLACEMENTS + ["SGSG", "KFKF"]
     params = SamplingParams(max_tokens=6, stop_token_ids=())
@@ -466,8 +464,8 @@ def test_prompts_of_equal_length_prefill_in_one_forward(model):
     params = SamplingParams(max_tokens=5, stop_token_ids=())
     reqs = [engine.submit(p, pl, params) for p, pl in zip(prompts, PLACEMENTS, strict=True)]
     calls = []
-    forward = engine.mixed_forward
-    engine.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
+    forward = engine.runner.mixed_forward
+    engine.runner.mixed_forward = lambda tokens, *a, **k: calls.append(tuple(tokens.shape)) or forward(tokens, *a, **k)
     engine.step()  # 4 admitted; their 6-token prompts go 2 per forward (prefill_tokens=16), then all 4 decode
     assert calls == [(2, 6), (2, 6), (4, 1)]
     engine.run()
@@ -481,13 +479,13 @@ def test_composition_codes_follow_contents(model):
     engine = Engine(model, max_batch=2)
     params = SamplingParams(max_tokens=3, stop_token_ids=())
     a, b = engine.submit([1, 2], "all-attention", params), engine.submit([3, 4], "all-gdn", params)
-    engine._admit()
+    engine.scheduler._admit()
     assert a.code != b.code
     engine.cancel(a)
     touched = engine.step()  # a's slots are freed, b decodes
     assert touched == [b]
     c = engine.submit([5, 6, 7], "all-attention", params)
-    engine._admit()
+    engine.scheduler._admit()
     assert c.code == a.code  # the slots a freed (lowest free first), the same placement
     d = engine.submit([5], "all-kda", params)
     engine.run()
@@ -501,10 +499,10 @@ def test_composition_codes_start_over_without_collisions(model, monkeypatch):
     params = SamplingParams(max_tokens=6, stop_token_ids=())
     a = engine.submit([1, 2, 3], "all-gdn", params)
     engine.step()
-    engine._codes.update({("filler", i): 1000 + i for i in range(100_001)})  # as if many compositions came by
+    engine.scheduler._codes.update({("filler", i): 1000 + i for i in range(100_001)})  # as if many compositions came by
     b = engine.submit([4, 5], "all-attention", params)
     engine.run()
-    assert len(engine._codes) == 2 and a.code != b.code
+    assert len(engine.scheduler._codes) == 2 and a.code != b.code
     assert a.output == alone(model, [1, 2, 3], "all-gdn", 6) and b.output == alone(model, [4, 5], "all-attention", 6)
 
 
@@ -517,7 +515,7 @@ def test_state_budget_shrinks_only_the_full_attention_pools(model):
     budget = full.memory_bytes() - 2 * per_fa  # room for 2 of the 4 FA slots
     engine = Engine(model, max_batch=4, max_context=40, state_memory=budget)
     assert engine.full_attention_slots == 2 and engine.memory_bytes() <= budget
-    specs = [{n: engine._pool_spec(m) for n, m in block.mixer.mixers.items()} for block in model.blocks]
+    specs = [{n: engine.runner._pool_spec(m) for n, m in block.mixer.mixers.items()} for block in model.blocks]
     for layer, spec in zip(engine.pools, specs, strict=True):  # the budget's planned sizes are the real ones
         for name, (cls, kw) in spec.items():
             assert layer[name].nbytes_per_slot() == cls.slot_bytes(**kw, dtype=engine.dtype)
@@ -655,14 +653,13 @@ def test_decoding_one_step_ahead(model):
     books step t's: tokens arrive one call later, requests that stop, are cancelled or join meanwhile stay exact,
     seeded requests fall back to the synchronous step, and every slot goes back to its pool."""
     params = SamplingParams(max_tokens=8, stop_token_ids=())
-    engine = Engine(model, max_batch=3)
-    engine.overlap = True
+    engine = Engine(model, max_batch=3, overlap=True)
     a = engine.submit(PROMPTS[0], "FSGK", params)
     b = engine.submit(PROMPTS[1], "GGGG", params)
     engine.step()  # prefill: first tokens, then the first decode step is launched, its tokens pending
-    assert engine._pending is not None and [len(r.output) for r in (a, b)] == [1, 1]
+    assert engine.scheduler._pending is not None and [len(r.output) for r in (a, b)] == [1, 1]
     touched = engine.step()  # the next step launched, the pending tokens booked
-    assert touched == [a, b] and [len(r.output) for r in (a, b)] == [2, 2] and engine._pending is not None
+    assert touched == [a, b] and [len(r.output) for r in (a, b)] == [2, 2] and engine.scheduler._pending is not None
     free = alone(model, PROMPTS[2], "SSSS", 8)
     at = next(i for i in range(2, 8) if free[i] not in free[:i])  # a stop token first drawn at step `at`
     c = engine.submit(PROMPTS[2], "SSSS", SamplingParams(max_tokens=8, stop_token_ids=(free[at],)))  # joins
@@ -681,16 +678,16 @@ def test_decoding_one_step_ahead(model):
 
 
 def test_deferred_nucleus_redraw_matches_the_filtered_distribution(model, monkeypatch):
-    """Decoding one step ahead samples without a host sync (generation.sample_candidates) and redraws rows whose
-    nucleus is wider than the candidates later (Engine._settle): the settled tokens follow filter_logits' law,
+    """Decoding one step ahead samples without a host sync (sampling.sample_candidates) and redraws rows whose
+    nucleus is wider than the candidates later (Sampler.settle): the settled tokens follow filter_logits' law,
     for two groups of sampling settings in one batch."""
     from types import SimpleNamespace
 
-    from gearshift import generation
-    from gearshift.generation import filter_logits
-    from gearshift.serve.engine import _Pending
+    from gearshift import sampling
+    from gearshift.sampling import filter_logits
+    from gearshift.serve.sampler import Pending
 
-    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 3)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 3)
     dists = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.05, 0.03, 0.02], [0.2, 0.18, 0.17, 0.16, 0.15, 0.14]]))
     settings = [SamplingParams(temperature=1.0, top_p=0.85), SamplingParams(temperature=0.7, top_p=0.95)]
     n = 8000
@@ -698,11 +695,11 @@ def test_deferred_nucleus_redraw_matches_the_filtered_distribution(model, monkey
     logits = dists.repeat(n, 1)  # and distributions: row i has distribution i % 2
     engine = Engine(model, max_batch=2)
     torch.manual_seed(0)
-    tokens, redraws = engine._sample_on_device(reqs, logits, tuple(range(2 * n)))
+    tokens, redraws = engine.sampler.sample_on_device(reqs, logits, tuple(range(2 * n)))
     assert [bool(wide.any()) for _, _, wide in redraws] == [False, True]  # the second's nucleus has 6 tokens
     assert int(tokens.max()) < 3  # before settling: candidates only
-    pending = _Pending(reqs, tokens, torch.zeros(2 * n, 1), tokens, None, logits, redraws)
-    engine._settle(pending)
+    pending = Pending(reqs, tokens, torch.zeros(2 * n, 1), tokens, None, logits, redraws)
+    engine.sampler.settle(pending)
     assert not pending.redraws and pending.logits is None
     for r in range(2):
         got = torch.bincount(pending.tokens[r::2], minlength=6).float() / n
@@ -716,7 +713,7 @@ def test_draining_batch_replays_its_graph_padded(model, stand_in_graphs):
     size (8 rows of mixed presets: 3 captures in 26 steps, against 8), and every output is the one it has alone."""
     presets = ["GGGG", "FSGK", "KKKK", "SSSS"]
     engine = Engine(model, max_batch=8, prefill_chunk=64)
-    engine.cuda_graphs = True
+    engine.runner.cuda_graphs = True
     reqs = [
         engine.submit([1 + i, 2, 3], presets[i % 4], SamplingParams(max_tokens=6 + 3 * i, stop_token_ids=()))
         for i in range(8)
@@ -731,7 +728,7 @@ def test_padded_replay_never_writes_a_taken_slot(model, stand_in_graphs):
     """A slot freed by an ended request and taken by a new one (still reading its prompt) must not receive a padded
     row's dummy write: the batch then captures its new size instead, and the newcomer's output is its own."""
     engine = Engine(model, max_batch=3, prefill_chunk=2)  # a 7-token prompt reads over 4 steps
-    engine.cuda_graphs = True
+    engine.runner.cuda_graphs = True
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
     lengths = [4, 12, 12, 6]
     reqs = [
@@ -741,3 +738,65 @@ def test_padded_replay_never_writes_a_taken_slot(model, stand_in_graphs):
     engine.run()
     for req, prompt, n in zip(reqs, prompts, lengths, strict=True):
         assert req.output == alone(model, prompt, "GGGG", n)
+
+
+def test_a_block_change_made_once_reaches_the_model_and_the_engine(model, monkeypatch):
+    """The engine runs the model's own block loop (Supernet.forward with a mixer dispatch), so one change to
+    Block.forward -- here each block's update scaled by a half -- reaches Supernet.forward and a mixed engine batch
+    alike: both move away from the unchanged model's logits, and the engine still equals the model, row by row."""
+    from gearshift.model import Block
+
+    prompts, placements = [[5, 6, 7, 8, 9], [3, 1, 4, 1, 5]], ["FSGK", "GKFS"]  # rows of different mixers per layer
+    tokens = torch.tensor(prompts)
+    positions = torch.arange(tokens.shape[1])[None].expand(2, -1)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            alone = torch.cat([model(tokens[i : i + 1], placements[i]) for i in range(2)])
+        engine = Engine(model, max_batch=2)  # fresh pools: the prompts' first chunk
+        reqs = [engine.submit(p, pl, SamplingParams(max_tokens=1)) for p, pl in zip(prompts, placements, strict=True)]
+        engine.scheduler._admit()
+        batched, _ = engine.runner.mixed_forward(
+            tokens, positions, [r.placement for r in reqs], [r.slots for r in reqs], fresh=True
+        )
+        return alone, batched
+
+    before, engine_before = both()
+    original = Block.forward
+
+    def half_update(self, h, mixer, ctx=None, cache=None):
+        out, m = original(self, h, mixer, ctx, cache)
+        return h + 0.5 * (out - h), m
+
+    monkeypatch.setattr(Block, "forward", half_update)
+    after, engine_after = both()
+    torch.testing.assert_close(engine_before, before, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine_after, after, atol=1e-4, rtol=1e-4)
+    assert (after - before).abs().max() > 0.1  # the change is visible ...
+    torch.testing.assert_close(engine_after - engine_before, after - before, atol=1e-4, rtol=1e-4)  # ... alike
+
+
+def test_engine_config_is_frozen_and_built_from_keywords(model):
+    """Engine options live in a frozen EngineConfig; keyword options build it (and override a given one); the
+    group-streams default is the environment's switch, read when the engine is built."""
+    import dataclasses
+
+    from gearshift import envs
+    from gearshift.serve.engine import EngineConfig
+
+    config = EngineConfig(max_batch=3, prefill_chunk=5, placements=["FSGK", "GGGG"])
+    engine = Engine(model, config)
+    assert engine.engine_config == config and (engine.max_batch, engine.prefill_chunk) == (3, 5)
+    assert Engine(model, max_batch=3, prefill_chunk=5, placements=["FSGK", "GGGG"]).engine_config == config
+    assert Engine(model, config, max_batch=2).engine_config == dataclasses.replace(config, max_batch=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_batch = 4
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        EngineConfig(prefill_chunk=0)
+    with pytest.raises(TypeError):
+        Engine(model, max_bach=2)
+    with envs.override(GROUP_STREAMS=0):
+        assert not EngineConfig().streams() and EngineConfig(group_streams=True).streams()
+    with envs.override(GROUP_STREAMS="auto"):
+        assert EngineConfig().streams() and not EngineConfig(group_streams=False).streams()
+    assert not engine.runner.group_streams  # CUDA only

@@ -11,9 +11,6 @@ from gearshift import clitools, envs
 from gearshift.ops import attention, compiled, dispatch, fused
 
 ROOT = Path(__file__).resolve().parents[1]
-# modules that still read a GEARSHIFT_* variable themselves: the engine's GROUP_STREAMS moves to envs on the branch
-# that splits the engine (drop this entry when it merges)
-NOT_YET = {"serve/engine.py"}
 
 
 @pytest.mark.parametrize(
@@ -122,7 +119,7 @@ def test_only_envs_reads_the_variables():
     readers = []
     for path in src.rglob("*.py"):
         rel = path.relative_to(src).as_posix()
-        if rel == "envs.py" or rel in NOT_YET:
+        if rel == "envs.py":
             continue
         text = path.read_text()
         if re.search(r"(os\.environ|getenv)[^\n]*[\"']GEARSHIFT_", text):

@@ -18,13 +18,6 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "gearshift"
 
-# Circles known to remain while src/gearshift/serve/ is being split (issue 22: scheduler, model runner, sampler and
-# speculative rounds that return accepted tokens). The serving split removes them; empty this at that merge.
-# Each entry is one strongly connected set of modules.
-ALLOWED_CYCLES: set[frozenset[str]] = {
-    frozenset({"gearshift.serve.engine", "gearshift.serve.speculative"}),  # speculative calls Engine's privates
-}
-
 
 def modules(src: Path = SRC) -> dict[str, tuple[Path, bool]]:
     """Dotted module name -> (file, is a package ``__init__``) for every module of the package."""
@@ -177,13 +170,5 @@ def test_the_graph_sees_hidden_and_lazy_imports() -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    unexpected = [c for c in cycles(graph) if c not in ALLOWED_CYCLES]
-    assert not unexpected, "import circles in src/gearshift:\n" + "\n".join(describe(graph, c) for c in unexpected)
-
-
-def test_allowed_cycles_still_exist() -> None:
-    """An allowed circle that is gone must leave the allow-list, so that it cannot come back unnoticed."""
-    found = set(cycles(import_graph()))
-    stale = [sorted(c) for c in ALLOWED_CYCLES if c not in found]
-    assert not stale, f"these circles are gone: remove them from ALLOWED_CYCLES in {Path(__file__).name}: {stale}"
-    assert all(m.startswith("gearshift.serve.") for c in ALLOWED_CYCLES for m in c), "only serve/ may be allowed"
+    found = cycles(graph)
+    assert not found, "import circles in src/gearshift:\n" + "\n".join(describe(graph, c) for c in found)

@@ -68,9 +68,13 @@ def test_decode_benchmarks_run_on_cpu(tmp_path, script, args):
         assert [(row["draft"], row["k"]) for row in report["rows"]] == [
             (d, k) for d in ("all-gdn", "Reg|Lklhd-10") for k in (1, 2)
         ]
-        for row in report["rows"]:  # a round of k draft steps and a verify costs more than one plain step
-            assert row["t_round_ms"] > row["t_target_ms"] > 0
-            assert row["speedup_at_acceptance"]["0.9"] > row["speedup_at_acceptance"]["0.5"]
+        for row in report["rows"]:  # timings measured, not compared (wall times are not asserted in tests) ...
+            assert row["t_round_ms"] > 0 and row["t_target_ms"] > 0 and row["t_draft_ms"] > 0
+            k, t_round, t_draft = row["k"], row["t_round_ms"], row["t_draft_ms"]
+            for a, gain in row["speedup_at_acceptance"].items():  # ... and the speed-ups follow from them
+                a = float(a)
+                emitted = (1 - a ** (k + 1)) / (1 - a)
+                assert gain == pytest.approx(emitted * row["t_target_ms"] / (t_round + a**k * t_draft))
     else:
         assert {row["method"] for row in report["rows"]} == {"fused", "split-16"}
         assert max(row["max_abs_diff"] for row in report["rows"]) < 1e-5

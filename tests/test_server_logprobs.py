@@ -293,7 +293,7 @@ def _engine_case(model, device, cuda_graphs):
         engine.submit(prompts[3], "FK", SamplingParams(max_tokens=6, logprobs=1, stop_token_ids=()), draft="GG"),
     ]
     engine.run()
-    assert not engine.running and engine._logprob_requests == 0
+    assert not engine.running and engine.scheduler._logprob_requests == 0
     return reqs
 
 
@@ -332,6 +332,7 @@ def test_engine_logprobs_and_failures_on_cuda(setup, monkeypatch):
     import copy
 
     from gearshift.serve.engine import Engine, SamplingParams
+    from gearshift.serve.runner import ModelRunner
 
     model, _, _, _ = setup
     gpu = copy.deepcopy(model).to("cuda").fuse_projections_()
@@ -339,7 +340,7 @@ def test_engine_logprobs_and_failures_on_cuda(setup, monkeypatch):
     engine = Engine(gpu, max_batch=4, cuda_graphs=True)
     plain = [engine.submit([5, 9, 12], "GG", SamplingParams(max_tokens=24, stop_token_ids=())) for _ in range(3)]
     engine.run()
-    original = Engine._decode_logits
+    original = ModelRunner.decode_logits
     steps = {"n": 0}
 
     def poisoned(self, reqs, *a, **kw):
@@ -350,7 +351,7 @@ def test_engine_logprobs_and_failures_on_cuda(setup, monkeypatch):
             logits[1] = float("nan")
         return logits
 
-    monkeypatch.setattr(Engine, "_decode_logits", poisoned)
+    monkeypatch.setattr(ModelRunner, "decode_logits", poisoned)
     reqs = [
         engine.submit([5, 9, 12], "GG", SamplingParams(max_tokens=24, temperature=0.8, stop_token_ids=()))
         for _ in range(3)  # unseeded: the decode-ahead path, which samples on the device

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import train_fixtures as fx
-from gearshift import generation
+from gearshift import sampling
 from gearshift.model import Supernet
 from gearshift.serve.engine import Engine
+from gearshift.serve.runner import ModelRunner
+from gearshift.serve.scheduler import Scheduler
 
 from test_server import LiveServer, greedy_text
 
@@ -92,10 +94,10 @@ def test_sampling_survives_non_finite_logits():
     assert (CUDA), and keeps the top token for any top_p."""
     logits = torch.tensor([[0.0, 1.0, 2.0], [math.nan, 0.0, 0.0], [math.inf, 0.0, 0.0]])
     for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.5), (0, 1e-50)):
-        tokens, _ = generation.sample_candidates(logits, 1.0, top_k, top_p)
+        tokens, _ = sampling.sample_candidates(logits, 1.0, top_k, top_p)
         assert tokens[1:].tolist() == [-1, -1] and 0 <= int(tokens[0]) < 3
-    assert generation.sample_next(logits[:1], 0.7, 0, 1e-50).tolist() == [2]
-    assert generation.sample_next(logits[:1], 1e-40).tolist() == [2]  # greedy below GREEDY_BELOW
+    assert sampling.sample_next(logits[:1], 0.7, 0, 1e-50).tolist() == [2]
+    assert sampling.sample_next(logits[:1], 1e-40).tolist() == [2]  # greedy below GREEDY_BELOW
 
 
 # ---------------------------------------------------------------------------------------------- defect 2
@@ -290,14 +292,14 @@ def test_a_sampling_failure_in_one_row_fails_only_that_request(srv, model_and_to
     """Inject a failure into the sampler for the rows of one request (its own temperature marks them): that
     request ends with an error, the others in the same batch finish with the right tokens, /health stays ok."""
     model, tok, _ = model_and_tok
-    original = generation.sample_candidates
+    original = sampling.sample_candidates
 
     def failing(logits, temperature=0.0, *a, **kw):
         if temperature == 0.77:
             raise RuntimeError("injected sampling failure")
         return original(logits, temperature, *a, **kw)
 
-    monkeypatch.setattr(generation, "sample_candidates", failing)
+    monkeypatch.setattr(sampling, "sample_candidates", failing)
     expect, _ = greedy_text(model, tok, tok("w1 w2 w3")["input_ids"], "FF", 12)
 
     async def burst():
@@ -327,7 +329,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(model_and_
     model, tok, _ = model_and_tok
     server = LiveServer(model, tok, max_batch=4, max_queue=8)
     try:
-        original = Engine._decode_logits
+        original = ModelRunner.decode_logits
         calls = {"n": 0}
 
         def flaky(self, *a, **kw):
@@ -336,7 +338,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(model_and_
                 raise RuntimeError("injected forward failure")
             return original(self, *a, **kw)
 
-        monkeypatch.setattr(Engine, "_decode_logits", flaky)
+        monkeypatch.setattr(ModelRunner, "decode_logits", flaky)
 
         async def burst():
             async with httpx.AsyncClient(timeout=60) as client:
@@ -346,7 +348,7 @@ def test_a_failed_forward_fails_its_requests_and_the_engine_serves_on(model_and_
         codes = [r.status_code for r in asyncio.run(burst())]
         assert 500 in codes, codes
         idle(server.engine)
-        monkeypatch.setattr(Engine, "_admit", lambda self: (_ for _ in ()).throw(RuntimeError("admit broke")))
+        monkeypatch.setattr(Scheduler, "_admit", lambda self: (_ for _ in ()).throw(RuntimeError("admit broke")))
         for _ in range(3):  # three failed steps in a row: /health says so (503) ...
             assert_openai_error(post(server, {"model": "gs", "prompt": "w1", "max_tokens": 2}), 500)
         assert_openai_error(httpx.get(server.url + "/health"), 503)

@@ -90,16 +90,28 @@ def test_synthetic_cache_has_the_shapes_decoding_allocates(tiny_model, placement
     assert out.shape == (b, 1, tiny_model.config.vocab_size) and torch.isfinite(out).all()
 
 
-def test_pool_for_matches_the_engine_pools(tiny_model):
-    """``pool_for(mixer.state_spec(), ...)`` gives the engine's pool class and settings for every mixer kind (the
-    engine's ``_pool_spec`` becomes a call to it)."""
+def test_pool_for_gives_each_mixer_its_pool(tiny_model):
+    """``pool_for(mixer.state_spec(), ...)`` (what the engine's runner calls) gives every mixer kind the pool and
+    settings written out here from the mixer's own config: KV heads and window for attention, the recurrent
+    state's heads and sizes and the conv tails (KDA: one tail for its three convs) for GDN and KDA."""
     engine = Engine(copy.deepcopy(tiny_model), max_batch=2, max_context=48, spec_k_max=3)
     kinds = set()
     for i, block in enumerate(engine.model.blocks):
         for name, mixer in block.mixer.mixers.items():
+            c = mixer.cfg
+            if mixer.kind in ("attention", "sliding_window"):
+                want = (AttentionPool, dict(heads=c.head_groups, head_size=c.head_size, capacity=48,
+                                            window=c.window_size, spare=4))  # fmt: skip
+            elif mixer.kind == "gdn":
+                want = (RecurrentPool, dict(heads=c.value_heads, dk=c.key_head_dim, dv=c.value_head_dim,
+                                            conv_channels=[2 * mixer.key_dim + mixer.value_dim],
+                                            kernel=c.conv_kernel))  # fmt: skip
+            else:
+                want = (RecurrentPool, dict(heads=c.heads, dk=c.head_dim, dv=c.head_dim,
+                                            conv_channels=[3 * c.heads * c.head_dim], kernel=c.conv_kernel))  # fmt: skip
             got = pool_for(mixer.state_spec(), max_context=engine.max_context, spare=engine.spec_k_max + 1)
-            assert got == engine._pool_spec(mixer), (i, name)
-            assert isinstance(engine.pools[i][name], got[0])
+            assert got == want, (i, name)
+            assert isinstance(engine.pools[i][name], want[0])
             kinds.add(mixer.kind)
     assert kinds == {"attention", "sliding_window", "gdn", "kda"}
 

@@ -6,6 +6,7 @@ state dict of this module *is* an Apriel2 stochastic-supernet state dict.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,15 @@ from .ops.documents import Documents
 from .ops.fused import ACTIVATIONS, gated_activation
 from .placement import Placement, PlacementError, PlacementSpec, looks_like_placement, resolve_placement
 
+# A layer's mixer dispatch: (layer index, block, normed input [B, T, dim]) -> the mixer output. Where one is given,
+# the block loop calls it in place of the placement's mixer (the serving engine's rows use different mixers, each
+# group on its own state); everything else a block does stays in Block.forward, written once.
+LayerMix = Callable[[int, "Block", Tensor], Tensor]
 
-def _block(block: Block, h: Tensor, mixer: str, ctx: StepContext, cache: Any = None) -> tuple[Tensor, Tensor]:
+
+def _block(
+    block: Block, h: Tensor, mixer: str | Callable[[Tensor], Tensor], ctx: StepContext | None, cache: Any = None
+) -> tuple[Tensor, Tensor]:
     return block(h, mixer, ctx, cache)
 
 
@@ -95,9 +103,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = MLP(hidden_size, cfg.mlp)
 
-    def forward(self, h: Tensor, mixer: str, ctx: StepContext, cache: Any = None) -> tuple[Tensor, Tensor]:
-        """Returns (new residual stream, this layer's mixer output)."""
-        m = self.mixer.mixers[mixer](self.input_layernorm(h), ctx, cache)
+    def forward(
+        self, h: Tensor, mixer: str | Callable[[Tensor], Tensor], ctx: StepContext | None = None, cache: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """Returns (new residual stream, this layer's mixer output). ``mixer``: the name of the mixer to run on
+        ``ctx`` and ``cache``, or a function of the normed input that returns the mixer output (a dispatch of rows
+        to several mixers, see ``Supernet.forward``'s ``mix``)."""
+        x = self.input_layernorm(h)
+        m = self.mixer.mixers[mixer](x, ctx, cache) if isinstance(mixer, str) else mixer(x)
         h = h + m
         return h + self.mlp(self.post_attention_layernorm(h)), m
 
@@ -321,6 +334,7 @@ class Supernet(nn.Module):
         last_only: bool = False,
         documents: Documents | Tensor | None = None,
         output_fn: Callable[[Tensor, Tensor], Any] | None = None,
+        mix: LayerMix | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] (or the final hidden states with ``return_hidden``).
 
@@ -334,29 +348,41 @@ class Supernet(nn.Module):
         mixer reads across a boundary and RoPE positions restart in each (no cache, no padding mask then).
         ``output_fn(hidden, output_weight)`` replaces the logits by what it returns: a loss fused with the output
         projection (``train.losses.linear_losses``), computed inside this forward so data-parallel wrappers see it.
+        ``mix(layer, block, x)``: each layer's mixer output for its normed input ``x``, in place of the placement's
+        mixer (the serving engine's batches, whose rows use different mixers on their own state); the dispatch
+        holds the positions and the state, so ``placement``, ``attention_mask``, ``cache`` and ``documents`` are
+        not given with it. Every other part of the forward is the same code for both.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if cache is not None:
+        ctx = None
+        if mix is not None:
+            if any(x is not None for x in (placement, attention_mask, cache, documents)):
+                raise ValueError("a mixer dispatch (mix) holds its own positions and state: no placement, mask, "
+                                 "cache or documents with it")  # fmt: skip
+            placement = (None,) * len(self.blocks)
+        elif cache is not None:
             if placement is not None and self.resolve(placement) != cache.placement:
                 raise PlacementError("this cache was created for another placement; start a new cache to switch")
             placement = cache.placement
         else:
             placement = self.resolve(placement)
-        ctx = self._context(input_ids, attention_mask, cache, documents)
+        if mix is None:
+            ctx = self._context(input_ids, attention_mask, cache, documents)
         h = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        run = _compiled_block if self.compile_blocks and cache is None else _block
+        run = _compiled_block if self.compile_blocks and cache is None and mix is None else _block
         if run is _compiled_block:
             mixers = [block.mixer.mixers[name] for block, name in zip(self.blocks, placement, strict=True)]
             self.prepare_context(ctx, mixers, h.dtype)
         for i, (block, name) in enumerate(zip(self.blocks, placement, strict=True)):
             if mixer_inputs is not None:
                 mixer_inputs.append(block.input_layernorm(h))
+            mixer = name if mix is None else functools.partial(mix, i, block)
             if recompute:
-                h, m = checkpoint(run, block, h, name, ctx, None, use_reentrant=False)
+                h, m = checkpoint(run, block, h, mixer, ctx, None, use_reentrant=False)
             else:
-                h, m = run(block, h, name, ctx, None if cache is None else cache.layers[i])
+                h, m = run(block, h, mixer, ctx, None if cache is None else cache.layers[i])
             if mixer_outputs is not None:
                 mixer_outputs.append(m)
         if cache is not None:

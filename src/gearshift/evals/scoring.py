@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..generation import pad_left, sample_next
+from ..generation import pad_left
 from ..placement import PlacementSpec
+from ..sampling import sample_next
 from .errors import EvalError
 from .tokenizer import TextCodec, as_codec
 

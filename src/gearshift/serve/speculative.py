@@ -10,30 +10,67 @@ target and draft returns to the last accepted token from per-token snapshots; at
 
 A round stays on the device for all its rows -- proposals, draws, acceptance, corrections -- and reads back to
 the host once, at the end (seeded requests draw from their own generators, row by row, still on the device).
+
+A round runs on the model runner and returns what each request accepted (``Verified``); the scheduler books it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ..generation import draw, filter_logits
-from .engine import index_groups
-from .logprobs import token_logprobs
+from ..sampling import draw, filter_logits
+from .logprobs import TokenLogprob, token_logprobs
 from .pools import RecurrentPool
+from .request import Request
+from .sampler import index_groups
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+
+@dataclass
+class Verified:
+    """One request's outcome of a speculative round, for the scheduler to book."""
+
+    tokens: list[int]  # the accepted proposals, then the target's own token (a correction or a bonus)
+    accepted: int  # proposals accepted, of the round's k
+    draft_read: int  # tokens the draft's state advanced by: its catch-up and the draft steps it keeps
+    logprobs: list[TokenLogprob] | None = None  # per token, under the target, where the request asks for them
+    failed: bool = False  # its distribution could not be drawn from (NaN logits): the request fails
+
+
+def round_size(reqs: list[Request], max_context: int) -> int:
+    """Proposals per row of these requests' next round (their ``spec_k``, as the context's end allows); below 1,
+    they are too close to the end to speculate and take a plain decode step instead."""
+    room = min(max_context - len(r.tokens) for r in reqs)
+    return min(reqs[0].spec_k, room - 1)
+
+
+def next_spec_k(spec_k: int, accepted: int, k: int, k_max: int) -> int:
+    """A request's k for its next round: one more after a round it accepted whole, one less when it accepted under
+    half."""
+    if accepted == k:
+        return min(k_max, spec_k + 1)
+    if accepted < k // 2:
+        return max(1, spec_k - 1)
+    return spec_k
 
 
 class _SampledRows:
     """The sampled requests of a round and their index tensors, built once per round: each host-to-device copy
     waits for the GPU, so none is made inside the draft loop."""
 
-    def __init__(self, reqs: list, device: torch.device) -> None:
+    def __init__(self, reqs: list[Request], device: torch.device) -> None:
         self.reqs, self.device = reqs, device
         self.settings = index_groups([(r.params.temperature, r.params.top_k, r.params.top_p) for r in reqs], device)
         free = [i for i, r in enumerate(reqs) if r.generator is None]
         self.free = torch.tensor(free, device=device) if free else None
         self.seeded = [(i, r.generator) for i, r in enumerate(reqs) if r.generator is not None]
-        self.bad: Tensor | None = None  # [N] rows whose distribution could not be drawn from (see generation.draw)
+        self.bad: Tensor | None = None  # [N] rows whose distribution could not be drawn from (see sampling.draw)
 
     def probs(self, logits: Tensor) -> Tensor:
         """Each row's sampling distribution [N, V] under its request's temperature / top-k / top-p (one filter
@@ -68,18 +105,15 @@ class _SampledRows:
 
 
 @torch.no_grad()
-def speculative_round(engine, reqs: list, touched: list) -> None:
-    device = engine.device
-    room = min(engine.max_context - len(r.tokens) for r in reqs)
-    k = min(reqs[0].spec_k, room - 1)
-    if k < 1:  # too close to the context end to speculate: one plain target step
-        engine._decode(reqs, touched)
-        return
+def speculative_round(runner: ModelRunner, reqs: list[Request], k: int) -> list[Verified]:
+    """One round of ``k`` proposals (``round_size``) for these requests, on their target and draft pools; returns
+    each request's outcome, in order. Reads the requests, changes only their pool state."""
+    device = runner.device
     # 1) the draft catches up with tokens it has not read (the last token of a fully accepted round), requests
     # with the same lag in one forward
+    lags = [len(r.tokens) - 1 - r.draft_processed for r in reqs]
     lagging: dict[int, list] = {}
-    for r in reqs:
-        lag = len(r.tokens) - 1 - r.draft_processed
+    for r, lag in zip(reqs, lags, strict=True):
         if lag:
             lagging.setdefault(lag, []).append(r)
     for lag, group in lagging.items():
@@ -91,12 +125,10 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
             [r.draft_slots for r in group],
         )
         top = max(r.draft_processed for r in group) + lag - 1  # bounds known here: no device check
-        if lag == 1 and engine.cuda_graphs:  # one token: a draft decode step, as in step 2
-            engine._graph_decode(*args, top, tuple(r.draft_code for r in group))
+        if lag == 1 and runner.cuda_graphs:  # one token: a draft decode step, as in step 2
+            runner.graph_decode(*args, top, tuple(r.draft_code for r in group))
         else:
-            engine.mixed_forward(*args, max_position=top)
-        for r in group:
-            r.draft_processed += lag
+            runner.mixed_forward(*args, max_position=top)
     b = len(reqs)
     base = torch.tensor([r.processed for r in reqs], device=device)
     top = max(r.processed for r in reqs)  # the largest position the round starts from, on the host
@@ -107,22 +139,22 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     g_index = torch.tensor(greedy, device=device) if 0 < len(greedy) < b else None
     s_index = torch.tensor(sampled, device=device) if sampled else None
     # 2) draft k tokens, keeping the draft's recurrent state after each step. On CUDA a draft step is a decode
-    # step of the draft's batch composition, replayed from the engine's CUDA graph of it: an eager step of a
+    # step of the draft's batch composition, replayed from the runner's CUDA graph of it: an eager step of a
     # deep model costs the host more than a bandwidth-bound target step costs the GPU, which would leave
     # nothing to gain
     last = torch.tensor([r.tokens[-1] for r in reqs], device=device)
     proposals = torch.empty(b, k, dtype=torch.long, device=device)
-    q = torch.empty(len(sampled), k, engine.config.vocab_size, device=device) if sampled else None
+    q = torch.empty(len(sampled), k, runner.config.vocab_size, device=device) if sampled else None
     x = last[:, None]
     dcodes = tuple(r.draft_code for r in reqs)
-    replayed = _recurrent_groups(engine, drafts, dslots, dcodes) if engine.cuda_graphs else None
+    replayed = runner.recurrent_groups(drafts, dslots, dcodes) if runner.cuda_graphs else None
     draft_states = []
     for j in range(k):
         if replayed is not None:
-            logits = engine._graph_decode(x, (base + j)[:, None], drafts, dslots, top + j, dcodes)
+            logits = runner.graph_decode(x, (base + j)[:, None], drafts, dslots, top + j, dcodes)
             groups = replayed
         else:
-            logits, views = engine.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
+            logits, views = runner.mixed_forward(x, (base + j)[:, None], drafts, dslots, max_position=top + j)
             logits = logits[:, -1]
             groups = [(v.pool, v.slots, v.index) for v in views]
         draft_states.append([(group, *_snapshot(*group)) for group in groups])
@@ -134,11 +166,11 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
         x = proposals[:, j : j + 1]
     # 3) the target scores the last token and the k proposals in one forward, keeping per-token snapshots (on
     # CUDA replayed from a graph of the composition and k, like the draft steps: its logits and views are the
-    # graph's buffers, read below before any graph replays again)
+    # graph's buffers, read below -- log-probabilities included -- before any graph replays again)
     verify = torch.cat([last[:, None], proposals], dim=1)
     positions = base[:, None] + torch.arange(k + 1, device=device)[None]
     targets, tslots, codes = [r.placement for r in reqs], [r.slots for r in reqs], tuple(r.code for r in reqs)
-    logits, views = engine.graph_forward(verify, positions, targets, tslots, top + k, codes, rollback=k + 1)
+    logits, views = runner.graph_forward(verify, positions, targets, tslots, top + k, codes, rollback=k + 1)
     # 4) accept per row, on the device: n agreeing proposals, then the target's own token at position n
     accepted = torch.empty(b, dtype=torch.long, device=device)
     final = torch.empty(b, dtype=torch.long, device=device)
@@ -176,37 +208,20 @@ def speculative_round(engine, reqs: list, touched: list) -> None:
     failed = set()
     if rows_s is not None and rows_s.bad is not None:
         failed = {sampled[i] for i, bad in enumerate(rows_s.bad.tolist()) if bad}
-    # 7) bookkeeping, adaptive k, emit
+    # 7) each request's outcome: its accepted proposals and the target's token after them (the scheduler emits
+    # them, and keeps the log-probabilities of those it emits before a stop)
+    out = []
     for row, r in enumerate(reqs):
         n = accepted_n[row]
         if row in failed:
-            engine._emit(r, [-1], touched)  # fails it (see Engine._emit)
+            out.append(Verified([], n, lags[row], failed=True))
             continue
-        r.processed += n + 1
-        r.draft_processed += min(n, k - 1) + 1
-        r.proposed += k
-        r.accepted += n
-        r.rounds += 1
-        if n == k:
-            r.spec_k = min(engine.spec_k_max, r.spec_k + 1)
-        elif n < k // 2:
-            r.spec_k = max(1, r.spec_k - 1)
-        emitted, before = drafted[row][:n] + [finals[row]], len(r.tokens)
-        engine._emit(r, emitted, touched)
-        if r.params.logprobs is not None:  # the target's own distribution at each position it kept
-            kept = len(r.tokens) - before
-            r.logprobs += token_logprobs(logits[row, :kept], emitted[:kept], r.params.logprobs)
-
-
-def _recurrent_groups(engine, placements: list, slots: list, codes: tuple) -> list[tuple]:
-    """(pool, slot index tensor, row index tensor or None for all) of each recurrent group of a batch composition,
-    from its plan, in the order of the views an eager forward of it returns."""
-    return [
-        (pool, g.slots, g.rows)
-        for i, groups in enumerate(engine._plan(placements, slots, codes))
-        for g in groups
-        if isinstance(pool := engine.pools[i][g.name], RecurrentPool)
-    ]
+        tokens = drafted[row][:n] + [finals[row]]
+        logprobs = None
+        if r.params.logprobs is not None:  # the target's own distribution at each position
+            logprobs = token_logprobs(logits[row, : n + 1], tokens, r.params.logprobs)
+        out.append(Verified(tokens, n, lags[row] + min(n, k - 1) + 1, logprobs))
+    return out
 
 
 def _snapshot(pool: RecurrentPool, slots: Tensor, index=None) -> tuple[Tensor, list[Tensor]]:
