@@ -107,8 +107,9 @@ def test_pool_for_gives_each_mixer_its_pool(tiny_model):
                                             conv_channels=[2 * mixer.key_dim + mixer.value_dim],
                                             kernel=c.conv_kernel))  # fmt: skip
             else:
-                want = (RecurrentPool, dict(heads=c.heads, dk=c.head_dim, dv=c.head_dim,
-                                            conv_channels=[3 * c.heads * c.head_dim], kernel=c.conv_kernel))  # fmt: skip
+                tail = [3 * c.heads * c.head_dim]
+                want = (RecurrentPool, dict(heads=c.heads, dk=c.head_dim, dv=c.head_dim, conv_channels=tail,
+                                            kernel=c.conv_kernel))  # fmt: skip
             got = pool_for(mixer.state_spec(), max_context=engine.max_context, spare=engine.spec_k_max + 1)
             assert got == want, (i, name)
             assert isinstance(engine.pools[i][name], want[0])
