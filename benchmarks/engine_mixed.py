@@ -32,27 +32,12 @@ from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 from common import device_name, profile_cuda, random_supernet, sync, write_json
 
 
-def fill(engine: Engine, req, context: int) -> None:
-    """Give a request's pool slots (its draft's too) random state for ``context`` tokens and mark its prompt as
-    read."""
-    gen = torch.Generator(device=engine.device).manual_seed(req.id)
-    for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
-        engine.pools[i][name].fill_random(slot, context, gen)
-    req.tokens = req.prompt + [1] * (context - len(req.prompt))
-    req.prompt = list(req.tokens)  # the synthetic context counts as prompt: max_tokens applies to what follows
-    req.processed = req.draft_processed = context - 1
-
-
 def start_filled(engine: Engine, reqs: list, context: int) -> list:
     """Admit these submitted requests together (all must fit) and give each ``context`` tokens of state."""
-    engine.scheduler._admit()
-    if len(engine.running) != len(reqs):
-        raise SystemExit(
-            f"only {len(engine.running)} of {len(reqs)} requests fit the state budget "
-            f"({engine.full_attention_slots} full-attention slots): lower --batch or --context"
-        )
-    for r in reqs:
-        fill(engine, r, context)
+    try:
+        engine.start_synthetic(reqs, context)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}: lower --batch or --context") from None
     return reqs
 
 

@@ -1,176 +1,274 @@
-"""Decode and prefill throughput of placements of a supernet, beside the HBM roofline and the paper.
+"""Like-for-like decode and prefill throughput of placements through the serving engine, beside the HBM roofline.
 
-Decode: a cache as if ``context`` tokens were processed (random state), then CUDA-graph replays of one-token
-steps; tokens/s = batch / step time. Batch 1 and the largest batch whose state fits in memory. Prefill: one
-sequence of ``context`` tokens through a fresh cache. Roofline: modelled bytes moved per step / bandwidth.
+Every placement runs through the same engine path (``gearshift.serve.Engine``, CUDA graphs on CUDA) with *only
+its own mixers' weights* in memory (``Supernet.thin_``), so each is at its best: batch 1, and its largest batch
+-- the most rows whose decoding state the engine's pools hold (pools sized to that placement alone), found by
+search up to ``--batch-limit``, never capped by the engine's queue bound. Rows start as if ``context`` tokens had
+been read (random state, ``Engine.start_synthetic``), then the engine takes ``--steps`` timed decode steps.
+Beside every decode figure: the modelled roofline (``batch_bytes_per_step`` / ``--bandwidth``: weights once,
+each row's state) and the share of it reached. Prefill: one prompt of ``context`` tokens through the engine's
+chunked prefill, timed after a warm-up; beside it, the speed-up over all-attention that the forward's FLOPs
+predict (``gearshift.train.flops.pass_flops``). Speed-ups divide by all-attention at the same context and batch
+kind (its own largest batch for "max").
 
-    python benchmarks/throughput.py --shape apriel-15b --contexts 4096 16384 32768 --out results/throughput.json
-    python benchmarks/throughput.py --shape tiny --device cpu --contexts 64   # CI smoke run
+    python benchmarks/throughput.py --shape apriel-15b --contexts 4096 16384 32768 65536 \\
+        --out benchmarks/results/throughput_15b_h200.json
+    python benchmarks/throughput.py --shape tiny --device cpu --contexts 32 --steps 2 --batch-limit 4 \\
+        --state-mb 1   # CI smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 
-from gearshift.report import H200_BANDWIDTH, PAPER_PRESETS, paper_placement, placement_report
+from gearshift.report import H200_BANDWIDTH, PAPER_PRESETS, batch_bytes_per_step, paper_placement
+from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
+from gearshift.train.flops import pass_flops
 
-from common import device_name, random_supernet, synthetic_cache, time_it, write_json
+from common import device_name, random_supernet, sync, write_json
 
 ISSUE_PRESETS = ["Reg|Lklhd-26", "Reg|Lklhd-18", "Idealized|Lklhd-6", "Reg|Lklhd-13", "Reg|Lklhd-10"]
+SINGLE = {"all-FA": "F", "all-SWA": "S", "all-GDN": "G", "all-KDA": "K"}
 
 
 def placements(n_layers: int) -> dict[str, str]:
-    out = {f"all-{k}": letter * n_layers for k, letter in (("FA", "F"), ("SWA", "S"), ("GDN", "G"), ("KDA", "K"))}
-    for name in ISSUE_PRESETS:
-        out[name] = paper_placement(name, n_layers)
-    return out
+    out = {name: letter * n_layers for name, letter in SINGLE.items()}
+    return out | {name: paper_placement(name, n_layers) for name in ISSUE_PRESETS}
 
 
-def max_batch(model, placement, context, steps, budget_bytes, cap):
-    per_seq = placement_report(model, placement, context=context + steps).state_bytes_per_seq
-    return max(1, min(cap, int(budget_bytes // max(per_seq, 1))))
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def decode_step_time(model, placement, batch, context, steps, dtype, use_graph):
-    from gearshift.cuda_graphs import GraphDecoder
+class Bench:
+    """One placement's model (its own weights only) and the engines that time it."""
 
-    device = model.device
-    cache = synthetic_cache(model, placement, batch, context, extra=steps + 8, dtype=dtype)
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    if use_graph:
-        runner = GraphDecoder(model, cache, capacity=context + steps + 8, keep_state=False)
-        step = lambda: runner.step(tokens)  # noqa: E731
-    else:
+    def __init__(self, model, letters: str, args: argparse.Namespace) -> None:
+        self.model, self.letters, self.args = model, letters, args
+        self.device = model.device
+        self.state_memory = None if args.state_mb is None else int(args.state_mb * 2**20)
 
-        def step():
-            with torch.no_grad():
-                return model(tokens[:, None], cache=cache)
+    def engine(self, rows: int, context: int) -> Engine:
+        """An engine whose pools hold exactly ``rows`` requests of this placement at ``context`` tokens (raises
+        ValueError when they do not fit the state budget)."""
+        config = EngineConfig(
+            max_batch=rows,
+            max_queue=rows,  # every row queued at once: the bound never limits the batch
+            max_context=context + self.args.steps + 8,
+            cuda_graphs=self.device.type == "cuda",
+            state_memory=self.state_memory,
+            placement_slots={self.letters: rows},
+        )
+        return Engine(self.model, config)
 
-    return time_it(step, device, iters=steps, warmup=1)
+    def fits(self, rows: int, context: int) -> bool:
+        try:
+            self.engine(rows, context)
+        except ValueError:
+            return False
+        finally:
+            release(self.device)
+        return True
+
+    def largest_batch(self, context: int) -> int:
+        """The most rows the pools hold at ``context``: doubling, then bisection (0 if not even one fits)."""
+        limit = self.args.batch_limit
+        if not self.fits(1, context):
+            return 0
+        good = 1
+        while good < limit:
+            trial = min(2 * good, limit)
+            if not self.fits(trial, context):
+                bad = trial
+                break
+            good = trial
+        else:
+            return good
+        while bad - good > max(1, good // 64):  # within ~1.5%: each probe allocates the pools
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if self.fits(mid, context) else (good, mid)
+        return good
+
+    def decode(self, rows: int, context: int) -> float:
+        """Seconds per decode step of ``rows`` rows holding ``context`` tokens each."""
+        engine = self.engine(rows, context)
+        params = SamplingParams(max_tokens=self.args.steps + 4, stop_token_ids=())
+        reqs = [engine.submit([1, 2], self.letters, params) for _ in range(rows)]
+        engine.start_synthetic(reqs, context)
+        engine.step()  # warm-up (CUDA: compiles the kernels eagerly)
+        if engine.cuda_graphs:
+            engine.step()  # the capture, then its first replay
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(self.args.steps):
+            engine.step()
+        sync(self.device)
+        seconds = (time.perf_counter() - start) / self.args.steps
+        for r in reqs:
+            engine.cancel(r)
+        del engine, reqs
+        release(self.device)
+        return seconds
+
+    def prefill(self, context: int) -> float:
+        """Seconds to read one prompt of ``context`` tokens and emit its first token, after a warm-up run."""
+        gen = torch.Generator().manual_seed(context)
+        vocab = self.model.config.vocab_size
+        engine = self.engine(1, context)
+        params = SamplingParams(max_tokens=1, stop_token_ids=())
+        seconds = 0.0
+        for length in (min(context, 2 * engine.prefill_chunk), context):  # warm-up, then the timed run
+            prompt = torch.randint(3, vocab, (length,), generator=gen).tolist()
+            sync(self.device)
+            start = time.perf_counter()
+            engine.submit(prompt, self.letters, params)
+            engine.run()
+            sync(self.device)
+            seconds = time.perf_counter() - start
+        del engine
+        release(self.device)
+        return seconds
 
 
-def prefill_time(model, placement, context):
-    device = model.device
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny CPU shapes: threads cost more than they give
+    probe = random_supernet(args.shape, device)
+    n_layers, dtype = probe.config.num_layers, probe.model.embed_tokens.weight.dtype
+    del probe
+    release(device)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    names = placements(n_layers)
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            raise SystemExit(f"unknown placement(s) {sorted(unknown)}; choose from {sorted(names)}")
+        names = {k: v for k, v in names.items() if k in args.only or k == "all-FA"}  # all-FA: the reference
+    print(
+        f"{device_name(device)}, {args.shape} ({n_layers} layers, {dtype}), bandwidth {args.bandwidth / 1e12:.2f} TB/s"
+    )
+    rows = []
+    for name, letters in names.items():
+        torch.manual_seed(0)
+        model = random_supernet(args.shape, device).thin_([letters])
+        release(device)
+        bench = Bench(model, letters, args)
+        for context in args.contexts:
+            for kind in ("batch1", "max"):
+                batch = 1 if kind == "batch1" else bench.largest_batch(context)
+                if batch == 0:
+                    print(f"  {name:<18} ctx {context:>6}: not even one row fits")
+                    break
+                try:
+                    step = bench.decode(batch, context)
+                except torch.OutOfMemoryError:
+                    print(f"  {name:<18} ctx {context:>6} batch {batch}: out of memory (activations), skipped")
+                    release(device)
+                    continue
+                moved = batch_bytes_per_step(model, [letters] * batch, context=context, dtype_bytes=dtype_bytes)
+                row = {"placement": name, "letters": letters, "context": context, "kind": kind, "batch": batch}
+                row |= {"step_ms": 1e3 * step, "tokens_per_s": batch / step, "bytes_per_step": moved}
+                row["roofline_ms"] = 1e3 * moved / args.bandwidth
+                row["of_roofline"] = row["roofline_ms"] / row["step_ms"]
+                rows.append(row)
+                print(
+                    f"  {name:<18} ctx {context:>6} batch {batch:>5}: {row['step_ms']:8.2f} ms/step "
+                    f"{row['tokens_per_s']:10.1f} tok/s  roofline {row['roofline_ms']:7.2f} ms "
+                    f"({100 * row['of_roofline']:.0f}%)",
+                    flush=True,
+                )
+            if not args.no_prefill:
+                try:
+                    seconds = bench.prefill(context)
+                except torch.OutOfMemoryError:
+                    print(f"  {name:<18} ctx {context:>6}: prefill out of memory, skipped")
+                    release(device)
+                    continue
+                flops = pass_flops(model, letters, [context], backward=False).forward
+                rows.append(
+                    {"placement": name, "letters": letters, "context": context, "kind": "prefill", "batch": 1,
+                     "seconds": seconds, "tokens_per_s": context / seconds, "forward_flops": flops}
+                )  # fmt: skip
+                print(f"  {name:<18} ctx {context:>6} prefill: {context / seconds:10.0f} tok/s", flush=True)
+        del model, bench
+        release(device)
+    add_speedups(rows)
+    return {"device": device_name(device), "shape": args.shape, "dtype": str(dtype), "bandwidth": args.bandwidth,
+            "steps": args.steps, "rows": rows}  # fmt: skip
 
-    def run():
-        with torch.no_grad():
-            cache = model.new_cache(1, placement)
-            model(ids, cache=cache, last_only=True)
 
-    return time_it(run, device, iters=2, warmup=1)
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's tokens/s over all-FA's of the same context and kind; prefill rows also get the speed-up their
+    FLOPs predict; paper presets carry the paper's vLLM speed-ups (32k, 16k)."""
+    base = {(r["context"], r["kind"]): r for r in rows if r["placement"] == "all-FA"}
+    for r in rows:
+        ref = base.get((r["context"], r["kind"]))
+        if ref is not None:
+            r["speedup_vs_FA"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r["kind"] == "prefill":
+                r["flops_speedup_vs_FA"] = ref["forward_flops"] / r["forward_flops"]
+        if r["placement"] in PAPER_PRESETS:
+            r["paper_speedup_32k"], r["paper_speedup_16k"] = PAPER_PRESETS[r["placement"]][1:]
+
+
+def table(result: dict) -> str:
+    """Markdown: per context and placement, batch 1 and largest-batch decode (% of roofline) and prefill."""
+    rows = result["rows"]
+    out = ["| context | placement | batch 1: tok/s (% roofline) | largest batch: rows, tok/s (% roofline), speed-up "
+           "| prefill tok/s, speed-up (FLOPs say) |", "|---|---|---|---|---|"]  # fmt: skip
+    for context in sorted({r["context"] for r in rows}):
+        for name in dict.fromkeys(r["placement"] for r in rows):
+            got = {r["kind"]: r for r in rows if r["context"] == context and r["placement"] == name}
+            if not got:
+                continue
+            b1, mx, pf = got.get("batch1"), got.get("max"), got.get("prefill")
+            cell1 = f"{b1['tokens_per_s']:.1f} ({100 * b1['of_roofline']:.0f}%)" if b1 else "-"
+            cellm = (
+                f"{mx['batch']}, {mx['tokens_per_s']:.0f} ({100 * mx['of_roofline']:.0f}%), "
+                f"{mx.get('speedup_vs_FA', float('nan')):.2f}x"
+                if mx
+                else "-"
+            )
+            cellp = (
+                f"{pf['tokens_per_s']:.0f}, {pf.get('speedup_vs_FA', float('nan')):.2f}x "
+                f"({pf.get('flops_speedup_vs_FA', float('nan')):.2f}x)"
+                if pf
+                else "-"
+            )
+            label = name.replace("|", "\\|")  # paper names hold a pipe
+            out.append(f"| {context} | {label} | {cell1} | {cellm} | {cellp} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["tiny", "apriel-15b"], default="apriel-15b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per figure")
-    ap.add_argument("--max-batch-cap", type=int, default=512)
-    ap.add_argument("--reserve-gb", type=float, default=12.0, help="memory kept free for activations")
+    ap.add_argument("--batch-limit", type=int, default=2048, help="the largest-batch search stops here")
+    ap.add_argument(
+        "--state-mb",
+        type=float,
+        help="MiB for decoding state (default: the engine's own budget, 85%% of free memory on CUDA)",
+    )
+    ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="HBM bytes/s for the roofline")
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--only", nargs="*", help="subset of placement names")
+    ap.add_argument("--only", nargs="+", help="a subset of the placements (all-FA, the reference, always runs)")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
     args = ap.parse_args()
-
-    device = torch.device(args.device)
-    model = random_supernet(args.shape, device).fuse_projections_()  # inference layout, as the engine's
-    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
-    n_layers = cfg.num_layers
-    use_graph = device.type == "cuda"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] - args.reserve_gb * 2**30
-    else:
-        budget = 2 * 2**30
-    print(
-        f"{device_name(device)}: {cfg.num_layers} layers, {weights / 2**30:.1f} GiB of weights ({dtype}), "
-        f"state budget {budget / 2**30:.1f} GiB, CUDA graphs: {use_graph}"
-    )
-    rows = []
-    names = placements(n_layers)
-    if args.only:
-        names = {k: v for k, v in names.items() if k in args.only}
-    for context in args.contexts:
-        for name, placement in names.items():
-            for which in ("batch1", "max"):
-                batch = (
-                    1
-                    if which == "batch1"
-                    else max_batch(model, placement, context, args.steps, budget, args.max_batch_cap)
-                )
-                try:
-                    seconds = decode_step_time(model, placement, batch, context, args.steps, dtype, use_graph)
-                except torch.OutOfMemoryError:
-                    print(f"  {name} ctx {context} batch {batch}: out of memory, skipped")
-                    continue
-                finally:
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                report = placement_report(
-                    model, placement, context=context, batch=batch, dtype_bytes=2 if dtype == torch.bfloat16 else 4
-                )
-                row = {
-                    "placement": name,
-                    "letters": placement,
-                    "context": context,
-                    "batch": batch,
-                    "kind": which,
-                    "step_ms": seconds * 1e3,
-                    "tokens_per_s": batch / seconds,
-                    "roofline_ms": report.bytes_per_step / H200_BANDWIDTH * 1e3,
-                    "bytes_per_step": report.bytes_per_step,
-                }
-                row["of_roofline"] = row["roofline_ms"] / row["step_ms"]
-                rows.append(row)
-                print(
-                    f"  ctx {context:>6} {name:<18} batch {batch:>4}: {row['step_ms']:8.2f} ms/step "
-                    f"{row['tokens_per_s']:10.0f} tok/s  roofline {row['roofline_ms']:7.2f} ms "
-                    f"({100 * row['of_roofline']:.0f}%)",
-                    flush=True,
-                )
-            if not args.no_prefill:
-                try:
-                    seconds = prefill_time(model, placement, context)
-                    rows.append(
-                        {
-                            "placement": name,
-                            "context": context,
-                            "batch": 1,
-                            "kind": "prefill",
-                            "seconds": seconds,
-                            "tokens_per_s": context / seconds,
-                        }
-                    )
-                    print(f"  ctx {context:>6} {name:<18} prefill: {context / seconds:10.0f} tok/s", flush=True)
-                except torch.OutOfMemoryError:
-                    print(f"  {name} ctx {context}: prefill out of memory, skipped")
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    # speed-up vs all-FA at the largest batch (the paper's setting) beside the paper's figures
-    for row in rows:
-        if row["kind"] not in ("max", "batch1"):
-            continue
-        base = next(
-            (
-                r
-                for r in rows
-                if r["placement"] == "all-FA" and r["context"] == row["context"] and r["kind"] == row["kind"]
-            ),
-            None,
-        )
-        if base:
-            row["speedup_vs_FA"] = row["tokens_per_s"] / base["tokens_per_s"]
-        paper = PAPER_PRESETS.get(row["placement"])
-        if paper:
-            row["paper_speedup_32k"], row["paper_speedup_16k"] = paper[1], paper[2]
-    write_json(args.out, {"device": device_name(device), "shape": args.shape, "dtype": str(dtype), "rows": rows})
+    if args.device == "cpu" and args.state_mb is None:
+        ap.error("on the CPU the engine has no state budget: give --state-mb (the largest batch is searched in it)")
+    result = run(args)
+    print(table(result))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -800,3 +800,25 @@ def test_engine_config_is_frozen_and_built_from_keywords(model):
     with envs.override(GROUP_STREAMS="auto"):
         assert EngineConfig().streams() and not EngineConfig(group_streams=False).streams()
     assert not engine.runner.group_streams  # CUDA only
+
+
+def test_start_synthetic_gives_rows_a_long_context_of_state(model):
+    """Benchmarks start rows as if they had read ``context`` tokens: the rows then decode from that position, and
+    asking for more rows than the pools hold, or a context beyond the engine's, is an error."""
+    engine = Engine(model, max_batch=2, max_context=40, placement_slots={"FSGK": 2})
+    params = SamplingParams(max_tokens=3, stop_token_ids=())
+    reqs = [engine.submit([1, 2], "FSGK", params) for _ in range(2)]
+    engine.start_synthetic(reqs, 30)
+    assert all(len(r.prompt) == 30 and r.processed == 29 for r in reqs)
+    engine.run()
+    assert all(len(r.output) == 3 for r in reqs)
+    assert all(len(pool.alloc.free) == 2 for layer in engine.pools for pool in layer.values() if hasattr(pool, "alloc"))
+    more = [engine.submit([1, 2], "FSGK", params) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="only 2 of 3 requests fit"):
+        engine.start_synthetic(more, 30)
+    for r in more:
+        engine.cancel(r)
+    engine.run()
+    late = engine.submit([1, 2], "FSGK", params)
+    with pytest.raises(ValueError, match="context 41"):
+        engine.start_synthetic([late], 41)

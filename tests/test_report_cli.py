@@ -128,20 +128,26 @@ def test_cli_commands(tmp_path, capsys):
 
 
 def test_throughput_benchmark_runs_on_cpu(tmp_path):
-    """The GPU benchmark script's CPU smoke path: synthetic caches, decode and prefill timing, JSON out."""
+    """The GPU benchmark's CPU smoke path: each placement thinned to its own weights, through the engine, batch 1
+    and the largest batch the state budget holds (searched past the engine's default queue bound), prefill,
+    speed-ups against all-FA, JSON out."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     out = tmp_path / "tp.json"
-    args = ["--shape", "tiny", "--device", "cpu", "--contexts", "24", "--steps", "1", "--max-batch-cap", "4"]
-    subprocess.run(
-        [sys.executable, str(script), *args, "--only", "all-FA", "all-SWA", "Reg|Lklhd-10", "--out", str(out)],
-        check=True,
-        capture_output=True,
-    )
+    args = ["--shape", "tiny", "--device", "cpu", "--contexts", "24", "--steps", "1", "--batch-limit", "8"]
+    args += ["--state-mb", "0.3", "--only", "all-SWA", "Reg|Lklhd-10", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, text=True)
     rows = json.loads(out.read_text())["rows"]
+    assert {r["placement"] for r in rows} == {"all-FA", "all-SWA", "Reg|Lklhd-10"}
+    largest = {r["placement"]: r["batch"] for r in rows if r["kind"] == "max"}
+    # in the same state budget, a window's ring and recurrent state hold more rows than full attention's KV
+    assert 1 <= largest["all-FA"] < largest["all-SWA"] <= 8 and largest["Reg|Lklhd-10"] > largest["all-FA"]
+    assert all(r["speedup_vs_FA"] == 1.0 for r in rows if r["placement"] == "all-FA")
+    assert all(r["of_roofline"] > 0 for r in rows if r["kind"] != "prefill")
+    assert "\\|Lklhd-10" in done.stdout  # the Markdown table escapes the paper names' pipe
     assert {r["kind"] for r in rows} == {"batch1", "max", "prefill"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert next(r for r in rows if r["placement"] == "all-FA" and r["kind"] == "max")["speedup_vs_FA"] == 1.0

@@ -105,6 +105,12 @@ class Engine:
         return self.scheduler.abort_all(error)
 
     # ------------------------------------------------------------------ stepping
+    def start_synthetic(self, requests: Sequence[Request], context: int) -> None:
+        """Benchmarks: start these submitted requests now, each as if it had read ``context`` tokens (random state;
+        see ``Scheduler.start_synthetic``)."""
+        with self.lock:
+            self.scheduler.start_synthetic(requests, context)
+
     def step(self) -> list[Request]:
         """Advance every running request by one prefill chunk or one decode step; returns requests that emitted
         tokens or finished (their ``new_tokens`` hold what this step produced). See ``Scheduler.step``."""

@@ -189,6 +189,30 @@ class Scheduler:
                 needs[key] = needs.get(key, 0) + 1
         return needs
 
+    def start_synthetic(self, requests: Sequence[Request], context: int) -> None:
+        """Admit these queued requests now (all must fit) and give each ``context`` tokens of random decoding state
+        in its slots (its draft's too), as if it had read a prompt that long: what benchmarks time decode at long
+        context with, without paying for the prefill. The synthetic context counts as prompt."""
+        for req in requests:  # checked before any is admitted
+            if not len(req.prompt) <= context <= self.runner.max_context:
+                raise ValueError(f"context {context}: needs the prompt's {len(req.prompt)} to the engine's "
+                                 f"{self.runner.max_context} tokens")  # fmt: skip
+        self._admit()
+        missing = [r for r in requests if r not in self.running]
+        if missing:
+            raise RuntimeError(
+                f"only {len(requests) - len(missing)} of {len(requests)} requests fit the state budget "
+                f"({self.runner.full_attention_slots} full-attention slots)"
+            )
+        pools = self.runner.pools
+        for req in requests:
+            gen = torch.Generator(device=self.runner.device).manual_seed(req.id)
+            for (i, name), slot in list(req.slots.items()) + list(req.draft_slots.items()):
+                pools[i][name].fill_random(slot, context, gen)
+            req.tokens = req.prompt + [1] * (context - len(req.prompt))
+            req.prompt = list(req.tokens)  # max_tokens counts what follows
+            req.processed = req.draft_processed = context - 1
+
     # ------------------------------------------------------------------ admission and finishing
     def _admit(self) -> None:
         """Start waiting requests in arrival order while the batch has room. A request that finds a pool full
