@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
-from gearshift.place.dp import pareto_frontier  # noqa: E402
+from gearshift.search.dp import pareto_frontier  # noqa: E402
 
 MIXERS = ("attention", "sliding_window", "kda", "gdn")
 COSTS = (1.0, 0.48, 0.21, 0.14)

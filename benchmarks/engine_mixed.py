@@ -26,7 +26,7 @@ import torch
 
 from gearshift import envs
 from gearshift.ops.fused import fusion
-from gearshift.report import PAPER_PRESETS, batch_bytes_per_step, paper_placement
+from gearshift.roofline import PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 
 from common import device_name, profile_cuda, random_supernet, sync, write_json

@@ -30,7 +30,7 @@ import time
 import torch
 
 from gearshift.placement import placement_letters
-from gearshift.report import PAPER_PRESETS, paper_placement
+from gearshift.roofline import PAPER_PRESETS, paper_placement
 from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 
 from common import device_name, random_supernet, sync, write_json

@@ -26,11 +26,11 @@ from gearshift.data.tokens import TokenShards
 from gearshift.model import Supernet
 from gearshift.ops.dispatch import kernel_gradient_checks
 from gearshift.pipeline.prompts import template_prompts
-from gearshift.place.presets import write_presets
-from gearshift.report import paper_placement
+from gearshift.roofline import paper_placement
+from gearshift.search.presets import write_presets
 from gearshift.train.config import config_from_dict
 from gearshift.train.convert import convert_teacher
-from gearshift.train.data import PackedRows
+from gearshift.train.rows import PackedRows
 from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, generate_traces
 from gearshift.train.trainer import Trainer

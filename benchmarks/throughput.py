@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from gearshift.report import H200_BANDWIDTH, PAPER_PRESETS, batch_bytes_per_step, paper_placement
+from gearshift.roofline import H200_BANDWIDTH, PAPER_PRESETS, batch_bytes_per_step, paper_placement
 from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 from gearshift.train.flops import pass_flops
 

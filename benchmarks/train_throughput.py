@@ -44,8 +44,8 @@ from gearshift.model import Supernet
 from gearshift.ops import dispatch
 from gearshift.ops.compiled import compilation
 from gearshift.train.config import config_from_dict
-from gearshift.train.data import pack
 from gearshift.train.flops import BF16_PEAK_FLOPS, pass_flops
+from gearshift.train.rows import pack
 from gearshift.train.trainer import Trainer
 
 from common import device_name, sync, write_json

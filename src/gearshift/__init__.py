@@ -26,7 +26,7 @@ _LAZY = {
     "CheckpointError": "checkpoint",
     "thin": "model",
     "Supernet": "model",
-    "placement_report": "report",
+    "placement_report": "roofline",
 }
 
 

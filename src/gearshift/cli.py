@@ -23,7 +23,7 @@ from .placement import PlacementError, composition, placement_letters
 # Stage modules that add their own sub-commands through ``register(subparsers)``; none imports its extra up front.
 EXTENSIONS = (
     "gearshift.train.cli",
-    "gearshift.place.cli",
+    "gearshift.search.cli",
     "gearshift.serve.cli",
     "gearshift.evals.cli",
     "gearshift.pipeline.cli",
@@ -144,7 +144,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import format_reports, placement_report
+    from .roofline import format_reports, placement_report
 
     if args.model in SHAPES and not Path(args.model).exists():
         model_or_cfg = SHAPES[args.model]()
@@ -249,7 +249,7 @@ def cmd_thin(args: argparse.Namespace) -> int:
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
-    from .place.presets import remove_presets, write_presets
+    from .search.presets import remove_presets, write_presets
 
     if args.action == "add":
         if not args.placement:

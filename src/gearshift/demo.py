@@ -17,7 +17,7 @@ import torch
 
 from .config import SupernetConfig
 from .model import Supernet, thin
-from .report import PAPER_PRESETS, format_reports, paper_placement, placement_report
+from .roofline import PAPER_PRESETS, format_reports, paper_placement, placement_report
 
 VOCAB = 256
 MARKER = ".gearshift-demo"  # marks a directory as a demo's own output, which the next run may clear

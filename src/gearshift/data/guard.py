@@ -162,7 +162,7 @@ def evaluation_guard(
     """The guard for a build: the NIAH haystack essays, the NIAH needle's phrases and every scored item
     (context and each option) of ``tasks`` read from the evaluation data. Missing data raises (the build must not
     silently train without the check)."""
-    from ..evals.data import read_haystack
+    from ..evals.datasets import read_haystack
     from ..evals.tasks import load_examples
 
     guard = EvalTextGuard(ngram)

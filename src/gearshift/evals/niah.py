@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..placement import PlacementSpec
-from .data import read_haystack
+from .datasets import read_haystack
 from .errors import EvalError
 from .results import BASELINE, ResultRow, letters
 from .tokenizer import TextCodec, as_codec

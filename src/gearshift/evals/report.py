@@ -3,7 +3,7 @@
 Quality is whatever the result rows hold (task accuracies, NIAH, likelihoods); ``retention`` is a preset's
 average accuracy over the accuracy scores it shares with all-attention divided by all-attention's average on
 the same scores (the paper's definition). Speed-ups are relative to all-attention too: *modelled* as the ratio
-of bytes moved per decode step (``gearshift.report.placement_report``, memory-bound roofline, bf16) at the
+of bytes moved per decode step (``gearshift.roofline.placement_report``, memory-bound roofline, bf16) at the
 stated context and batch, and *measured* from a throughput JSON when one is given.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..placement import PlacementError, placement_letters
-from ..report import placement_report
+from ..roofline import placement_report
 from .errors import EvalError
 from .results import BASELINE, FORMAT, ResultRow, higher_is_better, is_accuracy
 

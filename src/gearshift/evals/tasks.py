@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..placement import PlacementSpec
-from .data import olmo_datasets_dir, read_arrow_split
+from .datasets import olmo_datasets_dir, read_arrow_split
 from .errors import EvalError
 from .results import ResultRow, letters
 

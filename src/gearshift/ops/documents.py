@@ -1,6 +1,6 @@
 """Document boundaries inside packed training rows.
 
-Training rows are documents laid end to end (``gearshift.train.data.pack``). Nothing may cross a boundary: a query
+Training rows are documents laid end to end (``gearshift.train.rows.pack``). Nothing may cross a boundary: a query
 attends only to keys of its own document, the short convolutions and the delta-rule state restart at a document's
 first token, and RoPE positions restart at 0. ``Documents`` holds one batch's layout in the forms the mixers need
 (segment ids for masks, start flags for convolutions and the recurrence, ``cu_seqlens`` for fla's varlen

@@ -53,7 +53,7 @@ def pareto_front(costs: np.ndarray, kl: np.ndarray) -> list[int]:
 
 def frontier_check(build: Build) -> dict[str, Any] | None:
     """The measured frontier on the placement set: points, the kinds of mixer on it, coverage of every mixer."""
-    from ..place.table import MeasurementTable
+    from ..search.table import MeasurementTable
 
     path = build.run_dir / "place" / "table.jsonl"
     if not path.exists() or build.status.get("place") != "ok":

@@ -160,7 +160,7 @@ def _question(name: str, row: dict) -> str | None:
 
 
 def _rows(data_dir: str | Path | None, rel: str) -> list[dict]:
-    from ..evals.data import olmo_datasets_dir, read_arrow_split
+    from ..evals.datasets import olmo_datasets_dir, read_arrow_split
 
     path = olmo_datasets_dir(data_dir) / rel
     return read_arrow_split(path) if path.is_dir() else []

@@ -260,7 +260,7 @@ class Build:
         return self._guard
 
     def kl_placements(self, n_layers: int) -> dict[str, str]:
-        from ..report import paper_placement
+        from ..roofline import paper_placement
 
         out = {p: p for p in ("all-attention", "all-sliding_window", "all-gdn", "all-kda")}
         for paper in self.recipe.kl_mixes:  # the paper's mixes, scaled to this depth: "Reg|Lklhd-26" -> reg-26
@@ -272,8 +272,8 @@ class Build:
         the placement space it is over."""
         if getattr(self, "_costs", None) is None:
             from ..checkpoint import read_config
-            from ..place.costs import CostTerms, modelled_costs
-            from ..place.space import PlacementSpace
+            from ..search.cost_sources import CostTerms, modelled_costs
+            from ..search.space import PlacementSpace
 
             config, _ = read_config(self.supernet)
             r = self.recipe
@@ -599,9 +599,9 @@ class Build:
         }
 
     def stage_place(self) -> dict:
-        from ..place.measure import PlacementScorer, load_sequences, measure_placements
-        from ..place.sampling import stratified
-        from ..place.table import MeasurementTable
+        from ..search.measure import PlacementScorer, load_sequences, measure_placements
+        from ..search.sampling import stratified
+        from ..search.table import MeasurementTable
 
         r = self.recipe
         model = self.model(self.final)
@@ -627,14 +627,14 @@ class Build:
 
     def stage_presets(self) -> dict:
         from ..checkpoint import read_presets
-        from ..place.costs import CostTerms, modelled_costs
-        from ..place.fit import fit_table
-        from ..place.measure import PlacementScorer, load_sequences, measure_placements
-        from ..place.optimize import optimize
-        from ..place.plots import plot_frontier
-        from ..place.presets import pareto_regret_of, write_presets
-        from ..place.table import MeasurementTable
-        from ..report import placement_report
+        from ..roofline import placement_report
+        from ..search.cost_sources import CostTerms, modelled_costs
+        from ..search.fit import fit_table
+        from ..search.measure import PlacementScorer, load_sequences, measure_placements
+        from ..search.optimize import optimize
+        from ..search.plots import plot_frontier
+        from ..search.presets import pareto_regret_of, write_presets
+        from ..search.table import MeasurementTable
 
         r = self.recipe
         table = MeasurementTable.read(self.run_dir / "place" / "table.jsonl")

@@ -844,7 +844,7 @@ async def _disconnected(request: HttpRequest) -> None:
 
 
 def _preset_infos(model, presets: dict) -> list:
-    from ..report import placement_report
+    from ..roofline import placement_report
     from .policy import PresetInfo
 
     infos = []

@@ -42,12 +42,12 @@ from ..clitools import progress_disabled
 from ..model import Supernet
 from ..ops.documents import Documents
 from ..placement import placement_letters
-from .checkpointing import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_differences
-from .data import DataError, PackedRows, load_rows, step_rows
 from .flops import BF16_PEAK_FLOPS, StepFlops, align_flops, distill_flops
 from .losses import activation_terms, cross_entropy, kl_terms, linear_losses
 from .parallel import full, full_optimizer_state, is_sharded, like, load_optimizer_state, shard_blocks
+from .resume import StopRequest, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .rows import DataError, PackedRows, load_rows, step_rows
 from .samplers import build_sampler, cheapest_placement
 
 Batch = tuple[torch.Tensor, torch.Tensor, Documents | None, int]  # tokens, loss mask, documents, loss tokens
