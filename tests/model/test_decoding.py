@@ -79,6 +79,24 @@ def test_greedy_generate_matches_full_forward_argmax(tiny_model, placement):
         assert out[i, 5 - len(p) :].tolist() == seq
 
 
+@pytest.mark.parametrize("placement", ["FFFF", "FSGK"])
+def test_generate_takes_split_kv_decode_attention(tiny_model, placement, monkeypatch):
+    """generate decodes through the same split-KV attention as the engine (forced here: on the CPU ``auto`` never
+    splits), and greedy tokens and logits equal the fused path's; a left-padded batch keeps its padding mask."""
+    from gearshift.ops import attention as ops
+
+    calls = []
+    real = ops.split_kv_attention
+    monkeypatch.setattr(ops, "split_kv_attention", lambda *a: calls.append(1) or real(*a))
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [9, 8, 7]]
+    monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "0")
+    fused = tiny_model.generate(prompts, placement, max_new_tokens=8, eos_token_id=[])
+    assert not calls
+    monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "4")
+    split = tiny_model.generate(prompts, placement, max_new_tokens=8, eos_token_id=[])
+    assert calls and split.tolist() == fused.tolist()
+
+
 def test_generate_chunked_prefill_and_eos(tiny_model):
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
     a = tiny_model.generate(prompt, "FSGK", max_new_tokens=6, eos_token_id=[])

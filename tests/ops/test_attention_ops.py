@@ -29,19 +29,35 @@ def test_split_kv_attention_equals_masked_sdpa(tq, window, chunk, tk):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_attend_takes_the_split_path_only_for_engine_decode(monkeypatch):
+def test_every_decode_takes_the_split_path(monkeypatch):
+    """The engine's rows (per-row positions) and generate's caches (shared positions, exact or masked keys) take
+    the same split-KV kernel for a few queries over many keys; a prefill and a short context do not."""
     calls = []
     real = ops.split_kv_attention
     monkeypatch.setattr(ops, "split_kv_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setenv("GEARSHIFT_SPLIT_KV", "8")
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8)
     idx = torch.arange(32).repeat(2, 1)
-    out = ops.attend(q, k, v, torch.tensor([[31], [20]]), idx, None, None, 0.5)  # per-row positions: split
+    out = ops.attend(q, k, v, torch.tensor([[31], [20]]), idx, None, None, 0.5)  # per-row positions
     ref = ops._masked_sdpa(q, k, v, ops.attention_mask(torch.tensor([[31], [20]]), idx, None, None), 0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    ops.attend(q, k, v, torch.tensor([31]), torch.arange(32), None, None, 0.5)  # shared positions: not split
+    # shared positions over a static cache longer than what is held (generate's CUDA-graph cache): masked
+    out = ops.attend(q, k, v, torch.tensor([20]), torch.arange(32), None, None, 0.5)
+    ref = ops._masked_sdpa(q, k, v, ops.attention_mask(torch.tensor([20]), torch.arange(32), None, None), 0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # shared positions over an exact cache (every key a past token), with padding rows (k_valid)
+    out = ops.attend(q, k, v, torch.tensor([31]), torch.arange(32), None, None, 0.5, keys_exact=True)
+    torch.testing.assert_close(out, ops._masked_sdpa(q, k, v, None, 0.5), atol=1e-5, rtol=1e-5)
+    valid = torch.ones(2, 32, dtype=torch.bool)
+    valid[1, :5] = False
+    out = ops.attend(q, k, v, torch.tensor([31]), torch.arange(32), valid, None, 0.5)
+    ref = ops._masked_sdpa(q, k, v, ops.attention_mask(torch.tensor([31]), torch.arange(32), valid, None), 0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert calls == [q.shape] * 4
     ops.attend(q, k[:, :, :12], v[:, :, :12], torch.tensor([[11], [5]]), idx[:, :12], None, None, 0.5)  # < 2 chunks
-    assert calls == [q.shape]
+    qp = torch.randn(2, 4, 32, 8)
+    ops.attend(qp, k, v, torch.arange(32), torch.arange(32), None, None, 0.5)  # a prefill: causal SDPA
+    assert len(calls) == 4
 
 
 def test_chunks_divide_the_keys_when_they_can():

@@ -24,12 +24,12 @@ from .fused import fusible
 
 # Above this many mask elements per attention call, queries are processed in tiles (bounded memory).
 MAX_MASK_ELEMENTS = 1 << 24
-# Engine decode (per-row positions, a few queries) can use split-KV attention (split_kv_attention) over chunks of
-# GEARSHIFT_SPLIT_KV keys (envs.SPLIT_KV: "auto", "0", "512", ...). auto (-1, the default): on CUDA, when the fused
-# kernel's work items (rows x KV heads) are at most half the GPU's multiprocessors and there are at least
-# SPLIT_KV_AUTO_KEYS keys. On the H200 (15B shape, benchmarks/decode_attention.py) the fused kernel takes the same
-# ~365 us at 16k keys for 1 to 16 rows, split-KV 110 us for 1 row and 290 us for 8, 480 us for 16. 0 = never,
-# N > 0 = always where it applies (chunks of N).
+# Decode (a few queries over many keys: the engine's rows and generate's caches alike) can use split-KV attention
+# (split_kv_attention) over chunks of GEARSHIFT_SPLIT_KV keys (envs.SPLIT_KV: "auto", "0", "512", ...). auto
+# (-1, the default): on CUDA, when the fused kernel's work items (rows x KV heads) are at most half the GPU's
+# multiprocessors and there are at least SPLIT_KV_AUTO_KEYS keys. On the H200 (15B shape,
+# benchmarks/decode_attention.py) the fused kernel takes the same ~365 us at 16k keys for 1 to 16 rows, split-KV
+# 110 us for 1 row and 290 us for 8, 480 us for 16. 0 = never, N > 0 = always where it applies (chunks of N).
 SPLIT_KV_AUTO_CHUNK = 1024
 SPLIT_KV_AUTO_KEYS = 8192
 SPLIT_KV_MAX_QUERIES = 16
@@ -105,17 +105,20 @@ def attend(
     over queries so it stays small at long context.
     """
     b, h, tq, _ = q.shape
+    # a decode (a few queries over many keys): split-KV where the fused kernel would leave the GPU idle, whoever
+    # calls -- the engine (per-row positions) and generate's caches (shared positions) take the same kernel
+    chunk = _split_kv_chunk(k) if tq <= SPLIT_KV_MAX_QUERIES else 0
     if k_valid is None:
         # keys exactly the queries, and a window (if any) that covers them all: plain causal attention
         if k.shape[2] == tq and tq > 1 and (window is None or tq <= window) and _same(q_index, k_index):
             if h != k.shape[1]:  # repeat K/V so every backend, flash included, takes the causal fast path
                 k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
             return _sdpa(q, k, v, is_causal=True, scale=scale)
-        if tq == 1 and keys_exact and window is None:
+        if tq == 1 and keys_exact and window is None and not chunk:
             return _masked_sdpa(q, k, v, None, scale)
-    chunk = _split_kv_chunk(k) if q_index.dim() == 2 and tq <= SPLIT_KV_MAX_QUERIES else 0
     if chunk:
-        return split_kv_attention(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale, chunk)
+        mask = attention_mask(q_index, k_index, k_valid, window)
+        return split_kv_attention(q, k, v, mask.expand(b, -1, -1, -1), scale, chunk)
     tile = max(1, MAX_MASK_ELEMENTS // max(1, b * k.shape[2]))
     if tq <= tile or q_index.dim() == 2:  # per-row indices come from engines, with short query chunks
         return _masked_sdpa(q, k, v, attention_mask(q_index, k_index, k_valid, window), scale)
