@@ -206,17 +206,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(text[len(shown) :], end="", flush=True)
             shown = text
 
-    start = time.perf_counter()
-    model.generate(
-        ids,
-        args.placement,
-        max_new_tokens=args.max_new_tokens,
+    # the serving engine's decode path (pools for this placement only, CUDA graphs, split-KV attention): one
+    # decode implementation for the command line, a server and the benchmarks
+    from .serve.engine import Engine, SamplingParams
+
+    placement = model.resolve(args.placement)
+    prompt = ids[0]
+    context = model.config.max_position_embeddings
+    if len(prompt) + args.max_new_tokens > context:
+        raise CliError(
+            f"a prompt of {len(prompt)} tokens and --max-new-tokens {args.max_new_tokens} exceed the model's context "
+            f"of {context} tokens"
+        )
+    engine = Engine(model, max_batch=1, max_context=len(prompt) + args.max_new_tokens + 1, placements=[placement])
+    params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        max_tokens=args.max_new_tokens,
         seed=args.seed,
-        on_token=stream,
     )
+    start = time.perf_counter()
+    req = engine.submit(prompt, placement, params)
+    while engine.has_work():
+        engine.step()
+        for token in req.output[len(new) :]:
+            stream([token])
+    if req.error:
+        raise CliError(f"generation failed: {req.error}")
     elapsed = time.perf_counter() - start
     if tokenizer is not None and len(shown) < len(text := tokenizer.decode(new)):
         print(text[len(shown) :], end="")

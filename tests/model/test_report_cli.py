@@ -118,7 +118,17 @@ def test_cli_commands(tmp_path, capsys):
         )
         == 0
     )
-    assert len(json.loads(capsys.readouterr().out.strip())) == 4
+    ids = json.loads(capsys.readouterr().out.strip())
+    # the command decodes through the serving engine: greedy, it gives generate's tokens
+    from gearshift.model import Supernet
+
+    reference = Supernet.from_pretrained(ckpt).generate([[1, 2, 3]], "GGGK", max_new_tokens=4, eos_token_id=[])
+    stop = Supernet.from_pretrained(ckpt).config.eos_token_id
+    assert ids == reference[0, 3:].tolist()[: len(ids)] and (
+        len(ids) == 4 or ids[-1] in (stop or []) or ids[-1] == stop
+    )
+    assert main(["generate", str(ckpt), "--ids", "1,2,3", "--max-new-tokens", "600", "--device", "cpu"]) == 2
+    assert "exceed the model's context" in capsys.readouterr().err
     assert main(["thin", str(ckpt), str(tmp_path / "thin"), "--placement", "fast"]) == 0
     assert main(["generate", str(ckpt), "--placement", "XYZW", "--ids", "1", "--device", "cpu"]) == 2
     assert "unknown preset or placement" in capsys.readouterr().err
