@@ -22,9 +22,12 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def random_supernet(shape: str, device):
+def random_supernet(shape: str, device, context: int | None = None):
     """A random supernet of a named shape ("apriel-15b" or "tiny": 8 layers, window 16) on ``device``, in bf16 on
-    CUDA and fp32 on CPU, for inference benchmarks."""
+    CUDA and fp32 on CPU, for inference benchmarks; ``context`` raises its position limit (the 15B shape's is 64k;
+    rotary positions extend, and random weights do not care)."""
+    import dataclasses
+
     import torch
 
     from gearshift.config import SupernetConfig
@@ -33,6 +36,8 @@ def random_supernet(shape: str, device):
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = SupernetConfig.apriel_15b() if shape == "apriel-15b" else SupernetConfig.tiny(num_layers=8, window=16)
+    if context is not None and context > cfg.max_position_embeddings:
+        cfg = dataclasses.replace(cfg, max_position_embeddings=context)
     return Supernet.random(cfg, device=device, dtype=dtype).eval()
 
 

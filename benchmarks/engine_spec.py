@@ -18,6 +18,7 @@ decoding is E t_target / (t_round + a^k t_draft). Rounds here reject everything,
 ``t_draft``.
 
     python benchmarks/engine_spec.py --context 32768 --batch 8 --drafts all-gdn 'Reg|Lklhd-10' --ks 2 4
+    python benchmarks/engine_spec.py --context 131072 --batch 4 --ks 4 8 --acceptance 0.41 0.56 0.8
     python benchmarks/engine_spec.py --shape tiny --device cpu --context 64 --batch 2 --ks 2   # smoke run
 """
 
@@ -45,15 +46,15 @@ def speedup(a: float, k: int, t_target: float, t_round: float, t_draft: float) -
     return emitted * t_target / (t_round + a**k * t_draft)
 
 
-def break_even(k: int, t_target: float, t_round: float, t_draft: float) -> float | None:
-    """The acceptance at which rounds pay for themselves (speed-up 1), by bisection; None if they lose even at
-    99.9% acceptance."""
+def break_even(k: int, t_target: float, t_round: float, t_draft: float, goal: float = 1.0) -> float | None:
+    """The acceptance at which rounds reach a speed-up of ``goal`` (1: they pay for themselves), by bisection;
+    None if they fall short even at 99.9% acceptance."""
     lo, hi = 0.0, 0.999
-    if speedup(hi, k, t_target, t_round, t_draft) < 1:
+    if speedup(hi, k, t_target, t_round, t_draft) < goal:
         return None
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if speedup(mid, k, t_target, t_round, t_draft) < 1 else (lo, mid)
+        lo, hi = (mid, hi) if speedup(mid, k, t_target, t_round, t_draft) < goal else (lo, mid)
     return hi
 
 
@@ -97,10 +98,19 @@ def main() -> None:
     ap.add_argument("--draft-graphs", nargs="+", choices=["on", "off"], default=["on"],
                     help="a round's forwards (draft steps, verify pass) replayed from CUDA graphs (on) or run "
                     "eagerly (off); both: one row each")  # fmt: skip
+    ap.add_argument(
+        "--acceptance",
+        type=float,
+        nargs="+",
+        default=list(ACCEPTANCE),
+        help="acceptance rates per draft token to predict the speed-up at (e.g. a distilled supernet's measured "
+        "ones, from serve_smollm2.py)",
+    )
     ap.add_argument("--out", default="benchmarks/results/engine_spec.json")
     args = ap.parse_args()
     device = torch.device(args.device)
-    model = random_supernet(args.shape, device)
+    margin = args.steps + 8 + (args.rounds + 8) * (max(args.ks) + 1)
+    model = random_supernet(args.shape, device, context=args.context + margin)
     cfg = model.config
     n = cfg.num_layers
 
@@ -108,7 +118,6 @@ def main() -> None:
         return paper_placement(name, n) if name in PAPER_PRESETS else placement_letters(model.resolve(name), cfg)
 
     target, drafts = resolve(args.target), {name: resolve(name) for name in args.drafts}
-    margin = args.steps + 8 + (args.rounds + 8) * (max(args.ks) + 1)
     config = EngineConfig(
         max_batch=args.batch, max_context=args.context + margin, spec_k_max=max(args.ks),
         placements=(target, *drafts.values()), cuda_graphs=device.type == "cuda",
@@ -140,18 +149,25 @@ def main() -> None:
         for k in args.ks:
             for mode in modes:
                 t_round, seen = timed[name, k, mode]
-                gains = {a: speedup(a, k, t_target, t_round, t_draft[name]) for a in ACCEPTANCE}
+                gains = {a: speedup(a, k, t_target, t_round, t_draft[name]) for a in args.acceptance}
                 even = break_even(k, t_target, t_round, t_draft[name])
+                twice = break_even(k, t_target, t_round, t_draft[name], goal=2.0)
+                # what a round could cost: k draft steps and one verify pass, itself about one target step (both
+                # memory-bound: k + 1 tokens read the same weights and state as one)
+                ideal = k * t_draft[name] + t_target
                 rows.append(
                     {"draft": name, "k": k, "draft_graphs": mode if graphs else "off", "t_target_ms": 1e3 * t_target,
                      "t_draft_ms": 1e3 * t_draft[name], "t_round_ms": 1e3 * t_round, "acceptance_seen": seen,
-                     "break_even_acceptance": even, "speedup_at_acceptance": {str(a): g for a, g in gains.items()}}
+                     "break_even_acceptance": even, "acceptance_for_2x": twice, "t_ideal_round_ms": 1e3 * ideal,
+                     "round_vs_ideal": t_round / ideal,
+                     "speedup_at_acceptance": {str(a): g for a, g in gains.items()}}
                 )  # fmt: skip
                 table = "  ".join(f"a={a}: {g:.2f}x" for a, g in gains.items())
                 print(
                     f"  {name:<14} k={k} draft graphs {rows[-1]['draft_graphs']:<3}: round {1e3 * t_round:7.2f} ms "
-                    f"(= {t_round / t_target:.2f} target steps), break-even acceptance "
-                    f"{'none' if even is None else f'{even:.2f}'}; {table}",
+                    f"(= {t_round / t_target:.2f} target steps, {t_round / ideal:.2f}x k drafts + one verify), "
+                    f"break-even acceptance {'none' if even is None else f'{even:.2f}'}, for 2x "
+                    f"{'none' if twice is None else f'{twice:.2f}'}; {table}",
                     flush=True,
                 )
     write_json(

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for name, letters in names.items():
         torch.manual_seed(0)
-        model = random_supernet(args.shape, device).thin_([letters])
+        model = random_supernet(args.shape, device, context=max(args.contexts) + args.steps + 8).thin_([letters])
         release(device)
         bench = Bench(model, letters, args)
         for context in args.contexts:
