@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,9 +180,36 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
 _NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
+_NOT = object()
+
+
+def _already_typed(tp: Any, value: Any) -> Any:
+    """``value`` itself (an int as a float) when it already has the declared type -- a plain type, one member of
+    a union (None included), or a literal's value -- else ``_NOT``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return value if any(value == a and type(value) is type(a) for a in typing.get_args(tp)) else _NOT
+    if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        items = [_already_typed(a, v) for a, v in zip(args, value, strict=False)] if len(args) == len(value) else []
+        return tuple(items) if len(items) == len(value) and _NOT not in items else _NOT
+    members = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+    for member in members:
+        if (member is type(None) and value is None) or (member in _NAMES and type(value) is member):
+            return value
+    if float in members and type(value) is int:
+        return float(value)
+    return _NOT
+
+
 def _validate_leaf(tp: Any, value: Any, path: str) -> Any:
     """Type-check and coerce one value with pydantic (lax mode: YAML's ``3e-4``, a string, becomes 3e-4; ``"abc"``
     for a number is an error naming the key). Numbers never silently become strings or booleans."""
+    plain = _already_typed(tp, value)
+    if plain is not _NOT:
+        return plain  # nothing to coerce (and pydantic, which some GPU images lack, not needed to say so)
     from pydantic import ValidationError
 
     if tp is str and not isinstance(value, str):
