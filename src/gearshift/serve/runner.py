@@ -135,7 +135,7 @@ class ModelRunner:
         self.contiguous_reads = config.contiguous_reads  # read consecutive slots as views (False: always gather)
         self._plans: dict[tuple, list[list[_Group]]] = {}  # index tensors per batch composition (see plan)
         # decode steps replayed from CUDA graphs, one per batch composition (see graphs.py), on CUDA only. Tests
-        # force it on a CPU runner to drive stand-in graphs (tests/test_engine.py)
+        # force it on a CPU runner to drive stand-in graphs (tests/serve/test_engine.py)
         self.cuda_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache()
         # side streams for a layer's second, third, ... mixer group (see _GroupedMix); the same ones every step,
