@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: timing, synthetic caches, result files."""
+"""Shared helpers of the benchmark scripts: timing, random supernets, freeing memory, result files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gearshift.cache import synthetic_cache  # noqa: E402, F401 - re-exported for the scripts
 from gearshift.timing import device_name  # noqa: E402, F401 - re-exported for the scripts
 from gearshift.timing import median_seconds as time_it  # noqa: E402, F401 - re-exported for the scripts
 
@@ -39,6 +38,18 @@ def random_supernet(shape: str, device, context: int | None = None):
     if context is not None and context > cfg.max_position_embeddings:
         cfg = dataclasses.replace(cfg, max_position_embeddings=context)
     return Supernet.random(cfg, device=device, dtype=dtype).eval()
+
+
+def release(device) -> None:
+    """Free what the last model or engine held (Python objects, then torch's cached CUDA blocks) before the next
+    one sizes itself to the free memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from gearshift.train.teacher import load_teacher
 from gearshift.train.traces import Prompt, generate_traces
 from gearshift.train.trainer import Trainer
 
-from common import device_name, profile_cuda, sync, write_json
+from common import device_name, profile_cuda, release, sync, write_json
 
 
 def prompts() -> list[Prompt]:
@@ -71,12 +70,6 @@ def preflight(model: Supernet, device: torch.device) -> dict:
     del probe
     release(device)
     return result
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def hf_generate_speed(teacher, tokenizer, texts, batch, new_tokens, device) -> float:

@@ -20,7 +20,6 @@ kind (its own largest batch for "max").
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 
 import torch
@@ -29,7 +28,8 @@ from gearshift.roofline import H200_BANDWIDTH, PAPER_PRESETS, batch_bytes_per_st
 from gearshift.serve.engine import Engine, EngineConfig, SamplingParams
 from gearshift.train.flops import pass_flops
 
-from common import device_name, random_supernet, sync, write_json
+from common import device_name, random_supernet, release, sync, write_json
+from engine_mixed import decode_rate
 
 ISSUE_PRESETS = ["Reg|Lklhd-26", "Reg|Lklhd-18", "Idealized|Lklhd-6", "Reg|Lklhd-13", "Reg|Lklhd-10"]
 SINGLE = {"all-FA": "F", "all-SWA": "S", "all-GDN": "G", "all-KDA": "K"}
@@ -38,12 +38,6 @@ SINGLE = {"all-FA": "F", "all-SWA": "S", "all-GDN": "G", "all-KDA": "K"}
 def placements(n_layers: int) -> dict[str, str]:
     out = {name: letter * n_layers for name, letter in SINGLE.items()}
     return out | {name: paper_placement(name, n_layers) for name in ISSUE_PRESETS}
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Bench:
@@ -96,25 +90,13 @@ class Bench:
         return good
 
     def decode(self, rows: int, context: int) -> float:
-        """Seconds per decode step of ``rows`` rows holding ``context`` tokens each."""
+        """Seconds per decode step of ``rows`` rows holding ``context`` tokens each (``engine_mixed.decode_rate``:
+        the same warm-up, capture and timed steps as the mixed-batch benchmark)."""
         engine = self.engine(rows, context)
-        params = SamplingParams(max_tokens=self.args.steps + 4, stop_token_ids=())
-        reqs = [engine.submit([1, 2], self.letters, params) for _ in range(rows)]
-        engine.start_synthetic(reqs, context)
-        engine.step()  # warm-up (CUDA: compiles the kernels eagerly)
-        if engine.cuda_graphs:
-            engine.step()  # the capture, then its first replay
-        sync(self.device)
-        start = time.perf_counter()
-        for _ in range(self.args.steps):
-            engine.step()
-        sync(self.device)
-        seconds = (time.perf_counter() - start) / self.args.steps
-        for r in reqs:
-            engine.cancel(r)
-        del engine, reqs
+        rate, _ = decode_rate(engine, [self.letters] * rows, context, self.args.steps)
+        del engine
         release(self.device)
-        return seconds
+        return rows / rate
 
     def prefill(self, context: int) -> float:
         """Seconds to read one prompt of ``context`` tokens and emit its first token, after a warm-up run."""
