@@ -238,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if tokenizer is not None and len(shown) < len(text := tokenizer.decode(new)):
         print(text[len(shown) :], end="")
     print("]" if tokenizer is None and new else "", flush=True)
-    letters = placement_letters(model.resolve(args.placement), model.config)
+    letters = placement_letters(placement, model.config)
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     print(f"[{len(new)} tokens in {elapsed:.2f}s, placement {letters}, {how}]", file=sys.stderr)
     return 0
